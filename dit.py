@@ -1,0 +1,211 @@
+"""The Diffusion Transformer u_theta(x | y) in latent space (Lecture 04, Section 7).
+
+Slide "Diffusion Transformer Overview":
+    t~  = TimeEmb(t) in R^k,  x~_0 = PatchEmb(x) in R^{N x k},  y~ = PromptEmb(y) in R^{S x k}
+    x~_{i+1} = DiTBlock(x~_i, t~, y~)
+    u = Unpatchify(x~_N W~) in R^{C x H x W}
+Slide "DiTBlock Overview": image via self-attention, text via cross-attention, time via
+adaptive LayerNorm; all inputs are combined by summing them up (residual connections).
+
+The block follows DiT's adaLN-Zero (Peebles & Xie 2023): a conditioning vector
+c = MLP(TimeEmb(t)) + Linear(pooled prompt) drives, through SiLU -> Linear, a shift, scale and
+gate for the self-attention branch and for the MLP branch:
+
+    x = x + gate_msa * SelfAttn(modulate(LN(x), shift_msa, scale_msa))
+    x = x + CrossAttn(LN'(x), y~, mask)                    (pre-LayerNorm, key-padding mask)
+    x = x + gate_mlp * MLP(modulate(LN(x), shift_mlp, scale_mlp))
+    modulate(x, shift, scale) = x * (1 + scale) + shift,   LN without affine, eps 1e-6.
+
+Zero initialisation: every modulation Linear, the final Linear and the cross-attention output
+projection start at zero, so a new model outputs exactly 0 and every block is the identity.
+The cross-attention branch is not gated (as in PixArt-alpha): a zero gate times a zero output
+projection would leave both with zero gradient forever.
+
+Time-signal scale: our TimeEmb has norm 1 (entries ~ sqrt(2/k)), where DiT's raw sinusoid has
+norm ~11 and feeds an MLP initialised with std 0.02, which would shrink the time signal to
+noise. The first Linear of the time MLP is initialised with std 1, so its outputs have unit
+variance for every t, and c differs materially between t = 0 and t = 1 at initialisation.
+
+Offers:
+    DiTConfig, PRESETS, dit_config(preset, **overrides), modulate, DiTBlock, FinalLayer, DiT,
+    count_parameters, preset_table()
+"""
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+
+from attention import MultiHeadAttention
+from embeddings import PatchEmbedding, PromptEmbedding, TimeEmbedding, unpatchify
+
+
+@dataclass
+class DiTConfig:
+    input_size: int = 8          # latent height h (and width, unless input_width is set)
+    in_channels: int = 4         # latent channels C
+    patch_size: int = 2          # p: N = (h/p)(w/p) tokens
+    dim: int = 256               # k, the token width
+    depth: int = 6               # number of DiTBlocks
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    input_width: int = 0         # latent width w; 0 means square (w = input_size)
+    time_dim: int = 256          # width of the sinusoidal TimeEmb
+    prompt_dim: int = 256        # prompt token width (the cross-attention context_dim)
+    prompt_depth: int = 2        # transformer layers in the prompt encoder
+    prompt_heads: int = 4
+    max_prompt_len: int = 80     # S: bytes + BOS; longer prompts are truncated
+    qk_norm: bool = False        # LayerNorm on q and k in every attention
+
+    @property
+    def height(self):
+        return self.input_size
+
+    @property
+    def width(self):
+        return self.input_width or self.input_size
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown DiTConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# The DiT family's widths / depths / heads, plus "tiny" for CPUs.
+PRESETS = {
+    "tiny": DiTConfig(dim=256, depth=6, heads=4, prompt_dim=128, prompt_depth=2, prompt_heads=4),
+    "S": DiTConfig(dim=384, depth=12, heads=6, prompt_dim=384, prompt_depth=2, prompt_heads=6),
+    "B": DiTConfig(dim=768, depth=12, heads=12, prompt_dim=512, prompt_depth=4, prompt_heads=8),
+    "L": DiTConfig(dim=1024, depth=24, heads=16, prompt_dim=768, prompt_depth=4, prompt_heads=12),
+    "XL": DiTConfig(dim=1152, depth=28, heads=16, prompt_dim=768, prompt_depth=6, prompt_heads=12),
+}
+
+
+def dit_config(preset, **overrides):
+    """A preset's DiTConfig with some fields replaced (e.g. input_size, in_channels)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown DiT preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return replace(PRESETS[preset], **overrides)
+
+
+def modulate(x, shift, scale):
+    """adaLN: x * (1 + scale) + shift, with shift/scale (B, 1, k) broadcast over tokens."""
+    return x * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: gated self-attention, cross-attention to the prompt, gated MLP."""
+
+    def __init__(self, dim, heads, context_dim, mlp_ratio=4.0, qk_norm=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = MultiHeadAttention(dim, heads, qk_norm=qk_norm)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.cross = MultiHeadAttention(dim, heads, context_dim=context_dim, qk_norm=qk_norm)
+        self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(hidden, dim))
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, y, mask):
+        # x (B, N, k) image tokens; c (B, k) condition; y (B, S, k_y) prompt; mask (B, S)
+        mod = self.adaLN(c)[:, None, :]                                      # (B, 1, 6k)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + self.cross(self.norm2(x), context=y, mask=mask)
+        x = x + gate_mlp * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))
+        return x                                                             # (B, N, k)
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) + LayerNorm + Linear to p*p*C numbers per token."""
+
+    def __init__(self, dim, patch_size, out_channels):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN(c)[:, None, :].chunk(2, dim=-1)            # (B, 1, k) each
+        return self.linear(modulate(self.norm(x), shift, scale))            # (B, N, p*p*C)
+
+
+class DiT(nn.Module):
+    """u_theta(x_t, t, y): forward(x_t (B, C, h, w), t (B,), tokens (B, S)) -> u (B, C, h, w)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = cfg = config
+        self.patch = PatchEmbedding(cfg.in_channels, cfg.patch_size, cfg.dim, cfg.height, cfg.width)
+        self.time_emb = TimeEmbedding(cfg.time_dim)
+        self.time_mlp = nn.Sequential(nn.Linear(cfg.time_dim, cfg.dim), nn.SiLU(),
+                                      nn.Linear(cfg.dim, cfg.dim))
+        self.prompt = PromptEmbedding(cfg.prompt_dim, cfg.prompt_depth, cfg.prompt_heads,
+                                      cfg.max_prompt_len)
+        self.prompt_pool = nn.Linear(cfg.prompt_dim, cfg.dim)
+        self.blocks = nn.ModuleList(
+            DiTBlock(cfg.dim, cfg.heads, cfg.prompt_dim, cfg.mlp_ratio, cfg.qk_norm)
+            for _ in range(cfg.depth))
+        self.final = FinalLayer(cfg.dim, cfg.patch_size, cfg.in_channels)
+        self._init_weights()
+
+    def _init_weights(self):
+        for block in self.blocks:                 # DiT: xavier-uniform Linears, zero biases
+            for m in block.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
+        w = self.patch.proj.weight                # like a conv kernel: xavier on the flat view
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch.proj.bias)
+        nn.init.normal_(self.time_mlp[0].weight, std=1.0)   # unit-norm TimeEmb -> unit-variance h
+        nn.init.zeros_(self.time_mlp[0].bias)
+        zero = [self.final.adaLN[-1], self.final.linear]
+        for block in self.blocks:
+            zero += [block.adaLN[-1], block.cross.proj]
+        for m in zero:                            # adaLN-Zero
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def condition(self, t, pooled):
+        """c = MLP(TimeEmb(t)) + Linear(pooled prompt): (B, k)."""
+        return self.time_mlp(self.time_emb(t)) + self.prompt_pool(pooled)
+
+    def forward(self, x_t, t, tokens):
+        cfg = self.config
+        x = self.patch(x_t)                                   # (B, N, k)
+        y, mask, pooled = self.prompt(tokens)                 # (B, S, k_y), (B, S), (B, k_y)
+        c = self.condition(t, pooled)                         # (B, k)
+        for block in self.blocks:
+            x = block(x, c, y, mask)                          # (B, N, k)
+        x = self.final(x, c)                                  # (B, N, p*p*C)
+        return unpatchify(x, cfg.patch_size, cfg.height, cfg.width)  # (B, C, h, w)
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def preset_table(input_size=32, in_channels=4, patch_size=2):
+    """Rows (name, dim, depth, heads, parameters) for the presets at a given latent size.
+    Parameters are counted on the meta device, so even XL costs no memory."""
+    rows = []
+    for name in PRESETS:
+        cfg = dit_config(name, input_size=input_size, in_channels=in_channels, patch_size=patch_size)
+        with torch.device("meta"):
+            n = count_parameters(DiT(cfg))
+        rows.append((name, cfg.dim, cfg.depth, cfg.heads, n))
+    return rows
+
+
+if __name__ == "__main__":
+    print(f"{'preset':>6} {'dim':>5} {'depth':>5} {'heads':>5} {'params':>12}  (32x32x4 latents, patch 2)")
+    for name, dim, depth, heads, n in preset_table():
+        print(f"{name:>6} {dim:>5} {depth:>5} {heads:>5} {n / 1e6:>11.1f}M")

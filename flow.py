@@ -1,0 +1,77 @@
+"""Flow matching with the CondOT ("straight line") path (Lecture 04 recap, bonus slides).
+
+Flow time convention (slide "Time conventions"): noise at t = 0, data at t = 1.
+The CondOT probability path used by Stable Diffusion 3 ("Flow Matching model with straight line
+schedulers") interpolates a data point z and a noise sample eps ~ p_init:
+
+    x_t = t * z + (1 - t) * eps,        u_t(x_t | z) = d/dt x_t = z - eps.
+
+The conditional flow matching loss regresses the network onto that target,
+
+    L(theta) = E_{t, z, eps} || u_theta(x_t, t, y) - (z - eps) ||^2,
+
+and its minimiser is the marginal vector field u_t(x | y). To make classifier-free guidance
+possible, each sample's prompt y is replaced by the empty prompt (the null condition) with
+probability p_uncond, so the same network also learns u_t(x | empty).
+
+`eps` may be any sample of p_init, not only a Gaussian (slide "Bridging arbitrary
+distributions"); it defaults to N(0, I).
+
+Offers:
+    condot_path(z, eps, t) -> (x_t, u_target)
+    sample_t(batch, kind="uniform", device=None)      "uniform" or "logit_normal" (SD3)
+    drop_prompts(tokens, p_uncond)                    per-sample replacement by the null prompt
+    flow_matching_loss(model, z, tokens, p_uncond=0.1, t_kind="uniform") -> scalar
+"""
+import torch
+
+from embeddings import PAD_ID, BOS_ID
+
+
+def condot_path(z, eps, t):
+    """x_t = t z + (1 - t) eps and the target z - eps. z, eps: (B, ...); t: (B,).
+    eps=None draws eps ~ N(0, I)."""
+    if eps is None:
+        eps = torch.randn_like(z)
+    t_ = t.to(z.dtype).view(-1, *([1] * (z.dim() - 1)))   # (B, 1, 1, 1): broadcast over pixels
+    x_t = t_ * z + (1 - t_) * eps
+    return x_t, z - eps
+
+
+def sample_t(batch, kind="uniform", device=None):
+    """Training times t in (0, 1), shape (batch,).
+
+    "uniform": t ~ U[0, 1]. "logit_normal": t = sigmoid(n), n ~ N(0, 1) — SD3's choice, which
+    spends more samples at intermediate t where the velocity is hardest to predict.
+    """
+    if kind == "uniform":
+        return torch.rand(batch, device=device)
+    if kind == "logit_normal":
+        return torch.sigmoid(torch.randn(batch, device=device))
+    raise ValueError(f"unknown t distribution {kind!r}; use 'uniform' or 'logit_normal'")
+
+
+def null_tokens_like(tokens):
+    """The empty prompt "" in the layout of `tokens` (B, S): BOS then padding."""
+    null = torch.full_like(tokens, PAD_ID)
+    null[:, 0] = BOS_ID
+    return null
+
+
+def drop_prompts(tokens, p_uncond):
+    """Replace each sample's prompt by the null prompt with probability p_uncond (per sample)."""
+    if p_uncond <= 0:
+        return tokens
+    drop = torch.rand(tokens.shape[0], device=tokens.device) < p_uncond   # (B,)
+    return torch.where(drop[:, None], null_tokens_like(tokens), tokens)
+
+
+def flow_matching_loss(model, z, tokens, p_uncond=0.1, t_kind="uniform"):
+    """Conditional flow matching loss: mean over batch and dims of ||model(x_t, t, y) - (z - eps)||^2.
+
+    model(x_t (B, C, h, w), t (B,), tokens (B, S)) -> u (B, C, h, w). The MSE is taken in float32.
+    """
+    t = sample_t(z.shape[0], t_kind, device=z.device)
+    x_t, target = condot_path(z, None, t)
+    u = model(x_t, t, drop_prompts(tokens, p_uncond))
+    return (u.float() - target.float()).pow(2).mean()

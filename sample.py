@@ -1,0 +1,183 @@
+"""Sampling: the Euler ODE solver with classifier-free guidance (Lecture 04, bonus slides).
+
+A trained vector field u_t(x | y) turns noise into data by integrating dX_t/dt = u_t(X_t | y)
+from t = 0 (X_0 ~ N(0, I)) to t = 1 (flow time convention). The Euler method with N equal steps,
+h = 1/N, is X_{t+h} = X_t + h u_t(X_t | y): exactly N evaluations of u.
+
+Classifier-free guidance (Stable Diffusion 3 uses weight 2.0-5.0 and 50 steps) mixes the
+conditional and the unconditional field:
+
+    u~_t(x | y) = (1 - w) u_t(x | empty) + w u_t(x | y).
+
+w = 1 is the plain conditional model, w = 0 the unconditional one. Both fields come from one
+batched forward pass of 2B samples. Every latent channel is guided (DiT and SiT guide only the
+first 3 of 4 channels, a leftover of pixel-space code; here that would be a bug).
+
+Offers:
+    euler_sample(u, x, steps)                   integrate dx/dt = u(x, t) from t=0 to t=1
+    cfg_velocity(u_cond, u_uncond, w)
+    guided_field(model, tokens, cfg_scale)      u(x, t) for the sampler, one 2B forward per call
+    generate(model, vae, prompts, steps, cfg_scale, seed)   prompts -> uint8 images
+    load_flow(path, device)                     EMA DiT + matching VAE from a flow checkpoint
+    main()                                      the command line (python sample.py --help)
+"""
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from flow import null_tokens_like
+
+
+def euler_sample(u, x, steps):
+    """Euler integration of dx/dt = u(x, t) from t = 0 to 1 in `steps` equal steps.
+
+    u(x (B, ...), t (B,)) -> (B, ...). Returns x at t = 1. Calls u exactly `steps` times and
+    never synchronises with the host (the time grid is built on x's device up front).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    h = 1.0 / steps
+    ts = torch.arange(steps, device=x.device, dtype=torch.float32) * h   # (steps,) left ends
+    for i in range(steps):
+        t = ts[i].expand(x.shape[0])                                     # (B,)
+        x = x + h * u(x, t)
+    return x
+
+
+def cfg_velocity(u_cond, u_uncond, w):
+    """(1 - w) u(x|empty) + w u(x|y), on every channel."""
+    return u_uncond + w * (u_cond - u_uncond)
+
+
+def guided_field(model, tokens, cfg_scale):
+    """The guided vector field u(x, t) for prompts `tokens` (B, S).
+
+    With cfg_scale == 1 this is the conditional model alone (no wasted unconditional pass);
+    otherwise each call runs one forward on 2B samples: [x; x] with [tokens; null].
+    """
+    if cfg_scale == 1.0:
+        return lambda x, t: model(x, t, tokens)
+    both_tokens = torch.cat([tokens, null_tokens_like(tokens)])          # (2B, S)
+
+    def u(x, t):
+        out = model(torch.cat([x, x]), torch.cat([t, t]), both_tokens)   # (2B, C, h, w)
+        u_cond, u_uncond = out.chunk(2)
+        return cfg_velocity(u_cond, u_uncond, cfg_scale)
+    return u
+
+
+# =============================================================================================
+# From a trained checkpoint to pictures: python sample.py --ckpt runs/flow/ckpt.pt --prompt ...
+
+@torch.inference_mode()
+def generate(model, vae, prompts, steps=50, cfg_scale=4.0, seed=0, batch_size=64, amp=None):
+    """Images (N, 3, H, W) uint8 for a list of prompts: noise -> Euler + CFG -> denormalise -> decode.
+
+    model: the DiT (EMA weights; may be torch.compile'd), vae: the VAE whose latent statistics the
+    model was trained with. The noise of image i depends only on (seed, i): same seed, same image.
+    """
+    import data as data_lib                               # (local: keeps the sampler import-light)
+    from embeddings import tokenize
+    cfg = getattr(model, "_orig_mod", model).config
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    noise = torch.randn((len(prompts), cfg.in_channels, cfg.height, cfg.width),
+                        generator=gen, device=device)      # (N, C, h, w), X_0 ~ N(0, I)
+    tokens = tokenize(prompts, cfg.max_prompt_len).to(device)
+    images = []
+    for i in range(0, len(prompts), batch_size):
+        ctx = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+        with ctx:
+            u = guided_field(model, tokens[i:i + batch_size], cfg_scale)
+            z = euler_sample(lambda x, t: u(x, t).float(), noise[i:i + batch_size], steps)
+        x = vae.decode(vae.denormalize_latents(z))           # (b, 3, H, W) in [-1, 1]
+        images.append(data_lib.from_model_range(x.float()).cpu())
+    return torch.cat(images)
+
+
+def load_flow(path, device, vae_path=None, flag="--ckpt"):
+    """(EMA DiT, VAE, checkpoint) from a flow checkpoint; the VAE is the one it names (or
+    vae_path), and must match the latent shape and statistics the flow model was trained on."""
+    from dit import DiT, DiTConfig
+    from train_vae import UserError, load_checkpoint, load_vae
+    ckpt = load_checkpoint(path, "flow", flag=flag)
+    info = ckpt["vae"]
+    vae_file = vae_path or info["path"]
+    vae, _ = load_vae(vae_file, device, flag="--vae")
+    cfg = DiTConfig.from_dict(ckpt["config"])
+    vcfg = vae.config
+    problems = []
+    if vcfg.latent_channels != cfg.in_channels:
+        problems.append(f"latent channels {vcfg.latent_channels} vs {cfg.in_channels}")
+    lat_h, lat_w = ckpt["image_size"] // vcfg.factor, ckpt["image_size"] // vcfg.factor
+    if (lat_h, lat_w) != (cfg.height, cfg.width):
+        problems.append(f"latent size {lat_h}x{lat_w} vs {cfg.height}x{cfg.width}")
+    if not (torch.allclose(vae.latent_mean.cpu(), info["latent_mean"], atol=1e-5)
+            and torch.allclose(vae.latent_std.cpu(), info["latent_std"], atol=1e-5)):
+        problems.append("latent statistics differ")
+    if problems:
+        raise UserError(f"--vae {vae_file} does not match the flow checkpoint {path} "
+                        f"({'; '.join(problems)}); pass the VAE it was trained with via --vae")
+    model = DiT(cfg)
+    model.load_state_dict(ckpt["ema"])
+    return model.to(device).eval().requires_grad_(False), vae, ckpt
+
+
+def parse_args(argv=None):
+    import argparse
+    from train_vae import positive
+    p = argparse.ArgumentParser(
+        description="Sample a grid of images from a trained flow model (Euler + classifier-free "
+                    "guidance), one row per prompt.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default="runs/flow/ckpt.pt", help="flow checkpoint from train_flow.py")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a prompt (repeat for several rows; \"\" = unconditional). "
+                        "Default: the prompts the training run used for its sample grids")
+    p.add_argument("--n", type=positive(int), default=8, help="images per prompt (one row)")
+    p.add_argument("--steps", type=positive(int), default=50, help="Euler steps (model evaluations)")
+    p.add_argument("--cfg", type=float, default=4.0,
+                   help="guidance weight w: (1 - w) u(x|empty) + w u(x|y); 1 = no guidance")
+    p.add_argument("--seed", type=int, default=0, help="noise seed: same seed, same images")
+    p.add_argument("--out", default="samples.png", help="output PNG")
+    p.add_argument("--vae", default=None, help="VAE checkpoint. Default: the one the flow checkpoint names")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="off",
+                   help="autocast for the DiT forward passes (auto = bf16 on CUDA/bf16 CPUs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model call")
+    p.add_argument("--batch-size", type=positive(int), default=64, help="images per sampler batch")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    import data as data_lib
+    from embeddings import prompt_is_truncated
+    from train_vae import UserError, maybe_compile, pick_amp, pick_device, prepare_out
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    model, vae, ckpt = load_flow(args.ckpt, device, args.vae)
+    prompts = args.prompt if args.prompt is not None else ckpt["sample_prompts"]
+    max_len = model.config.max_prompt_len
+    for prompt in prompts:
+        if prompt_is_truncated(prompt, max_len):
+            print(f"warning: prompt {prompt[:40]!r}... is longer than the model's "
+                  f"{max_len - 1} bytes; it was truncated", file=sys.stderr)
+    out = Path(args.out)
+    prepare_out(out.parent if str(out.parent) else ".")
+    model, _ = maybe_compile(model, device, args.compile)
+    amp = pick_amp(args.amp, device)
+    all_prompts = [p for p in prompts for _ in range(args.n)]
+    images = generate(model, vae, all_prompts, args.steps, args.cfg, args.seed, args.batch_size, amp)
+    try:
+        data_lib.save_grid(out, images, nrow=args.n)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write ({e.strerror or e})")
+    print(f"wrote {out}: {len(prompts)} prompts x {args.n} images, {args.steps} steps, cfg {args.cfg}")
+    return 0
+
+
+if __name__ == "__main__":
+    from train_vae import run_main
+    sys.exit(run_main(main))

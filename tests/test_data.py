@@ -1,0 +1,345 @@
+"""Tests for data.py: the shapes dataset, the attribute checker, folder loading and splits."""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data import (BACKGROUNDS, COLORS, SHAPES, SIZES, DataError, ImageSet,  # noqa: E402
+                  attributes_to_caption, build_shapes, dataset_key, from_model_range,
+                  images_to_grid, load_dataset, load_folder, parse_caption, read_attributes,
+                  render_shape_image, save_grid, score_attributes, to_model_range)
+
+
+@pytest.fixture(scope="module")
+def shapes32():
+    return build_shapes(2000, seed=3, image_size=32)
+
+
+# -----------------------------------------------------------------------------
+# the shapes dataset
+
+def test_render_is_deterministic_from_seed_and_index():
+    a, cap_a, attrs_a = render_shape_image(5, 17)
+    b, cap_b, attrs_b = render_shape_image(5, 17)
+    assert a.mode == "RGB" and a.size == (32, 32)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert cap_a == cap_b and attrs_a == attrs_b
+
+
+def test_render_differs_across_index_and_seed():
+    base = np.asarray(render_shape_image(5, 17)[0])
+    assert not np.array_equal(base, np.asarray(render_shape_image(5, 18)[0]))
+    assert not np.array_equal(base, np.asarray(render_shape_image(6, 17)[0]))
+
+
+def test_render_sizes_64_and_rejects_bad_sizes():
+    img, _, _ = render_shape_image(0, 0, image_size=64)
+    assert img.size == (64, 64)
+    for bad in (20, 8, 136):
+        with pytest.raises(DataError, match="multiple of 8"):
+            render_shape_image(0, 0, image_size=bad)
+
+
+def test_build_shapes_equals_render_and_makes_uint8_nchw():
+    s = build_shapes(5, seed=2, image_size=32)
+    assert s.images.dtype == torch.uint8 and s.images.shape == (5, 3, 32, 32)
+    assert len(s) == 5 and s.name == "shapes-32-seed2"
+    img, cap, attrs = render_shape_image(2, 4, 32)
+    assert torch.equal(s.images[4], torch.from_numpy(np.array(img)).permute(2, 0, 1))
+    assert s.captions[4] == cap and s.attributes[4] == attrs
+
+
+def test_caption_parses_back_to_the_attributes(shapes32):
+    for caption, attrs in zip(shapes32.captions, shapes32.attributes):
+        assert parse_caption(caption) == attrs
+        assert attributes_to_caption(attrs) == caption
+    assert shapes32.captions[0].startswith("a ") and shapes32.captions[0].endswith("background")
+    assert parse_caption("a photo of a cat") is None
+    assert parse_caption("a small red blob on a white background") is None
+
+
+def test_caption_examples_have_the_documented_form():
+    one = {"background": "white", "objects": [
+        {"shape": "circle", "color": "red", "size": "small", "position": "center"}]}
+    two = {"background": "white", "objects": [
+        {"shape": "circle", "color": "red", "size": "small", "position": "left"},
+        {"shape": "square", "color": "blue", "size": "large", "position": "right"}]}
+    assert attributes_to_caption(one) == "a small red circle on a white background"
+    assert attributes_to_caption(two) == \
+        "a small red circle left of a large blue square on a white background"
+
+
+def test_every_shape_colour_size_background_and_count_occurs(shapes32):
+    objs = [o for a in shapes32.attributes for o in a["objects"]]
+    assert len(SHAPES) >= 5 and len(COLORS) == 8 and len(SIZES) == 2 and len(BACKGROUNDS) >= 3
+    assert {o["shape"] for o in objs} == set(SHAPES)
+    assert {o["color"] for o in objs} == set(COLORS)
+    assert {o["size"] for o in objs} == set(SIZES)
+    assert {a["background"] for a in shapes32.attributes} == set(BACKGROUNDS)
+    counts = [len(a["objects"]) for a in shapes32.attributes]
+    assert set(counts) == {1, 2} and 0.4 < counts.count(1) / len(counts) < 0.6
+
+
+def test_two_objects_are_ordered_left_right_and_do_not_touch(shapes32):
+    for i in range(300):
+        attrs = shapes32.attributes[i]
+        if len(attrs["objects"]) != 2:
+            continue
+        assert [o["position"] for o in attrs["objects"]] == ["left", "right"]
+        bg = torch.tensor(BACKGROUNDS[attrs["background"]], dtype=torch.int32)
+        differs = (shapes32.images[i].permute(1, 2, 0).int() - bg).abs().sum(-1) > 0  # (H, W)
+        cols = differs.any(0)
+        assert not cols[15:17].all(), "expected empty columns between the two objects"
+
+
+def test_palette_colours_are_far_apart_and_far_from_backgrounds():
+    cols = np.array(list(COLORS.values()), dtype=float)
+    bgs = np.array(list(BACKGROUNDS.values()), dtype=float)
+    pair = np.linalg.norm(cols[:, None] - cols[None], axis=-1) + 1e9 * np.eye(len(cols))
+    assert pair.min() > 80
+    assert np.linalg.norm(cols[:, None] - bgs[None], axis=-1).min() > 100
+
+
+# -----------------------------------------------------------------------------
+# the attribute checker
+
+def _accuracy(images, attributes):
+    totals = {}
+    for img, target in zip(images, attributes):
+        for k, v in score_attributes(read_attributes(img), target).items():
+            totals[k] = totals.get(k, 0.0) + v
+    return {k: v / len(attributes) for k, v in totals.items()}
+
+
+def test_checker_is_99_percent_right_on_600_images_at_32px(shapes32):
+    acc = _accuracy(shapes32.images[:600], shapes32.attributes[:600])
+    assert set(acc) == {"shape", "color", "size", "count", "background", "position"}
+    assert min(acc.values()) >= 0.99, acc
+
+
+def test_checker_is_99_percent_right_on_120_images_at_64px():
+    s = build_shapes(120, seed=9, image_size=64)
+    acc = _accuracy(s.images, s.attributes)
+    assert min(acc.values()) >= 0.99, acc
+
+
+def test_checker_tolerates_mild_noise(shapes32):
+    g = torch.Generator().manual_seed(0)
+    noisy = (shapes32.images[:200].float() + 8 * torch.randn(200, 3, 32, 32, generator=g))
+    noisy = noisy.clamp(0, 255).round().to(torch.uint8)
+    acc = _accuracy(noisy, shapes32.attributes[:200])
+    assert min(acc.values()) >= 0.95, acc
+
+
+def test_checker_gives_same_answer_for_pil_numpy_and_torch_inputs():
+    img, _, attrs = render_shape_image(1, 3)
+    hwc = np.array(img)
+    chw = torch.from_numpy(hwc).permute(2, 0, 1)
+    assert read_attributes(img) == read_attributes(hwc) == read_attributes(chw) == attrs
+
+
+def test_checker_does_not_raise_on_noise_and_finds_nothing_on_uniform_images():
+    rng = np.random.default_rng(0)
+    for size in (32, 64):
+        out = read_attributes(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+        assert isinstance(out, dict) and "objects" in out
+    for rgb in [(255, 255, 255), (0, 0, 0), (77, 200, 13)]:
+        out = read_attributes(np.full((32, 32, 3), rgb, dtype=np.uint8))
+        assert out["objects"] == []
+    assert read_attributes(np.full((32, 32, 3), 255, np.uint8))["background"] == "white"
+
+
+def test_score_attributes_counts_matches_in_order():
+    target = parse_caption("a small red circle left of a large blue square on a white background")
+    perfect = score_attributes(target, target)
+    assert perfect == {k: 1.0 for k in perfect} and len(perfect) == 6
+    wrong = {"background": "black", "objects": [dict(target["objects"][0])]}
+    s = score_attributes(wrong, target)
+    assert s["count"] == 0.0 and s["background"] == 0.0
+    assert s["shape"] == s["color"] == s["size"] == 0.5
+    empty = {"background": "white", "objects": []}
+    assert score_attributes(empty, empty)["shape"] == 1.0
+    assert score_attributes(target, empty)["count"] == 0.0
+
+
+# -----------------------------------------------------------------------------
+# ImageSet and grids
+
+def test_imageset_subset_and_model_range_round_trip():
+    s = build_shapes(6, seed=0)
+    sub = s.subset([4, 1])
+    assert len(sub) == 2 and torch.equal(sub.images[0], s.images[4])
+    assert sub.captions == [s.captions[4], s.captions[1]]
+    assert sub.attributes == [s.attributes[4], s.attributes[1]]
+    x = s.to_float()
+    assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(from_model_range(to_model_range(s.images)), s.images)
+    assert torch.equal(from_model_range(torch.tensor([-3.0, 3.0])), torch.tensor([0, 255],
+                                                                                 dtype=torch.uint8))
+
+
+def test_grid_has_two_pixel_padding_and_accepts_float(tmp_path):
+    s = build_shapes(5, seed=0)
+    grid = images_to_grid(s.images, nrow=3)
+    assert grid.size == (3 * 32 + 2 * 2, 2 * 32 + 2)
+    assert np.array_equal(np.asarray(grid)[:32, :32], s.images[0].permute(1, 2, 0).numpy())
+    assert images_to_grid(s.to_float(), nrow=3).size == grid.size
+    save_grid(tmp_path / "out" / "grid.png", s.images, nrow=5)
+    assert Image.open(tmp_path / "out" / "grid.png").size == (5 * 32 + 4 * 2, 32)
+
+
+# -----------------------------------------------------------------------------
+# folder dataset
+
+def _save(img: Image.Image, path: Path, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, **kw)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A folder with every awkward mode, sidecar captions, class folders and 2 bad files."""
+    root = tmp_path / "imgs"
+    n = 16
+    _save(Image.new("RGB", (n, n), (10, 200, 30)), root / "0a_rgb.png")
+    (root / "0a_rgb.txt").write_text("  un chat très mignon 🐱\n", encoding="utf-8")
+    rgba = Image.new("RGBA", (n, n), (0, 0, 0, 0))  # right half fully transparent black
+    rgba.paste((200, 0, 0, 255), (0, 0, n // 2, n))
+    _save(rgba, root / "0b_rgba.png")
+    _save(Image.new("RGB", (n, n), (0, 0, 250)).quantize(4), root / "0c_p.png")
+    _save(Image.new("L", (n, n), 100), root / "0d_l.png")
+    one = Image.new("1", (n, n), 0)
+    one.paste(1, (0, 0, n, n // 2))
+    _save(one, root / "0e_one.png")
+    _save(Image.new("CMYK", (n, n), (0, 255, 255, 0)), root / "0f_cmyk.jpg", quality=95)
+    i16 = np.full((n, n), 65535, dtype=np.uint16)
+    i16[:, n // 2:] = 128 * 257
+    _save(Image.fromarray(i16), root / "0g_i16.png")
+    wide = Image.new("RGB", (3 * n, n), (255, 0, 0))  # red | green | blue thirds
+    wide.paste((0, 255, 0), (n, 0, 2 * n, n))
+    wide.paste((0, 0, 255), (2 * n, 0, 3 * n, n))
+    _save(wide, root / "0h_wide.png")
+    gif = Image.new("P", (n, n), 0)  # palette 0 = yellow, 1 = black but transparent
+    gif.putpalette([250, 250, 0, 0, 0, 0])
+    gif.paste(1, (0, 0, n // 2, n))
+    _save(gif, root / "0i_anim.GIF", transparency=1)
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    _save(Image.fromarray(noise), root / "0j_full.png")
+    (root / "0k_truncated.png").write_bytes((root / "0j_full.png").read_bytes()[:3000])
+    (root / "0l_garbage.png").write_bytes(b"this is not an image at all")
+    _save(Image.new("RGB", (n, n), (9, 9, 9)), root / "cats_and-dogs" / "x.png")
+    _save(Image.new("RGB", (n, n), (9, 9, 9)), root / "birds" / "deep" / "y.webp")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_folder_converts_every_mode_to_rgb_and_skips_bad_files_with_one_warning(
+        image_folder, capsys):
+    s = load_folder(image_folder, 16)
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(warning) == 1 and "skipped 2 unreadable" in warning[0], warning
+    assert "0k_truncated.png" in warning[0]
+    assert s.attributes is None and s.images.shape == (12, 3, 16, 16)
+    # sorted by relative path: 0a..0j, then birds/deep/y.webp, cats_and-dogs/x.png
+    px = {name: s.images[i].permute(1, 2, 0).numpy().astype(int) for i, name in enumerate(
+        ["rgb", "rgba", "p", "l", "one", "cmyk", "i16", "wide", "gif", "noise", "bird", "cat"])}
+    assert (px["rgb"] == (10, 200, 30)).all()
+    assert (px["rgba"][:, :8] == (200, 0, 0)).all() and (px["rgba"][:, 8:] == 255).all()
+    assert (px["p"] == (0, 0, 250)).all()
+    assert (px["l"] == 100).all()
+    assert (px["one"][:8] == 255).all() and (px["one"][8:] == 0).all()
+    assert (px["cmyk"][..., 0] > 220).all() and (px["cmyk"][..., 1:] < 40).all()
+    assert (px["i16"][:, :8] == 255).all() and (px["i16"][:, 8:] == 128).all()
+    assert (px["gif"][:, :8] == 255).all() and (px["gif"][:, 8:] == (250, 250, 0)).all()
+    centre = px["wide"][:, 2:-2]  # centre crop of red|green|blue keeps the green third
+    assert (centre[..., 1] > 240).all() and (centre[..., [0, 2]] < 15).all()
+
+
+def test_folder_captions_from_sidecar_class_folder_or_empty(image_folder):
+    s = load_folder(image_folder, 16)
+    assert s.captions[0] == "un chat très mignon 🐱"
+    assert s.captions[1:10] == [""] * 9
+    assert s.captions[10:] == ["birds", "cats and dogs"]
+    assert s.name == str(image_folder)
+
+
+def test_folder_resizes_short_side_then_centre_crops(tmp_path):
+    img = Image.new("RGB", (64, 32), (0, 0, 0))
+    img.paste((255, 255, 255), (16, 0, 48, 32))  # white middle half
+    _save(img, tmp_path / "d" / "w.png")
+    s = load_folder(tmp_path / "d", 16)
+    assert s.images.shape == (1, 3, 16, 16) and (s.images[0, :, :, 1:-1] > 230).all()
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: p / "missing", "folder not found"),
+    (lambda p: (p / "f.png").write_bytes(b"x") and p / "f.png", "is a file, not a folder"),
+    (lambda p: (p / "e").mkdir() or (p / "e" / "readme.txt").write_text("hi") and p / "e",
+     "no image files"),
+    (lambda p: (p / "c").mkdir() or (p / "c" / "a.png").write_bytes(b"junk") and p / "c",
+     "none of the 1 image files could be read"),
+])
+def test_folder_mistakes_raise_data_error_naming_problem_and_fix(tmp_path, setup, message):
+    path = setup(tmp_path)
+    with pytest.raises(DataError, match=message) as e:
+        load_folder(path, 32)
+    assert "--data" in str(e.value) and "built-in shapes" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# load_dataset and splits
+
+def test_builtin_train_and_test_are_disjoint_and_deterministic():
+    train = load_dataset(None, 32, "train", n_builtin=300, seed=4)
+    test = load_dataset(None, 32, "test", n_builtin=300, seed=4)
+    assert len(train) == 300 and len(test) == 2000
+    assert torch.equal(train.images, build_shapes(300, seed=4).images)
+    assert torch.equal(test.images, load_dataset(None, 32, "test", n_builtin=300, seed=4).images)
+    train_bytes = {bytes(x.numpy()) for x in train.images}
+    assert not any(bytes(x.numpy()) in train_bytes for x in test.images)
+    assert len(load_dataset(None, 32, "all", n_builtin=300, seed=4)) == 2300
+    with pytest.raises(DataError):
+        load_dataset(None, 32, "val")
+
+
+def test_folder_split_is_disjoint_deterministic_and_covers_everything(tmp_path):
+    root = tmp_path / "many"
+    for i in range(60):  # each image a distinct grey level, so images identify files
+        _save(Image.new("L", (8, 8), i), root / f"img_{i:03d}.png")
+    train = load_dataset(str(root), 8, "train")
+    test = load_dataset(str(root), 8, "test")
+    everything = load_dataset(str(root), 8, "all")
+    levels = lambda s: {int(v) for v in s.images[:, 0, 0, 0]}  # noqa: E731
+    assert len(test) >= 1 and len(train) >= 1 and len(everything) == 60
+    assert levels(train).isdisjoint(levels(test))
+    assert levels(train) | levels(test) == set(range(60))
+    assert torch.equal(test.images, load_dataset(str(root), 8, "test").images)
+
+
+def test_small_folder_test_split_is_a_copy_of_train(tmp_path):
+    for i in range(3):
+        _save(Image.new("RGB", (8, 8), (i, i, i)), tmp_path / f"{i}.png")
+    train = load_dataset(str(tmp_path), 8, "train")
+    test = load_dataset(str(tmp_path), 8, "test")
+    assert len(train) == 3 and torch.equal(train.images, test.images)
+
+
+def test_dataset_key_is_stable_and_changes_with_the_data(tmp_path):
+    assert dataset_key(None, 32, 100, 0) == dataset_key(None, 32, 100, 0)
+    assert len({dataset_key(None, 32, 100, 0), dataset_key(None, 64, 100, 0),
+                dataset_key(None, 32, 200, 0), dataset_key(None, 32, 100, 1)}) == 4
+    _save(Image.new("RGB", (8, 8)), tmp_path / "a.png")
+    k1 = dataset_key(str(tmp_path), 32, 100, 0)
+    assert k1 == dataset_key(str(tmp_path), 32, 7, 7) and k1.endswith(k1[-16:])
+    os.utime(tmp_path / "a.png", ns=(10**18, 10**18))
+    k2 = dataset_key(str(tmp_path), 32, 100, 0)
+    _save(Image.new("RGB", (8, 8)), tmp_path / "b.png")
+    k3 = dataset_key(str(tmp_path), 32, 100, 0)
+    assert len({k1, k2, k3}) == 3 and dataset_key(str(tmp_path), 64, 100, 0) != k3

@@ -1,0 +1,173 @@
+"""Tests for embeddings.py: the time embedding of slide "Encoding Time", patchify/unpatchify
+(slide "Patchify") and the byte-level prompt embedding."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from embeddings import (BOS_ID, PAD_ID, VOCAB_SIZE, PatchEmbedding, PromptEmbedding, W_MAX,
+                        W_MIN, patchify, prompt_is_truncated, time_embedding, time_frequencies,
+                        tokenize, unpatchify)
+
+
+# -----------------------------------------------------------------------------
+# time
+
+@pytest.mark.parametrize("dim", [4, 16, 64, 256])
+def test_time_embedding_has_unit_norm(dim):
+    t = torch.cat([torch.rand(50, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)])
+    e = time_embedding(t, dim)
+    assert e.shape == (52, dim)
+    torch.testing.assert_close(e.norm(dim=1), torch.ones(52, dtype=torch.float64), rtol=0, atol=1e-6)
+    e32 = time_embedding(t.float(), dim)
+    torch.testing.assert_close(e32.norm(dim=1), torch.ones(52), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim", [64, 256])
+def test_time_embedding_endpoints_are_far_apart_with_default_frequencies(dim):
+    e = time_embedding(torch.tensor([0.0, 1.0], dtype=torch.float64), dim)
+    assert (e[0] @ e[1]).item() < 0.5                        # both have norm 1: this is the cosine
+
+
+def test_time_embedding_distinguishes_steps_of_001_across_unit_interval():
+    t = torch.linspace(0, 0.99, 100, dtype=torch.float64)
+    delta = time_embedding(t + 0.01, 256) - time_embedding(t, 256)
+    assert delta.norm(dim=1).min() > 0.1
+
+
+@pytest.mark.parametrize("dim", [4, 10, 64])
+def test_time_frequencies_are_the_slides_geometric_sequence(dim):
+    w = time_frequencies(dim)
+    assert w.shape == (dim // 2,)
+    assert math.isclose(w[0].item(), W_MIN, rel_tol=1e-12)
+    assert math.isclose(w[-1].item(), W_MAX, rel_tol=1e-12)
+    ratio = (W_MAX / W_MIN) ** (1 / (dim // 2 - 1))
+    torch.testing.assert_close(w[1:] / w[:-1], torch.full((dim // 2 - 1,), ratio, dtype=torch.float64),
+                               rtol=1e-12, atol=0)
+    w2 = time_frequencies(dim, 1.0, 8.0)
+    assert math.isclose(w2[0].item(), 1.0) and math.isclose(w2[-1].item(), 8.0)
+
+
+def test_time_embedding_layout_is_cos_half_then_sin_half():
+    dim = 12
+    t = torch.tensor([0.0, 0.37, 0.9], dtype=torch.float64)
+    w = time_frequencies(dim)
+    angle = 2 * math.pi * t[:, None] * w[None, :]
+    c = math.sqrt(2 / dim)
+    e = time_embedding(t, dim)
+    torch.testing.assert_close(e[:, :dim // 2], c * torch.cos(angle), rtol=0, atol=1e-12)
+    torch.testing.assert_close(e[:, dim // 2:], c * torch.sin(angle), rtol=0, atol=1e-12)
+
+
+# -----------------------------------------------------------------------------
+# patchify
+
+@pytest.mark.parametrize("C,H,W,p", [(3, 8, 12, 2), (1, 6, 4, 2), (4, 9, 3, 3), (2, 4, 4, 4)])
+def test_patchify_and_unpatchify_round_trip_exactly(C, H, W, p):
+    x = torch.randn(2, C, H, W)
+    tokens = patchify(x, p)
+    assert tokens.shape == (2, (H // p) * (W // p), p * p * C)
+    assert torch.equal(unpatchify(tokens, p, H, W), x)
+    tok = torch.randn(2, (H // p) * (W // p), p * p * C)
+    assert torch.equal(patchify(unpatchify(tok, p, H, W), p), tok)
+
+
+def test_patchify_token_k_holds_patch_at_divmod_k_in_p_p_c_order():
+    B, C, H, W, p = 2, 3, 6, 10, 2
+    x = torch.randn(B, C, H, W)
+    tokens = patchify(x, p)
+    for k in range(tokens.shape[1]):
+        row, col = divmod(k, W // p)
+        patch = x[:, :, row * p:(row + 1) * p, col * p:(col + 1) * p]   # (B, C, p, p)
+        assert torch.equal(tokens[:, k], patch.permute(0, 2, 3, 1).reshape(B, -1))
+
+
+@pytest.mark.parametrize("H,W", [(7, 8), (8, 5)])
+def test_size_not_divisible_by_patch_raises_value_error_naming_patch_size(H, W):
+    with pytest.raises(ValueError, match="patch size 2"):
+        patchify(torch.zeros(1, 3, H, W), 2)
+    with pytest.raises(ValueError, match="patch size 2"):
+        unpatchify(torch.zeros(1, 12, 12), 2, H, W)
+    with pytest.raises(ValueError, match="patch size 2"):
+        PatchEmbedding(3, 2, 16, H, W)
+
+
+def test_linear_on_patches_equals_strided_conv_float64():
+    torch.manual_seed(0)
+    C, p, dim = 3, 2, 5
+    conv = nn.Conv2d(C, dim, kernel_size=p, stride=p).double()
+    lin = nn.Linear(p * p * C, dim).double()
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.permute(0, 2, 3, 1).reshape(dim, -1))   # (dim, p, p, C) flat
+        lin.bias.copy_(conv.bias)
+    x = torch.randn(2, C, 6, 8, dtype=torch.float64)
+    via_conv = conv(x).flatten(2).transpose(1, 2)                          # (B, L, dim)
+    torch.testing.assert_close(lin(patchify(x, p)), via_conv, rtol=0, atol=1e-12)
+
+
+def test_patch_embedding_positions_are_non_persistent_distinct_and_non_square():
+    emb = PatchEmbedding(in_channels=4, patch_size=2, dim=16, height=8, width=12)
+    assert "pos" not in emb.state_dict() and "pos" in dict(emb.named_buffers())
+    pos = emb.pos[0]                                                       # (L, dim)
+    assert pos.shape == (4 * 6, 16)
+    assert torch.cdist(pos, pos).add(torch.eye(24) * 1e9).min() > 1e-3    # all rows distinct
+    x = torch.randn(2, 4, 8, 12)
+    out = emb(x)
+    assert out.shape == (2, 24, 16)
+    torch.testing.assert_close(out, emb.proj(patchify(x, 2)) + pos)
+    with pytest.raises(ValueError, match="8x12"):
+        emb(torch.randn(2, 4, 12, 8))            # same number of patches, transposed layout
+
+
+# -----------------------------------------------------------------------------
+# prompts
+
+@pytest.mark.parametrize("prompt", ["a red circle", "🎨🐈‍⬛ emoji", "汉字とかな", "e\u0301 combining", ""])
+def test_tokenize_round_trips_any_unicode_through_bytes(prompt):
+    tokens = tokenize([prompt], max_len=64)[0]
+    assert tokens[0] == BOS_ID
+    body = tokens[1:]
+    ids = body[body != PAD_ID]
+    assert (ids >= 1).all() and (ids <= 256).all() and (tokens < VOCAB_SIZE).all()
+    assert bytes((ids - 1).tolist()).decode("utf-8") == prompt
+    n = len(prompt.encode("utf-8"))
+    assert (body[n:] == PAD_ID).all()                                     # padding after the bytes
+
+
+def test_tokenize_truncates_at_max_len_and_reports_it():
+    prompt = "abcdefghij"
+    tokens = tokenize([prompt, "ab"], max_len=5)
+    assert tokens.shape == (2, 5)
+    assert tokens[0].tolist() == [BOS_ID] + [b + 1 for b in b"abcd"]
+    assert tokens[1].tolist() == [BOS_ID, ord("a") + 1, ord("b") + 1, PAD_ID, PAD_ID]
+    assert prompt_is_truncated(prompt, 5)
+    assert not prompt_is_truncated(prompt, 11)                            # 10 bytes + BOS fit
+    assert prompt_is_truncated(prompt, 10)
+    assert prompt_is_truncated("é", 2) and not prompt_is_truncated("é", 3)   # 2 bytes
+
+
+def test_prompt_embedding_padding_does_not_change_valid_outputs_or_pooled():
+    torch.manual_seed(1)
+    enc = PromptEmbedding(dim=16, depth=2, heads=2, max_len=24).double().eval()
+    short = "cat"
+    alone = tokenize([short], max_len=len(short) + 1)                       # no padding at all
+    both = tokenize([short, "a much longer prompt"], max_len=24)
+    y1, mask1, pooled1 = enc(alone)
+    y2, mask2, pooled2 = enc(both)
+    assert mask1.all() and mask2[0].sum() == len(short) + 1
+    torch.testing.assert_close(y2[0, :len(short) + 1], y1[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(pooled2[0], pooled1[0], rtol=0, atol=1e-12)
+    assert not torch.allclose(pooled2[1], pooled2[0])
+
+
+def test_empty_prompt_has_one_valid_token_and_a_distinct_output():
+    torch.manual_seed(2)
+    enc = PromptEmbedding(dim=16, depth=1, heads=2, max_len=12).eval()
+    tokens = tokenize(["", "a", "blue square"], max_len=12)
+    y, mask, pooled = enc(tokens)
+    assert mask[0].tolist() == [True] + [False] * 11
+    assert torch.isfinite(y).all() and torch.isfinite(pooled).all()
+    for i in (1, 2):
+        assert (pooled[0] - pooled[i]).norm() > 1e-3

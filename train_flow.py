@@ -1,0 +1,374 @@
+"""Train the flow model in the VAE's latent space: the whole latent-diffusion recipe.
+
+    python train_flow.py                 # built-in shapes: VAE (if needed) -> latents -> DiT -> samples
+    python train_flow.py --data ~/photos --image-size 64 --vae runs/vae64/ckpt.pt
+    torchrun --nproc_per_node=4 train_flow.py --preset B     # several GPUs (DDP)
+
+Slide "Latent Diffusion Models (LDMs) - Recipe":
+  1. Data: the images x_1..x_N (data.py).
+  2. Encoding: convert every image into a latent with the VAE encoder's *mean* (done once and
+     cached on disk, keyed by the VAE checkpoint, the data and the image size).
+  3. Latent data: z_1..z_N, normalised per channel with the VAE's latent statistics.
+  4. Latent diffusion model: a DiT trained with the CondOT flow matching loss (flow.py), with each
+     prompt replaced by the empty prompt with probability 10% so that classifier-free guidance
+     works (Stable Diffusion 3's recipe).
+  5. Decoding: sample latents with the guided Euler sampler and decode them (sample.py); the run
+     writes a grid of EMA samples for fixed prompts every few hundred steps.
+
+With no --vae and no runs/vae/ckpt.pt the VAE is trained first with train_vae.py's defaults, so
+`python train_flow.py` alone runs the whole recipe. Outputs under --out (default runs/flow):
+ckpt.pt (everything needed to resume exactly), samples_<step>.png, log.jsonl, latents.pt (cache).
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import data as data_lib
+import train_vae
+from dit import DiT, PRESETS, count_parameters, dit_config
+from embeddings import tokenize
+from flow import flow_matching_loss
+from sample import generate
+from train_vae import (EMA, FORMAT, FORMAT_VERSION, Progress, StopFlag, UserError, autocast,
+                       check_finite, config_mismatch, is_oom, load_checkpoint, load_vae,
+                       maybe_compile, oom_error, pick_amp, pick_device, prepare_out, rng_state,
+                       save_checkpoint, set_rng_state, setup_backends)
+
+DEFAULT_VAE = "runs/vae/ckpt.pt"
+DEFAULTS = {"cpu": {"steps": 3000, "batch_size": 64, "lr": 5e-4, "preset": "tiny", "ema": 0.999},
+            "cuda": {"steps": 50000, "batch_size": 256, "lr": 1e-4, "preset": "B", "ema": 0.9999}}
+N_SAMPLE_PROMPTS = 8
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Train a DiT flow model (CondOT flow matching, CFG) in a VAE's latent space.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train_vae.add_common_flags(p, "runs/flow", "3000 on CPU, 50000 on CUDA",
+                               "64 on CPU, 256 on CUDA (global, split over ranks)",
+                               "5e-4 on CPU, 1e-4 on CUDA")
+    p.add_argument("--vae", default=None,
+                   help=f"VAE checkpoint from train_vae.py. Default: {DEFAULT_VAE}, trained first "
+                        f"(with train_vae.py's defaults) when it does not exist")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="DiT size. Default: tiny on CPU, B on CUDA")
+    p.add_argument("--patch-size", type=train_vae.positive(int), default=2,
+                   help="DiT patch size p on the latent grid")
+    p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="EMA decay of the weights (with warm-up). Default: 0.999 on CPU, 0.9999 on CUDA")
+    p.add_argument("--p-uncond", type=float, default=0.1,
+                   help="probability of replacing a sample's prompt by the empty prompt (for CFG)")
+    p.add_argument("--t-dist", choices=["uniform", "logit_normal"], default="uniform",
+                   help="distribution of training times t")
+    p.add_argument("--sample-every", type=train_vae.positive(int), default=1000,
+                   help="steps between EMA sample grids samples_<step>.png (and one at the end)")
+    p.add_argument("--sample-steps", type=train_vae.positive(int), default=50,
+                   help="Euler steps for the sample grids")
+    p.add_argument("--cfg", type=float, default=4.0, help="guidance weight for the sample grids")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed (torchrun) helpers: one process per device, rank 0 does all file I/O.
+
+def init_distributed(device_flag):
+    """(rank, world, device). Under torchrun: NCCL on CUDA, gloo on CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_flag)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    device = pick_device(device_flag)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe step 2: latents, encoded once and cached
+
+def file_sha1(path):
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cached_latents(cache_path, key, vae, images, device, write):
+    """Encoder means of all images, from the cache when its key, shape and count are right;
+    otherwise (missing, stale or corrupt) encoded again and, when `write`, saved atomically."""
+    vcfg = vae.config
+    shape = (images.shape[0], vcfg.latent_channels,
+             images.shape[2] // vcfg.factor, images.shape[3] // vcfg.factor)
+    if cache_path.exists():
+        try:
+            cache = torch.load(cache_path, map_location="cpu", weights_only=True)
+            if cache.get("key") == key and tuple(cache["mu"].shape) == shape \
+                    and cache.get("count") == shape[0]:
+                return cache["mu"]
+            reason = "stale (other VAE, data or size)"
+        except Exception as e:
+            reason = f"unreadable ({type(e).__name__})"
+        print(f"latent cache {cache_path} is {reason}; rebuilding it")
+    t0 = time.perf_counter()
+    mu = train_vae.encode_means(vae, images, device)
+    print(f"encoded {shape[0]} images to latents {tuple(shape[1:])} in {time.perf_counter() - t0:.1f}s")
+    if write:
+        save_checkpoint(cache_path, {"key": key, "mu": mu, "count": shape[0]})
+    return mu
+
+
+def ensure_vae(args, rank, world):
+    """Path of the VAE checkpoint; trains one with the defaults when none is given or found."""
+    if args.vae is not None:
+        if not Path(args.vae).is_file():
+            raise UserError(f"--vae {args.vae}: file not found; train one with train_vae.py "
+                            f"or omit --vae to use/train {DEFAULT_VAE}")
+        return args.vae
+    if not Path(DEFAULT_VAE).is_file():
+        if rank == 0:
+            print(f"no --vae given and no {DEFAULT_VAE}: training the VAE first with train_vae.py's "
+                  f"defaults (recipe: latent space first, then the flow model)", flush=True)
+            flags = ["--out", str(Path(DEFAULT_VAE).parent), "--image-size", str(args.image_size),
+                     "--device", args.device, "--seed", str(args.seed), "--amp", args.amp,
+                     "--n-builtin", str(args.n_builtin)]
+            flags += ["--data", args.data] if args.data else []
+            flags += [] if args.compile is None else ["--compile" if args.compile else "--no-compile"]
+            vargs = train_vae.parse_args(flags)
+            device = pick_device(args.device)
+            d = train_vae.DEFAULTS[device.type]
+            vargs.steps, vargs.batch_size, vargs.lr = d["steps"], d["batch_size"], d["lr"]
+            train_vae.train_vae(vargs, device)
+        barrier(world)
+    return DEFAULT_VAE
+
+
+# ---------------------------------------------------------------------------------------------
+
+def sample_prompts(train):
+    """Fixed prompts for the sample grids: distinct captions spread over the data ("" if none)."""
+    seen = []
+    for caption in train.captions:
+        if caption not in seen:
+            seen.append(caption)
+        if len(seen) == N_SAMPLE_PROMPTS:
+            break
+    return seen or [""]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = init_distributed(args.device)
+    try:
+        return train(args, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def train(args, rank, world, device):
+    setup_backends(device)
+    d = DEFAULTS[device.type]
+    args.steps = args.steps or d["steps"]
+    args.batch_size = args.batch_size or d["batch_size"]
+    args.lr = args.lr or d["lr"]
+    args.preset = args.preset or d["preset"]
+    args.ema_decay = args.ema_decay or d["ema"]
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    if not 0 <= args.p_uncond < 1:
+        raise UserError(f"--p-uncond {args.p_uncond}: must be in [0, 1)")
+    local_batch = args.batch_size // world
+    amp = pick_amp(args.amp, device)
+    out = prepare_out(args.out) if rank == 0 else Path(args.out)
+    ckpt_path = out / "ckpt.pt"
+
+    # Steps 1-3: data, VAE, latents.
+    vae_path = ensure_vae(args, rank, world)
+    vae, vae_ckpt = load_vae(vae_path, device)
+    vcfg = vae.config
+    if args.image_size % vcfg.factor or (args.image_size // vcfg.factor) % args.patch_size:
+        raise UserError(f"--image-size {args.image_size} must be divisible by the VAE factor "
+                        f"{vcfg.factor} x patch size {args.patch_size} = "
+                        f"{vcfg.factor * args.patch_size}")
+    train_set = data_lib.load_dataset(args.data, args.image_size, "train",
+                                      n_builtin=args.n_builtin, seed=args.seed)
+    vae_sha1 = file_sha1(vae_path)
+    key = hashlib.sha1(f"{vae_sha1}|{data_lib.dataset_key(args.data, args.image_size, args.n_builtin, args.seed)}"
+                       .encode()).hexdigest()
+    if rank == 0:
+        mu = cached_latents(out / "latents.pt", key, vae, train_set.images, device, write=True)
+    barrier(world)
+    if rank != 0:
+        mu = cached_latents(out / "latents.pt", key, vae, train_set.images, device, write=False)
+    z_all = vae.normalize_latents(mu.to(device))                 # (N, C, h, w), ~unit scale
+    longest = max(len(c.encode("utf-8")) for c in train_set.captions) + 1   # + BOS
+    max_len = min(256, -(-longest // 8) * 8)                     # fit the data, multiple of 8
+    tokens_all = tokenize(train_set.captions, max_len).to(device)  # (N, S)
+    shard = torch.arange(rank, len(train_set), world, device=device)   # this rank's examples
+
+    # Step 4: the DiT.
+    _, C, h, w = z_all.shape
+    cfg = dit_config(args.preset, input_size=h, input_width=0 if w == h else w, in_channels=C,
+                     patch_size=args.patch_size, max_prompt_len=max_len)
+    torch.manual_seed(args.seed)
+    model = DiT(cfg).to(device)
+    ema = EMA(model, args.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    step = 0
+    prompts = sample_prompts(train_set)
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path, "flow", flag="--resume")
+        diff = config_mismatch(ckpt["config"], cfg.to_dict())
+        if diff:
+            raise UserError(f"--resume {ckpt_path}: model configuration differs ({diff}); use the "
+                            f"same flags or another --out")
+        if ckpt["vae"]["sha1"] != vae_sha1:
+            raise UserError(f"--resume {ckpt_path}: the run was trained with another VAE "
+                            f"({ckpt['vae']['path']}); pass that one with --vae")
+        model.load_state_dict(ckpt["model"])
+        ema.model.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        rngs = ckpt["rng"]
+        if len(rngs) != world:
+            raise UserError(f"--resume {ckpt_path}: saved by {len(rngs)} processes, now {world}; "
+                            f"resume with the same number of processes")
+        set_rng_state(rngs[rank])
+        step = ckpt["step"]
+        if rank == 0:
+            print(f"resumed {ckpt_path} at step {step}")
+    else:
+        torch.manual_seed(args.seed + rank)                       # per-rank data order and noise
+
+    if rank == 0:
+        print(f"DiT-{args.preset}/{args.patch_size} ({count_parameters(model) / 1e6:.2f}M params) on "
+              f"{C}x{h}x{w} latents of {len(train_set)} images ({train_set.name}), device {device}"
+              f"{f' x{world}' if world > 1 else ''}, amp {amp}, batch {args.batch_size}")
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    net, compiled = maybe_compile(net, device, args.compile)
+
+    def checkpoint():
+        rngs = [rng_state()]
+        if world > 1:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_state())
+        return {"format": FORMAT, "version": FORMAT_VERSION, "kind": "flow", "step": step,
+                "config": cfg.to_dict(), "model": model.state_dict(), "ema": ema.model.state_dict(),
+                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
+                "image_size": args.image_size, "data": train_set.name, "sample_prompts": prompts,
+                "vae": {"path": str(Path(vae_path).resolve()), "sha1": vae_sha1,
+                        "config": vae_ckpt["config"], "latent_mean": vae.latent_mean.cpu(),
+                        "latent_std": vae.latent_std.cpu()},
+                "args": {k: v for k, v in vars(args).items()}}
+
+    def save():
+        state = checkpoint()                       # collective under DDP: every rank takes part
+        if rank == 0:
+            save_checkpoint(ckpt_path, state)
+
+    def sample_grid():
+        if rank == 0:
+            rows = [p for p in prompts for _ in range(8)]
+            images = generate(ema.model, vae, rows, args.sample_steps, args.cfg, seed=0, amp=amp)
+            data_lib.save_grid(out / f"samples_{step:06d}.png", images, nrow=8)
+
+    stopper = StopFlag()
+    progress = Progress(out / "log.jsonl" if rank == 0 else None, args.steps, step, args.batch_size)
+    loss_sum = torch.zeros((), device=device)
+    t_start = time.perf_counter()
+    try:
+        while step < args.steps and not _any_rank(stopper.stop, world, device):
+            for group in opt.param_groups:                     # linear warm-up, then constant
+                group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+            idx = shard[torch.randint(len(shard), (local_batch,), device=device)]
+            try:
+                with autocast(device, amp):
+                    loss = flow_matching_loss(net, z_all[idx], tokens_all[idx], args.p_uncond,
+                                              args.t_dist)
+                scaler.scale(loss).backward()
+            except RuntimeError as e:
+                if is_oom(e):
+                    raise oom_error(args.batch_size)
+                raise
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            ema.update(model, step)
+            step += 1
+            loss_sum += loss.detach()
+            if step % args.log_every == 0 or step == args.steps:
+                check_finite(loss_sum, step, ckpt_path)
+                if rank == 0:
+                    n = (step - 1) % args.log_every + 1
+                    progress.report(step, {"loss": loss_sum.item() / n,
+                                           "lr": opt.param_groups[0]["lr"]})
+                loss_sum.zero_()
+            if step % args.ckpt_every == 0 and step < args.steps:
+                check_finite(loss_sum, step, ckpt_path)
+                save()
+            if step % args.sample_every == 0 and step < args.steps:
+                sample_grid()
+    finally:
+        stopper.restore()
+    check_finite(loss_sum, step, ckpt_path)
+    save()
+    if stopper.stop:
+        if rank == 0:
+            print(f"saved {ckpt_path} at step {step}; resume with: python train_flow.py --resume "
+                  f"--out {args.out} (plus your other flags)")
+        sys.exit(130)
+    sample_grid()
+    if world > 1:
+        _check_ranks_agree(model, world, rank)
+    if rank == 0:
+        minutes = (time.perf_counter() - t_start) / 60
+        print(f"done: {step} steps in {minutes:.1f} min; wrote {ckpt_path} and "
+              f"{out / f'samples_{step:06d}.png'}")
+        print(f"sample more with: python sample.py --ckpt {ckpt_path} --prompt \"...\"")
+    return 0
+
+
+def _any_rank(flag, world, device):
+    """Ctrl-C on any rank stops every rank at the same step (so the saved state is consistent)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _check_ranks_agree(model, world, rank):
+    """DDP keeps every rank's weights equal; verify it (a cheap checksum) and say so."""
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, sums)
+    same = all(torch.equal(gathered[0], g) for g in gathered)
+    if rank == 0:
+        print(f"weights identical on all {world} ranks: {'yes' if same else 'NO'}")
+
+
+if __name__ == "__main__":
+    sys.exit(train_vae.run_main(main))

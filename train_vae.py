@@ -1,0 +1,544 @@
+"""Train the beta-VAE that makes the latent space (Lecture 04, Section 6, Algorithm 7).
+
+    python train_vae.py                      # built-in shapes, 32 px, CPU or GPU
+    python train_vae.py --data ~/photos --image-size 64 --preset 64
+
+Algorithm 7, "beta-VAE Training Procedure": for each mini-batch, encode (mu, log sigma^2),
+reparameterize z = mu + sigma * eps, decode, and minimise L_recon + beta * L_KL (vae.vae_loss).
+Then Recipe step 2 needs the encoder *mean* of every image; the flow model works on latents
+normalised per channel with the statistics computed here and stored in the checkpoint.
+
+Outputs under --out (default runs/vae): ckpt.pt (weights, EMA weights, optimizer, step, RNG
+states, config, latent statistics), recon.png (held-out originals above their reconstructions)
+and log.jsonl (one JSON line per progress report).
+
+This file also holds the training plumbing that train_flow.py reuses (one place, not two):
+device and autocast selection, the EMA, atomic checkpoint writing, safe checkpoint loading,
+the progress line, Ctrl-C handling and the one-line errors for user mistakes.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import pickle
+import signal
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+import data as data_lib
+from vae import DEFAULT_BETA, DEFAULT_SIGMA, VAE, VAEConfig, latent_stats, vae_loss, vae_preset
+
+FORMAT = "latent-flow"
+FORMAT_VERSION = 1
+
+
+# =============================================================================================
+# Shared training plumbing (used by train_flow.py, sample.py and evaluate.py too)
+
+class UserError(Exception):
+    """A mistake the user can fix; main() prints it as one line and exits with status 2."""
+
+
+def run_main(main_fn):
+    """Run a script's main(): user mistakes become one line on stderr and exit status 2."""
+    try:
+        return main_fn()
+    except (UserError, data_lib.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def positive(kind):
+    """argparse type: a strictly positive int or float."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def add_common_flags(p, out_default, steps_default, batch_default, lr_default):
+    """Flags both training scripts share, with the same meaning."""
+    p.add_argument("--data", default=None,
+                   help="folder of your images (searched recursively; captions from name.txt "
+                        "or class sub-folders). Default: the built-in coloured-shapes dataset")
+    p.add_argument("--image-size", type=positive(int), default=32,
+                   help="train at this size in pixels (short side resized, centre-cropped). Default: 32")
+    p.add_argument("--out", default=out_default,
+                   help=f"run folder for checkpoint, pictures and log. Default: {out_default}")
+    p.add_argument("--steps", type=positive(int), default=None,
+                   help=f"optimizer steps in total (a resumed run continues up to this). "
+                        f"Default: {steps_default}")
+    p.add_argument("--batch-size", type=positive(int), default=None,
+                   help=f"images per optimizer step. Default: {batch_default}")
+    p.add_argument("--lr", type=positive(float), default=None,
+                   help=f"AdamW learning rate. Default: {lr_default}")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N. Default: auto")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (--no-compile to turn off). Default: on for CUDA, "
+                        "off for CPU (compiling costs more than it saves in short CPU runs)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="mixed precision: bf16 or fp16 autocast, or off (float32). auto = bf16 on "
+                        "CUDA (fp16 + GradScaler where bf16 is missing) and on CPUs with native "
+                        "bf16, else off. Default: auto")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run saved in OUT/ckpt.pt (same model settings) up to --steps")
+    p.add_argument("--seed", type=int, default=0, help="random seed (data order, noise, init). Default: 0")
+    p.add_argument("--log-every", type=positive(int), default=50,
+                   help="steps between progress lines (and NaN checks). Default: 50")
+    p.add_argument("--ckpt-every", type=positive(int), default=500,
+                   help="steps between checkpoints (always one at the end and on Ctrl-C). Default: 500")
+    p.add_argument("--n-builtin", type=positive(int), default=20000,
+                   help="number of built-in training images (ignored with --data). Default: 20000")
+
+
+def pick_device(name):
+    """torch.device from --device; asking for CUDA without CUDA is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def cpu_has_native_bf16():
+    """True when this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX)."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def pick_amp(amp, device):
+    """Autocast dtype (or None for float32) from --amp and the device."""
+    if amp == "off":
+        return None
+    if device.type == "cuda":
+        if amp in ("auto", "bf16"):
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16
+            if amp == "bf16":
+                raise UserError("--amp bf16: this GPU has no bf16; use --amp fp16 or off")
+        return torch.float16
+    if amp == "fp16":
+        raise UserError("--amp fp16 needs CUDA (float16 autocast is slow and lossy on CPUs); "
+                        "use --amp bf16 or --amp off")
+    if amp == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def autocast(device, dtype):
+    """The autocast context for a dtype chosen by pick_amp (a no-op for float32)."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def setup_backends(device):
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True   # TF32 matmuls/convs: free speed on Ampere+
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def maybe_compile(model, device, flag):
+    """torch.compile when asked (or by default on CUDA); a missing compiler means eager + a warning."""
+    if flag is None:
+        flag = device.type == "cuda"
+    if not flag:
+        return model, False
+    try:
+        return torch.compile(model), True
+    except Exception as e:  # e.g. no C++ compiler / unsupported Python
+        print(f"warning: torch.compile unavailable ({type(e).__name__}: {e}); running eagerly",
+              file=sys.stderr)
+        return model, False
+
+
+class EMA:
+    """Exponential moving average of a model's weights, with warm-up:
+    decay_k = min(decay, (1 + k) / (10 + k)) so early averages are not dominated by the init."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        ema_p = list(self.model.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1 - d)
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, obj):
+    """Write atomically: temporary file in the same folder, flush, fsync, rename.
+
+    A crash or a full disk at any moment leaves either the old file or the new one, never a torn
+    one. Errors become a UserError that says the previous checkpoint is intact."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint, "
+                        f"if any, is intact: free disk space or choose another --out")
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, kind, flag="--ckpt"):
+    """Load a checkpoint safely (weights_only: no code runs) and check its format and kind."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{flag} {path}: refused to load: it holds Python objects other than "
+                        f"tensors and plain data ({str(e).splitlines()[0][:120]}); only load "
+                        f"checkpoints written by latent-flow")
+    except Exception as e:
+        raise UserError(f"{flag} {path}: not a readable checkpoint (truncated or corrupt: "
+                        f"{type(e).__name__}); use another file or retrain")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{flag} {path}: not a latent-flow checkpoint")
+    if ckpt.get("version") != FORMAT_VERSION:
+        raise UserError(f"{flag} {path}: checkpoint format version {ckpt.get('version')} is not "
+                        f"supported by this code (version {FORMAT_VERSION}); use the matching code")
+    if ckpt.get("kind") != kind:
+        other = {"vae": "train_vae.py (pass it as --vae)", "flow": "train_flow.py (pass it as --ckpt)"}
+        raise UserError(f"{flag} {path}: this is a {ckpt.get('kind')} checkpoint from "
+                        f"{other.get(ckpt.get('kind'), 'elsewhere')}; a {kind} checkpoint is needed here")
+    return ckpt
+
+
+def config_mismatch(saved, current):
+    """Name the first config field that differs between a checkpoint and the current flags."""
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            return f"{key}: checkpoint has {saved.get(key)!r}, now {current.get(key)!r}"
+    return None
+
+
+class StopFlag:
+    """Ctrl-C sets a flag; the loop saves a checkpoint at the end of the step and exits cleanly."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.stop:  # a second Ctrl-C: give up at once
+            signal.signal(signal.SIGINT, self._old)
+            raise KeyboardInterrupt
+        self.stop = True
+        print("\ninterrupted: saving a checkpoint at the end of this step...", file=sys.stderr, flush=True)
+
+    def restore(self):
+        signal.signal(signal.SIGINT, self._old)
+
+
+class Progress:
+    """One progress line per report: step, loss terms, images/s and ETA; also appended to log.jsonl."""
+
+    def __init__(self, log_path, total_steps, start_step, batch_size):
+        self.log_path, self.total, self.batch = log_path, total_steps, batch_size
+        self.t0, self.step0 = time.perf_counter(), start_step
+
+    def report(self, step, terms):
+        elapsed = time.perf_counter() - self.t0
+        done = step - self.step0
+        ips = done * self.batch / max(elapsed, 1e-9)
+        eta = (self.total - step) * elapsed / max(done, 1)
+        text = " ".join(f"{k} {v:.4g}" for k, v in terms.items())
+        print(f"step {step}/{self.total} {text} | {ips:.0f} img/s | ETA {eta / 60:.1f} min", flush=True)
+        if self.log_path is not None:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps({"step": step, **terms, "img_per_s": round(ips, 2),
+                                    "time": round(elapsed, 2)}) + "\n")
+
+
+def check_finite(loss_sum, step, ckpt_path):
+    """NaN guard: stop before anything is saved when the accumulated loss is not finite."""
+    if not torch.isfinite(loss_sum):
+        raise UserError(f"loss became {loss_sum.item()} by step {step}; stopped without saving, "
+                        f"the last good checkpoint ({ckpt_path}) is untouched; lower --lr or use --amp off")
+
+
+def is_oom(e):
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def oom_error(batch_size):
+    return UserError(f"out of memory at --batch-size {batch_size}; lower it, e.g. "
+                     f"--batch-size {max(1, batch_size // 2)}")
+
+
+def prepare_out(out):
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror or e}); choose another folder")
+    return out
+
+
+# =============================================================================================
+# VAE training
+
+DEFAULTS = {"cpu": {"steps": 2500, "batch_size": 32, "lr": 1e-3},
+            "cuda": {"steps": 20000, "batch_size": 128, "lr": 4e-4}}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Train the beta-VAE of Algorithm 7 (Lecture 04) and compute latent statistics.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_flags(p, "runs/vae", "2500 on CPU, 20000 on CUDA", "32 on CPU, 128 on CUDA",
+                     "1e-3 on CPU, 4e-4 on CUDA")
+    p.add_argument("--preset", default=None,
+                   help="VAE size: '32', '64' or 'large'. Default: the preset named by --image-size "
+                        "('32' or '64'), 'large' above 64 px")
+    p.add_argument("--beta", type=float, default=DEFAULT_BETA,
+                   help="KL weight beta of Algorithm 7 (>= 0)")
+    p.add_argument("--sigma", type=positive(float), default=DEFAULT_SIGMA,
+                   help="decoder std sigma of Algorithm 7 (recon = ||x - x_hat||^2 / (2 sigma^2))")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the weights")
+    return p.parse_args(argv)
+
+
+def vae_config_from_args(args):
+    name = args.preset or (str(args.image_size) if args.image_size in (32, 64) else "large")
+    try:
+        cfg = vae_preset(name, image_size=args.image_size)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"--preset {name}: {e}")
+    if args.image_size % cfg.factor:
+        raise UserError(f"--image-size {args.image_size} is not divisible by the VAE's "
+                        f"downsampling factor {cfg.factor}; use a multiple of {cfg.factor}")
+    return cfg
+
+
+def batches(images, batch_size, generator=None):
+    """Endless random mini-batches of uint8 images (sampling with replacement across steps)."""
+    n = images.shape[0]
+    while True:
+        idx = torch.randint(0, n, (batch_size,), device=images.device, generator=generator)
+        yield images[idx]
+
+
+@torch.no_grad()
+def encode_means(vae, images, device, batch_size=256, dtype=None):
+    """Encoder means mu(x) of all images (Recipe step 2), float32 on the CPU: (N, C, h, w)."""
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        x = data_lib.to_model_range(images[i:i + batch_size].to(device))
+        with autocast(device, dtype):
+            mu, _ = vae.encode(x)
+        out.append(mu.float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate_vae(vae, test, device):
+    """Held-out PSNR (dB, images on [0, 1]) and KL nats per latent dim."""
+    x = data_lib.to_model_range(test.images[:512].to(device))
+    mu, logvar = vae.encode(x)
+    x_hat = vae.decode(mu).clamp(-1, 1)
+    mse = ((x_hat - x) / 2).pow(2).flatten(1).mean(1)          # on [0, 1]
+    psnr = (10 * torch.log10(1.0 / mse.clamp(min=1e-12))).mean().item()
+    from kl import kl_to_standard_normal
+    kl_per_dim = (kl_to_standard_normal(mu, logvar) / mu[0].numel()).mean().item()
+    return psnr, kl_per_dim, x, x_hat
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    setup_backends(device)
+    d = DEFAULTS[device.type]
+    args.steps = args.steps or d["steps"]
+    args.batch_size = args.batch_size or d["batch_size"]
+    args.lr = args.lr or d["lr"]
+    if args.beta < 0:
+        raise UserError(f"--beta {args.beta}: must be >= 0")
+    train_vae(args, device)
+    return 0
+
+
+def train_vae(args, device):
+    """Train (or resume) a VAE as configured by parsed args; returns the checkpoint path."""
+    torch.manual_seed(args.seed)
+    cfg = vae_config_from_args(args)
+    out = prepare_out(args.out)
+    ckpt_path = out / "ckpt.pt"
+    amp = pick_amp(args.amp, device)
+
+    train = data_lib.load_dataset(args.data, args.image_size, "train", n_builtin=args.n_builtin,
+                                  seed=args.seed)
+    test = data_lib.load_dataset(args.data, args.image_size, "test", n_builtin=args.n_builtin,
+                                 seed=args.seed)
+    images = train.images.to(device)                           # (N, 3, H, W) uint8, in memory
+
+    model = VAE(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    ema = EMA(model, args.ema_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    step = 0
+    settings = {"config": dataclasses.asdict(cfg), "beta": args.beta, "sigma": args.sigma}
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path, "vae", flag="--resume")
+        saved = {"config": ckpt["config"], "beta": ckpt["beta"], "sigma": ckpt["sigma"]}
+        diff = config_mismatch(_flatten(saved), _flatten(settings))
+        if diff:
+            raise UserError(f"--resume {ckpt_path}: settings differ ({diff}); use the same flags "
+                            f"or another --out")
+        model.load_state_dict(ckpt["model"])
+        ema.model.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+        print(f"resumed {ckpt_path} at step {step}")
+
+    print(f"VAE {cfg.image_size}px -> {cfg.latent_channels}x{cfg.latent_size}x{cfg.latent_size} "
+          f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on {device}, "
+          f"amp {amp}, {len(train)} images ({train.name}), beta {args.beta}, sigma {args.sigma}")
+    train_model, _ = maybe_compile(model, device, args.compile)
+
+    def checkpoint():
+        return {"format": FORMAT, "version": FORMAT_VERSION, "kind": "vae", "step": step,
+                "config": dataclasses.asdict(cfg), "beta": args.beta, "sigma": args.sigma,
+                "model": model.state_dict(), "ema": ema.model.state_dict(),
+                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                "data": train.name, "latent_mean": ema.model.latent_mean.cpu(),
+                "latent_std": ema.model.latent_std.cpu()}
+
+    stopper = StopFlag()
+    progress = Progress(out / "log.jsonl", args.steps, step, args.batch_size)
+    stream = batches(images, args.batch_size)
+    sums = torch.zeros(3, device=device)                       # loss terms since the last report
+    try:
+        while step < args.steps and not stopper.stop:
+            x = data_lib.to_model_range(next(stream))
+            try:
+                with autocast(device, amp):
+                    x_hat, mu, logvar = train_model(x)
+                total, recon, kl = vae_loss(x, x_hat, mu, logvar, args.beta, args.sigma)
+                scaler.scale(total).backward()
+            except RuntimeError as e:
+                if is_oom(e):
+                    raise oom_error(args.batch_size)
+                raise
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            ema.update(model, step)
+            step += 1
+            sums += torch.stack([total.detach(), recon.detach(), kl.detach()])
+            if step % args.log_every == 0 or step == args.steps:
+                check_finite(sums.sum(), step, ckpt_path)
+                n = (step - 1) % args.log_every + 1
+                terms = dict(zip(("loss", "recon", "kl"), (sums / n).tolist()))
+                progress.report(step, terms)
+                sums.zero_()
+            if step % args.ckpt_every == 0 and step < args.steps:
+                check_finite(sums.sum(), step, ckpt_path)
+                save_checkpoint(ckpt_path, checkpoint())
+    finally:
+        stopper.restore()
+    check_finite(sums.sum(), step, ckpt_path)
+
+    if stopper.stop:
+        save_checkpoint(ckpt_path, checkpoint())
+        print(f"saved {ckpt_path} at step {step}; resume with: python train_vae.py --resume "
+              f"--out {args.out} (plus your other flags)")
+        sys.exit(130)
+
+    # Recipe step 2: statistics of the encoder means, with the EMA weights used for encoding.
+    mus = encode_means(ema.model, train.images, device)
+    mean, std = latent_stats(mus.split(1024))
+    ema.model.set_latent_stats(mean, std)
+    model.set_latent_stats(mean, std)
+    save_checkpoint(ckpt_path, checkpoint())
+
+    psnr, kl_per_dim, x, x_hat = evaluate_vae(ema.model, test, device)
+    data_lib.save_grid(out / "recon.png", torch.cat([x[:8], x_hat[:8]]), nrow=8)
+    print(f"held-out PSNR {psnr:.2f} dB | KL {kl_per_dim:.3f} nats/dim | latent mean "
+          f"{[round(v, 3) for v in mean.tolist()]} std {[round(v, 3) for v in std.tolist()]}")
+    print(f"wrote {ckpt_path}, {out / 'recon.png'}, {out / 'log.jsonl'}")
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "heldout_psnr": psnr, "kl_nats_per_dim": kl_per_dim,
+                            "latent_mean": mean.tolist(), "latent_std": std.tolist()}) + "\n")
+    return ckpt_path
+
+
+def _flatten(d, prefix=""):
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[prefix + k] = list(v) if isinstance(v, tuple) else v
+    return flat
+
+
+def load_vae(path, device, flag="--vae"):
+    """The EMA VAE of a checkpoint (with its latent statistics), in eval mode on `device`."""
+    ckpt = load_checkpoint(path, "vae", flag=flag)
+    vae = VAE(VAEConfig.from_dict(ckpt["config"]))
+    vae.load_state_dict(ckpt["ema"])
+    return vae.to(device).eval().requires_grad_(False), ckpt
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
