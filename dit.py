@@ -54,6 +54,7 @@ class DiTConfig:
     prompt_depth: int = 2        # transformer layers in the prompt encoder
     prompt_heads: int = 4
     max_prompt_len: int = 80     # S: bytes + BOS; longer prompts are truncated
+    prompt_bytes_per_token: int = 4  # bytes merged into one prompt token (S' = S / 4)
     qk_norm: bool = False        # LayerNorm on q and k in every attention
 
     @property
@@ -148,7 +149,7 @@ class DiT(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(cfg.time_dim, cfg.dim), nn.SiLU(),
                                       nn.Linear(cfg.dim, cfg.dim))
         self.prompt = PromptEmbedding(cfg.prompt_dim, cfg.prompt_depth, cfg.prompt_heads,
-                                      cfg.max_prompt_len)
+                                      cfg.max_prompt_len, cfg.prompt_bytes_per_token)
         self.prompt_pool = nn.Linear(cfg.prompt_dim, cfg.dim)
         self.blocks = nn.ModuleList(
             DiTBlock(cfg.dim, cfg.heads, cfg.prompt_dim, cfg.mlp_ratio, cfg.qk_norm)

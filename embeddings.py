@@ -18,8 +18,9 @@ numbers each, in row-major order (token k is the patch at (row, col) = divmod(k,
 
 Slide "Encoding Language Prompt": PromptEmbed(y) in R^{S x k}. The slide uses a pretrained
 CLIP/T5 encoder; none can be downloaded here, so the prompt is tokenized byte by byte (UTF-8,
-no vocabulary file) and `PromptEmbedding` is learned from scratch with the DiT: token and
-position embeddings and a few transformer layers. It returns the token sequence, its key-padding
+no vocabulary file) and `PromptEmbedding` is learned from scratch with the DiT: byte and
+position embeddings, groups of a few bytes merged into one token (bytes are ~4x more numerous
+than word pieces, and every cross-attention pays for each token), then a few transformer layers. It returns the token sequence, its key-padding
 mask, and a pooled vector (mean over real tokens) that the DiT adds to the time embedding.
 Every prompt starts with a BOS token, so the empty prompt "" (the null condition of
 classifier-free guidance) still has one real token and no attention row is fully masked.
@@ -184,28 +185,41 @@ class PromptBlock(nn.Module):
 
 
 class PromptEmbedding(nn.Module):
-    """PromptEmbed(y) in R^{S x k}, learned from scratch.
+    """PromptEmbed(y) in R^{S' x k}, learned from scratch.
 
-    forward(tokens (B, S)) -> (y (B, S, dim), mask (B, S) bool, pooled (B, dim)).
+    Bytes are 3-4 times more numerous than the word pieces of a CLIP/T5 tokenizer, and every
+    DiT block's cross-attention projects every prompt token, so runs of `bytes_per_token`
+    consecutive bytes are merged into one token (their embeddings concatenated, then a Linear:
+    patchify for text), giving S' = S / bytes_per_token tokens. A merged token is real when any
+    of its bytes is.
+
+    forward(tokens (B, S)) -> (y (B, S', dim), mask (B, S') bool, pooled (B, dim)).
     """
 
-    def __init__(self, dim, depth, heads, max_len, vocab_size=VOCAB_SIZE):
+    def __init__(self, dim, depth, heads, max_len, bytes_per_token=1, vocab_size=VOCAB_SIZE):
         super().__init__()
-        self.max_len = max_len
+        self.max_len, self.r = max_len, bytes_per_token
         self.token = nn.Embedding(vocab_size, dim)
         self.pos = nn.Parameter(torch.zeros(1, max_len, dim))
         nn.init.normal_(self.token.weight, std=0.02)
         nn.init.normal_(self.pos, std=0.02)
+        self.merge = nn.Linear(bytes_per_token * dim, dim) if bytes_per_token > 1 else nn.Identity()
         self.blocks = nn.ModuleList(PromptBlock(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, tokens):
         B, S = tokens.shape
-        mask = tokens != PAD_ID                                   # (B, S), True = real token
+        if S > self.max_len:
+            raise ValueError(f"{S} prompt tokens, but this model takes at most {self.max_len}")
+        if S % self.r:                                            # pad to whole groups of r bytes
+            tokens = nn.functional.pad(tokens, (0, self.r - S % self.r), value=PAD_ID)
+            S = tokens.shape[1]
         y = self.token(tokens) + self.pos[:, :S]                  # (B, S, k)
+        y = self.merge(y.reshape(B, S // self.r, -1))             # (B, S', k), S' = S / r
+        mask = (tokens != PAD_ID).reshape(B, S // self.r, self.r).any(-1)   # (B, S') True = real
         for block in self.blocks:
             y = block(y, mask)
         y = self.norm(y)
-        weights = mask.to(y.dtype)[..., None]                     # (B, S, 1)
+        weights = mask.to(y.dtype)[..., None]                     # (B, S', 1)
         pooled = (y * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, k)
         return y, mask, pooled

@@ -171,3 +171,23 @@ def test_empty_prompt_has_one_valid_token_and_a_distinct_output():
     assert torch.isfinite(y).all() and torch.isfinite(pooled).all()
     for i in (1, 2):
         assert (pooled[0] - pooled[i]).norm() > 1e-3
+
+
+@pytest.mark.parametrize("r", [2, 4])
+def test_merged_byte_tokens_keep_padding_invariance_and_shorten_the_sequence(r):
+    """With bytes_per_token = r the encoder sees ceil(S / r) tokens; extra padding still
+    changes nothing for the real tokens, and a group is real when any of its bytes is."""
+    torch.manual_seed(3)
+    enc = PromptEmbedding(dim=16, depth=2, heads=2, max_len=32, bytes_per_token=r).double().eval()
+    short = "a red cat"                                        # 9 bytes + BOS = 10
+    alone = tokenize([short], max_len=10)                      # 10 is not a multiple of 4: padded
+    both = tokenize([short, "a much longer prompt than that"], max_len=32)
+    y1, mask1, pooled1 = enc(alone)
+    y2, mask2, pooled2 = enc(both)
+    n = math.ceil(10 / r)
+    assert y1.shape[1] == n and y2.shape[1] == 32 // r
+    assert mask1.all() and mask2[0].sum() == n
+    torch.testing.assert_close(y2[0, :n], y1[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(pooled2[0], pooled1[0], rtol=0, atol=1e-12)
+    y, mask, _ = enc(tokenize([""], max_len=32))
+    assert mask[0].tolist() == [True] + [False] * (32 // r - 1)   # BOS keeps the null prompt real
