@@ -511,6 +511,10 @@ def main(argv=None):
         args.ckpt = DEFAULT_CKPT
     if args.n < MIN_N:
         raise UserError(f"--n {args.n}: the metrics need at least {MIN_N} images per set")
+    try:
+        find_inception(args.inception)  # a missing --inception file fails before the slow work
+    except FileNotFoundError as e:
+        raise UserError(str(e))
     device = pick_device(args.device)
     t0 = time.perf_counter()
     model, vae, source = load_models(args, device)
@@ -521,7 +525,8 @@ def main(argv=None):
     task = prompt_task(source.data, train)
     features, classifier = pick_features(args, train, test, task, device)
     print(f"data {test.name} ({source.image_size} px); features: {features.name}"
-          f"{_accuracy_note(features)}; prompt accuracy: {task.note}", flush=True)
+          f"{_accuracy_note(features)}; prompt accuracy: {task.note} "
+          f"({time.perf_counter() - t0:.1f}s elapsed)", flush=True)
 
     results = {"checkpoint": args.ckpt, "vae_checkpoint": source.vae_path, "data": test.name,
                "features": features.name,
@@ -708,8 +713,6 @@ def pick_features(args, train, test, task, device):
     Inception, one trained for it) is the prompt-accuracy classifier."""
     try:
         inception = load_inception(args.inception, str(device))
-    except FileNotFoundError as e:
-        raise UserError(str(e))
     except RuntimeError as e:
         raise UserError(f"--inception {args.inception}: not a TorchScript model "
                         f"({str(e).splitlines()[0][:120]})")

@@ -103,31 +103,44 @@ def load_flow(path, device, vae_path=None, flag="--ckpt"):
     from dit import DiT, DiTConfig
     from train_vae import UserError, load_checkpoint, load_vae
     ckpt = load_checkpoint(path, "flow", flag=flag)
-    info = ckpt["vae"]
+    try:
+        info, image_size = ckpt["vae"], ckpt["image_size"]
+        model = DiT(DiTConfig.from_dict(ckpt["config"]))
+        model.load_state_dict(ckpt["ema"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{flag} {path}: damaged checkpoint: its weights do not fit its "
+                        f"configuration ({type(e).__name__}); use another file or retrain")
+    if vae_path is None and not Path(info["path"]).is_file():
+        raise UserError(f"{flag} {path} was trained with the VAE {info['path']}, which is not "
+                        f"there any more; pass that VAE with --vae")
     vae_file = vae_path or info["path"]
     vae, _ = load_vae(vae_file, device, flag="--vae")
-    cfg = DiTConfig.from_dict(ckpt["config"])
-    vcfg = vae.config
-    problems = []
-    if vcfg.latent_channels != cfg.in_channels:
-        problems.append(f"latent channels {vcfg.latent_channels} vs {cfg.in_channels}")
-    lat_h, lat_w = ckpt["image_size"] // vcfg.factor, ckpt["image_size"] // vcfg.factor
-    if (lat_h, lat_w) != (cfg.height, cfg.width):
-        problems.append(f"latent size {lat_h}x{lat_w} vs {cfg.height}x{cfg.width}")
-    if not (torch.allclose(vae.latent_mean.cpu(), info["latent_mean"], atol=1e-5)
-            and torch.allclose(vae.latent_std.cpu(), info["latent_std"], atol=1e-5)):
-        problems.append("latent statistics differ")
+    problems = _vae_mismatch(vae, model.config, image_size, info)
     if problems:
         raise UserError(f"--vae {vae_file} does not match the flow checkpoint {path} "
                         f"({'; '.join(problems)}); pass the VAE it was trained with via --vae")
-    model = DiT(cfg)
-    model.load_state_dict(ckpt["ema"])
     return model.to(device).eval().requires_grad_(False), vae, ckpt
+
+
+def _vae_mismatch(vae, cfg, image_size, info):
+    """What differs between a VAE and the one a flow model was trained with (empty: none)."""
+    vcfg, problems = vae.config, []
+    if vcfg.latent_channels != cfg.in_channels:
+        problems.append(f"latent channels {vcfg.latent_channels} vs {cfg.in_channels}")
+    lat_h, lat_w = image_size // vcfg.factor, image_size // vcfg.factor
+    if (lat_h, lat_w) != (cfg.height, cfg.width):
+        problems.append(f"latent size {lat_h}x{lat_w} vs {cfg.height}x{cfg.width}")
+    same_stats = (vae.latent_mean.shape == info["latent_mean"].shape
+                  and torch.allclose(vae.latent_mean.cpu(), info["latent_mean"], atol=1e-5)
+                  and torch.allclose(vae.latent_std.cpu(), info["latent_std"], atol=1e-5))
+    if not same_stats:
+        problems.append("latent statistics differ")
+    return problems
 
 
 def parse_args(argv=None):
     import argparse
-    from train_vae import positive
+    from train_vae import positive, seed_value
     p = argparse.ArgumentParser(
         description="Sample a grid of images from a trained flow model (Euler + classifier-free "
                     "guidance), one row per prompt.",
@@ -140,7 +153,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=positive(int), default=50, help="Euler steps (model evaluations)")
     p.add_argument("--cfg", type=float, default=4.0,
                    help="guidance weight w: (1 - w) u(x|empty) + w u(x|y); 1 = no guidance")
-    p.add_argument("--seed", type=int, default=0, help="noise seed: same seed, same images")
+    p.add_argument("--seed", type=seed_value, default=0, help="noise seed: same seed, same images")
     p.add_argument("--out", default="samples.png", help="output PNG")
     p.add_argument("--vae", default=None, help="VAE checkpoint. Default: the one the flow checkpoint names")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -153,29 +166,55 @@ def parse_args(argv=None):
 
 def main(argv=None):
     import data as data_lib
-    from embeddings import prompt_is_truncated
-    from train_vae import UserError, maybe_compile, pick_amp, pick_device, prepare_out
+    from train_vae import UserError, maybe_compile, pick_amp, pick_device
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = pick_device(args.device)                # flag mistakes first, before any loading
+    amp = pick_amp(args.amp, device)
+    out = _check_out(Path(args.out))
+    if args.prompt is not None:
+        _check_prompts(args.prompt)
     model, vae, ckpt = load_flow(args.ckpt, device, args.vae)
     prompts = args.prompt if args.prompt is not None else ckpt["sample_prompts"]
-    max_len = model.config.max_prompt_len
-    for prompt in prompts:
-        if prompt_is_truncated(prompt, max_len):
-            print(f"warning: prompt {prompt[:40]!r}... is longer than the model's "
-                  f"{max_len - 1} bytes; it was truncated", file=sys.stderr)
-    out = Path(args.out)
-    prepare_out(out.parent if str(out.parent) else ".")
+    _warn_truncated(prompts, model.config.max_prompt_len)
     model, _ = maybe_compile(model, device, args.compile)
-    amp = pick_amp(args.amp, device)
     all_prompts = [p for p in prompts for _ in range(args.n)]
     images = generate(model, vae, all_prompts, args.steps, args.cfg, args.seed, args.batch_size, amp)
     try:
         data_lib.save_grid(out, images, nrow=args.n)
     except OSError as e:
-        raise UserError(f"--out {out}: cannot write ({e.strerror or e})")
+        raise UserError(f"--out {out}: cannot write ({e.strerror or e}); choose another path")
     print(f"wrote {out}: {len(prompts)} prompts x {args.n} images, {args.steps} steps, cfg {args.cfg}")
     return 0
+
+
+def _check_out(out):
+    """--out must name an image file (by its extension) in a writable folder."""
+    from PIL import Image
+    from train_vae import UserError, prepare_out
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise UserError(f"--out {out}: not an image file name; use e.g. samples.png")
+    prepare_out(out.parent)
+    return out
+
+
+def _check_prompts(prompts):
+    """Every prompt must be text (a byte that is not UTF-8 arrives as a lone surrogate)."""
+    from train_vae import UserError
+    for prompt in prompts:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"--prompt {ascii(prompt)[:60]}: not valid UTF-8 text; check the "
+                            f"terminal's or the file's encoding")
+
+
+def _warn_truncated(prompts, max_len):
+    """One warning line per prompt longer than the model reads (tokenize truncates it)."""
+    from embeddings import prompt_is_truncated
+    for prompt in prompts:
+        if prompt_is_truncated(prompt, max_len):
+            print(f"warning: prompt {prompt[:40]!r}... is longer than the model's "
+                  f"{max_len - 1} bytes; it was truncated", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,10 @@ DEFAULT_VAE = "runs/vae/ckpt.pt"
 DEFAULTS = {"cpu": {"steps": 3000, "batch_size": 64, "lr": 5e-4, "preset": "tiny", "ema": 0.999},
             "cuda": {"steps": 50000, "batch_size": 256, "lr": 1e-4, "preset": "B", "ema": 0.9999}}
 N_SAMPLE_PROMPTS = 8
+# Which flag sets each DiT config field, for the --resume mismatch message ("" = the rest).
+RESUME_FLAGS = {"patch_size": "--patch-size", "input_size": "--image-size or the VAE",
+                "input_width": "--image-size or the VAE", "in_channels": "the VAE (--vae)",
+                "max_prompt_len": "the captions of --data", "": "--preset"}
 
 
 def parse_args(argv=None):
@@ -189,15 +193,18 @@ def train(args, rank, world, device):
     args.batch_size = args.batch_size or d["batch_size"]
     args.lr = args.lr or d["lr"]
     args.preset = args.preset or d["preset"]
-    args.ema_decay = args.ema_decay or d["ema"]
+    args.ema_decay = d["ema"] if args.ema_decay is None else args.ema_decay
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     if not 0 <= args.p_uncond < 1:
         raise UserError(f"--p-uncond {args.p_uncond}: must be in [0, 1)")
+    if not 0 <= args.ema_decay < 1:
+        raise UserError(f"--ema-decay {args.ema_decay}: must be in [0, 1), e.g. 0.999")
     local_batch = args.batch_size // world
     amp = pick_amp(args.amp, device)
     out = prepare_out(args.out) if rank == 0 else Path(args.out)
     ckpt_path = out / "ckpt.pt"
+    resume = load_checkpoint(ckpt_path, "flow", flag="--resume") if args.resume else None
 
     # Steps 1-3: data, VAE, latents.
     vae_path = ensure_vae(args, rank, world)
@@ -210,6 +217,14 @@ def train(args, rank, world, device):
     train_set = data_lib.load_dataset(args.data, args.image_size, "train",
                                       n_builtin=args.n_builtin, seed=args.seed)
     vae_sha1 = file_sha1(vae_path)
+    longest = max(len(c.encode("utf-8")) for c in train_set.captions) + 1   # + BOS
+    max_len = min(256, -(-longest // 8) * 8)                     # fit the data, multiple of 8
+    C, h = vcfg.latent_channels, args.image_size // vcfg.factor  # latent grid (C, h, h)
+    cfg = dit_config(args.preset, input_size=h, in_channels=C, patch_size=args.patch_size,
+                     max_prompt_len=max_len)
+    if resume is not None:
+        _check_resumable(resume, cfg, vae_sha1, world, ckpt_path)   # before the slow work
+
     key = hashlib.sha1(f"{vae_sha1}|{data_lib.dataset_key(args.data, args.image_size, args.n_builtin, args.seed)}"
                        .encode()).hexdigest()
     if rank == 0:
@@ -218,15 +233,10 @@ def train(args, rank, world, device):
     if rank != 0:
         mu = cached_latents(out / "latents.pt", key, vae, train_set.images, device, write=False)
     z_all = vae.normalize_latents(mu.to(device))                 # (N, C, h, w), ~unit scale
-    longest = max(len(c.encode("utf-8")) for c in train_set.captions) + 1   # + BOS
-    max_len = min(256, -(-longest // 8) * 8)                     # fit the data, multiple of 8
     tokens_all = tokenize(train_set.captions, max_len).to(device)  # (N, S)
     shard = torch.arange(rank, len(train_set), world, device=device)   # this rank's examples
 
     # Step 4: the DiT.
-    _, C, h, w = z_all.shape
-    cfg = dit_config(args.preset, input_size=h, input_width=0 if w == h else w, in_channels=C,
-                     patch_size=args.patch_size, max_prompt_len=max_len)
     torch.manual_seed(args.seed)
     model = DiT(cfg).to(device)
     ema = EMA(model, args.ema_decay)
@@ -234,25 +244,13 @@ def train(args, rank, world, device):
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     step = 0
     prompts = sample_prompts(train_set)
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path, "flow", flag="--resume")
-        diff = config_mismatch(ckpt["config"], cfg.to_dict())
-        if diff:
-            raise UserError(f"--resume {ckpt_path}: model configuration differs ({diff}); use the "
-                            f"same flags or another --out")
-        if ckpt["vae"]["sha1"] != vae_sha1:
-            raise UserError(f"--resume {ckpt_path}: the run was trained with another VAE "
-                            f"({ckpt['vae']['path']}); pass that one with --vae")
-        model.load_state_dict(ckpt["model"])
-        ema.model.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        rngs = ckpt["rng"]
-        if len(rngs) != world:
-            raise UserError(f"--resume {ckpt_path}: saved by {len(rngs)} processes, now {world}; "
-                            f"resume with the same number of processes")
-        set_rng_state(rngs[rank])
-        step = ckpt["step"]
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        ema.model.load_state_dict(resume["ema"])
+        opt.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        set_rng_state(resume["rng"][rank])
+        step = resume["step"]
         if rank == 0:
             print(f"resumed {ckpt_path} at step {step}")
     else:
@@ -260,13 +258,13 @@ def train(args, rank, world, device):
 
     if rank == 0:
         print(f"DiT-{args.preset}/{args.patch_size} ({count_parameters(model) / 1e6:.2f}M params) on "
-              f"{C}x{h}x{w} latents of {len(train_set)} images ({train_set.name}), device {device}"
+              f"{C}x{h}x{h} latents of {len(train_set)} images ({train_set.name}), device {device}"
               f"{f' x{world}' if world > 1 else ''}, amp {amp}, batch {args.batch_size}")
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    net, compiled = maybe_compile(net, device, args.compile)
+    net, _ = maybe_compile(net, device, args.compile)
 
     def checkpoint():
         rngs = [rng_state()]
@@ -307,7 +305,7 @@ def train(args, rank, world, device):
                     loss = flow_matching_loss(net, z_all[idx], tokens_all[idx], args.p_uncond,
                                               args.t_dist)
                 scaler.scale(loss).backward()
-            except RuntimeError as e:
+            except (RuntimeError, MemoryError) as e:
                 if is_oom(e):
                     raise oom_error(args.batch_size)
                 raise
@@ -320,25 +318,25 @@ def train(args, rank, world, device):
             step += 1
             loss_sum += loss.detach()
             if step % args.log_every == 0 or step == args.steps:
-                check_finite(loss_sum, step, ckpt_path)
+                check_finite(_all_ranks(loss_sum, world), step, ckpt_path)
                 if rank == 0:
                     n = (step - 1) % args.log_every + 1
                     progress.report(step, {"loss": loss_sum.item() / n,
                                            "lr": opt.param_groups[0]["lr"]})
                 loss_sum.zero_()
             if step % args.ckpt_every == 0 and step < args.steps:
-                check_finite(loss_sum, step, ckpt_path)
+                check_finite(_all_ranks(loss_sum, world), step, ckpt_path, model)
                 save()
             if step % args.sample_every == 0 and step < args.steps:
                 sample_grid()
     finally:
         stopper.restore()
-    check_finite(loss_sum, step, ckpt_path)
+    check_finite(_all_ranks(loss_sum, world), step, ckpt_path, model)
     save()
     if stopper.stop:
         if rank == 0:
             print(f"saved {ckpt_path} at step {step}; resume with: python train_flow.py --resume "
-                  f"--out {args.out} (plus your other flags)")
+                  f"--out {args.out} (plus your other flags)", file=sys.stderr)
         sys.exit(130)
     sample_grid()
     if world > 1:
@@ -349,6 +347,30 @@ def train(args, rank, world, device):
               f"{out / f'samples_{step:06d}.png'}")
         print(f"sample more with: python sample.py --ckpt {ckpt_path} --prompt \"...\"")
     return 0
+
+
+def _check_resumable(ckpt, cfg, vae_sha1, world, ckpt_path):
+    """Refuse to resume a run whose model, VAE or number of processes differs from now."""
+    diff = config_mismatch(ckpt["config"], cfg.to_dict(), RESUME_FLAGS)
+    if diff:
+        raise UserError(f"--resume {ckpt_path}: model configuration differs ({diff}); use the "
+                        f"same flags or another --out")
+    if ckpt["vae"]["sha1"] != vae_sha1:
+        raise UserError(f"--resume {ckpt_path}: the run was trained with another VAE "
+                        f"({ckpt['vae']['path']}); pass that one with --vae")
+    if len(ckpt["rng"]) != world:
+        raise UserError(f"--resume {ckpt_path}: saved by {len(ckpt['rng'])} processes, now {world}; "
+                        f"resume with the same number of processes")
+
+
+def _all_ranks(loss_sum, world):
+    """The loss summed over every rank: a NaN on one rank stops all of them at the same step
+    (a rank stopping alone would leave the others waiting in the next collective)."""
+    if world == 1:
+        return loss_sum
+    total = loss_sum.detach().clone()
+    dist.all_reduce(total)
+    return total
 
 
 def _any_rank(flag, world, device):

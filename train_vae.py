@@ -23,17 +23,20 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 import data as data_lib
-from vae import DEFAULT_BETA, DEFAULT_SIGMA, VAE, VAEConfig, latent_stats, vae_loss, vae_preset
+from vae import (DEFAULT_BETA, DEFAULT_SIGMA, VAE, VAE_PRESETS, VAEConfig, latent_stats, vae_loss,
+                 vae_preset)
 
 FORMAT = "latent-flow"
 FORMAT_VERSION = 1
@@ -47,26 +50,50 @@ class UserError(Exception):
 
 
 def run_main(main_fn):
-    """Run a script's main(): user mistakes become one line on stderr and exit status 2."""
+    """Run a script's main() as a command, never ending in a traceback for things the user can fix.
+
+    User mistakes and problems outside the code (a full disk, an unwritable folder) become one
+    line on stderr and exit status 2; Ctrl-C outside the training loop (which saves and exits
+    with 130 itself) exits with 130."""
     try:
         return main_fn()
     except (UserError, data_lib.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; check the path, its permissions and the free "
+              f"disk space", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopped without saving (the last checkpoint, if any, is intact)",
+              file=sys.stderr)
+        return 130
 
 
-def positive(kind):
-    """argparse type: a strictly positive int or float."""
+def positive(kind, allow_zero=False):
+    """argparse type: a finite int or float > 0 (>= 0 with allow_zero)."""
+    bound = ">= 0" if allow_zero else "> 0"
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}")
+        if not (math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
         return value
-    parse.__name__ = f"positive {kind.__name__}"
+    parse.__name__ = f"{'non-negative' if allow_zero else 'positive'} {kind.__name__}"
     return parse
+
+
+def seed_value(text):
+    """argparse type: a random seed, an integer in [0, 2**63)."""
+    value = positive(int, allow_zero=True)(text)
+    if value >= 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be < 2**63, got {text}")
+    return value
 
 
 def add_common_flags(p, out_default, steps_default, batch_default, lr_default):
@@ -96,7 +123,7 @@ def add_common_flags(p, out_default, steps_default, batch_default, lr_default):
                         "bf16, else off. Default: auto")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in OUT/ckpt.pt (same model settings) up to --steps")
-    p.add_argument("--seed", type=int, default=0, help="random seed (data order, noise, init). Default: 0")
+    p.add_argument("--seed", type=seed_value, default=0, help="random seed (data order, noise, init). Default: 0")
     p.add_argument("--log-every", type=positive(int), default=50,
                    help="steps between progress lines (and NaN checks). Default: 50")
     p.add_argument("--ckpt-every", type=positive(int), default=500,
@@ -160,17 +187,48 @@ def setup_backends(device):
 
 
 def maybe_compile(model, device, flag):
-    """torch.compile when asked (or by default on CUDA); a missing compiler means eager + a warning."""
+    """torch.compile when asked (or by default on CUDA); a missing compiler means eager + a warning.
+
+    torch.compile is lazy: a missing C++ compiler or an unsupported Python shows up on the first
+    call, not here, so the compiled model is wrapped in EagerFallback. Returns (model, compiled)."""
     if flag is None:
         flag = device.type == "cuda"
     if not flag:
         return model, False
     try:
-        return torch.compile(model), True
-    except Exception as e:  # e.g. no C++ compiler / unsupported Python
-        print(f"warning: torch.compile unavailable ({type(e).__name__}: {e}); running eagerly",
-              file=sys.stderr)
+        compiled = torch.compile(model)
+    except Exception as e:  # e.g. an unsupported Python version
+        _warn_eager(e)
         return model, False
+    return EagerFallback(model, compiled), True
+
+
+def _warn_eager(e):
+    first_line = (str(e).strip().splitlines() or [""])[0][:160]
+    print(f"warning: torch.compile failed ({type(e).__name__}: {first_line}); running eagerly",
+          file=sys.stderr, flush=True)
+
+
+class EagerFallback(torch.nn.Module):
+    """Calls the compiled model; when compiling fails (on the first call or a later recompile) it
+    warns once and calls the eager model from then on. The eager model is `_orig_mod`, as in
+    torch.compile's wrapper, so its parameters and config stay reachable."""
+
+    def __init__(self, model, compiled):
+        super().__init__()
+        self._orig_mod = model
+        object.__setattr__(self, "_compiled", compiled)   # not a submodule: same parameters
+
+    def forward(self, *args, **kwargs):
+        if self._compiled is not None:
+            try:
+                return self._compiled(*args, **kwargs)
+            except Exception as e:
+                if is_oom(e):
+                    raise
+                _warn_eager(e)          # an error of the model itself recurs below, eagerly
+                object.__setattr__(self, "_compiled", None)
+        return self._orig_mod(*args, **kwargs)
 
 
 class EMA:
@@ -212,11 +270,14 @@ def save_checkpoint(path, obj):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())         # mkstemp's 0600 -> like open()
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
+        for stale in path.parent.glob(f"{path.name}.*.tmp"):   # left by a killed earlier run
+            stale.unlink(missing_ok=True)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -230,20 +291,18 @@ def save_checkpoint(path, obj):
             os.remove(tmp)
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def load_checkpoint(path, kind, flag="--ckpt"):
     """Load a checkpoint safely (weights_only: no code runs) and check its format and kind."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{flag} {path}: file not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(f"{flag} {path}: refused to load: it holds Python objects other than "
-                        f"tensors and plain data ({str(e).splitlines()[0][:120]}); only load "
-                        f"checkpoints written by latent-flow")
-    except Exception as e:
-        raise UserError(f"{flag} {path}: not a readable checkpoint (truncated or corrupt: "
-                        f"{type(e).__name__}); use another file or retrain")
+        raise UserError(f"{flag} {path}: {'is a folder, not a file' if path.is_dir() else 'file not found'}")
+    ckpt = safe_load(path, flag)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{flag} {path}: not a latent-flow checkpoint")
     if ckpt.get("version") != FORMAT_VERSION:
@@ -256,11 +315,35 @@ def load_checkpoint(path, kind, flag="--ckpt"):
     return ckpt
 
 
-def config_mismatch(saved, current):
-    """Name the first config field that differs between a checkpoint and the current flags."""
+def safe_load(path, flag):
+    """torch.load(weights_only=True): tensors and plain data only, never code. Refusals and
+    unreadable files become a UserError; torch's warnings are silenced (one line, not ten)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        code = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if code:
+            raise UserError(f"{flag} {path}: refused to load: it would run Python code "
+                            f"({code.group(1)}), which no latent-flow checkpoint holds; only load "
+                            f"checkpoints written by train_vae.py or train_flow.py")
+        raise UserError(f"{flag} {path}: not a checkpoint (not a PyTorch file, or corrupt); "
+                        f"use another file or retrain")
+    except Exception as e:
+        raise UserError(f"{flag} {path}: not a readable checkpoint (truncated or corrupt: "
+                        f"{type(e).__name__}); use another file or retrain")
+
+
+def config_mismatch(saved, current, flags=None):
+    """Name the first config field that differs between a checkpoint and the current flags, and
+    (with `flags`, field -> flag, "" for the default) the flag that sets it."""
     for key in sorted(set(saved) | set(current)):
         if saved.get(key) != current.get(key):
-            return f"{key}: checkpoint has {saved.get(key)!r}, now {current.get(key)!r}"
+            text = f"{key}: checkpoint has {saved.get(key)!r}, now {current.get(key)!r}"
+            if flags is not None:
+                text += f"; set by {flags.get(key, flags.get(''))}"
+            return text
     return None
 
 
@@ -302,15 +385,30 @@ class Progress:
                                     "time": round(elapsed, 2)}) + "\n")
 
 
-def check_finite(loss_sum, step, ckpt_path):
-    """NaN guard: stop before anything is saved when the accumulated loss is not finite."""
+def check_finite(loss_sum, step, ckpt_path, model=None):
+    """NaN guard: stop before anything is saved when the accumulated loss (or, given `model`, a
+    weight: an update can break the weights before the loss shows it) is not finite."""
+    what = None
     if not torch.isfinite(loss_sum):
-        raise UserError(f"loss became {loss_sum.item()} by step {step}; stopped without saving, "
-                        f"the last good checkpoint ({ckpt_path}) is untouched; lower --lr or use --amp off")
+        what = f"loss became {loss_sum.item()}"
+    elif model is not None and not weights_finite(model):
+        what = "the weights became inf/NaN"
+    if what:
+        raise UserError(f"{what} by step {step}; stopped without saving, the last good checkpoint "
+                        f"({ckpt_path}) is untouched; lower --lr or use --amp off")
+
+
+def weights_finite(model):
+    """True when no parameter holds inf or NaN (one sum per tensor, one sync in all)."""
+    sums = [p.detach().float().sum() for p in model.parameters()]
+    return bool(torch.isfinite(torch.stack(sums)).all())
 
 
 def is_oom(e):
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+    """CUDA's OutOfMemoryError, or any allocator's "out of memory" / "can't allocate memory"."""
+    text = str(e).lower()
+    return (isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in text
+            or "can't allocate memory" in text)
 
 
 def oom_error(batch_size):
@@ -345,25 +443,33 @@ def parse_args(argv=None):
                      "1e-3 on CPU, 4e-4 on CUDA")
     p.add_argument("--preset", default=None,
                    help="VAE size: '32', '64' or 'large'. Default: the preset named by --image-size "
-                        "('32' or '64'), 'large' above 64 px")
+                        "('32' up to 32 px, '64' up to 64 px), 'large' above 64 px")
     p.add_argument("--beta", type=float, default=DEFAULT_BETA,
                    help="KL weight beta of Algorithm 7 (>= 0)")
     p.add_argument("--sigma", type=positive(float), default=DEFAULT_SIGMA,
                    help="decoder std sigma of Algorithm 7 (recon = ||x - x_hat||^2 / (2 sigma^2))")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the weights")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the weights, in [0, 1)")
+    p.add_argument("--eval-images", type=positive(int), default=512,
+                   help="held-out images for the final PSNR / KL report")
     return p.parse_args(argv)
 
 
+# Which flag sets each saved setting, for the --resume mismatch message ("" = the rest).
+RESUME_FLAGS = {"config.image_size": "--image-size", "beta": "--beta", "sigma": "--sigma",
+                "": "--preset"}
+
+
 def vae_config_from_args(args):
-    name = args.preset or (str(args.image_size) if args.image_size in (32, 64) else "large")
-    try:
-        cfg = vae_preset(name, image_size=args.image_size)
-    except (KeyError, ValueError) as e:
-        raise UserError(f"--preset {name}: {e}")
-    if args.image_size % cfg.factor:
-        raise UserError(f"--image-size {args.image_size} is not divisible by the VAE's "
-                        f"downsampling factor {cfg.factor}; use a multiple of {cfg.factor}")
-    return cfg
+    """The VAE preset named by --preset (or by --image-size), at --image-size."""
+    size = args.image_size
+    name = args.preset or ("32" if size <= 32 else "64" if size <= 64 else "large")
+    if name not in VAE_PRESETS:
+        raise UserError(f"--preset {name}: unknown VAE preset; choose from {sorted(VAE_PRESETS)}")
+    factor = VAE_PRESETS[name].factor
+    if size % factor:
+        raise UserError(f"--image-size {size} is not divisible by the downsampling factor {factor} "
+                        f"of VAE preset {name}; use a multiple of {factor}")
+    return vae_preset(name, image_size=size)
 
 
 def batches(images, batch_size, generator=None):
@@ -387,16 +493,20 @@ def encode_means(vae, images, device, batch_size=256, dtype=None):
 
 
 @torch.no_grad()
-def evaluate_vae(vae, test, device):
-    """Held-out PSNR (dB, images on [0, 1]) and KL nats per latent dim."""
-    x = data_lib.to_model_range(test.images[:512].to(device))
-    mu, logvar = vae.encode(x)
-    x_hat = vae.decode(mu).clamp(-1, 1)
-    mse = ((x_hat - x) / 2).pow(2).flatten(1).mean(1)          # on [0, 1]
-    psnr = (10 * torch.log10(1.0 / mse.clamp(min=1e-12))).mean().item()
+def evaluate_vae(vae, test, device, n=512, batch_size=64):
+    """Held-out PSNR (dB, images on [0, 1]) and KL nats per latent dim over the first n test
+    images, in batches; also returns the first batch's originals x and reconstructions x_hat."""
     from kl import kl_to_standard_normal
-    kl_per_dim = (kl_to_standard_normal(mu, logvar) / mu[0].numel()).mean().item()
-    return psnr, kl_per_dim, x, x_hat
+    psnrs, kls, first = [], [], None
+    for i in range(0, min(n, len(test)), batch_size):
+        x = data_lib.to_model_range(test.images[i:min(i + batch_size, n)].to(device))
+        mu, logvar = vae.encode(x)
+        x_hat = vae.decode(mu).clamp(-1, 1)
+        mse = ((x_hat - x) / 2).pow(2).flatten(1).mean(1)      # on [0, 1]
+        psnrs.append(10 * torch.log10(1.0 / mse.clamp(min=1e-12)))
+        kls.append(kl_to_standard_normal(mu, logvar) / mu[0].numel())
+        first = first or (x, x_hat)
+    return torch.cat(psnrs).mean().item(), torch.cat(kls).mean().item(), *first
 
 
 def main(argv=None):
@@ -409,6 +519,8 @@ def main(argv=None):
     args.lr = args.lr or d["lr"]
     if args.beta < 0:
         raise UserError(f"--beta {args.beta}: must be >= 0")
+    if not 0 <= args.ema_decay < 1:
+        raise UserError(f"--ema-decay {args.ema_decay}: must be in [0, 1), e.g. 0.999")
     train_vae(args, device)
     return 0
 
@@ -420,6 +532,8 @@ def train_vae(args, device):
     out = prepare_out(args.out)
     ckpt_path = out / "ckpt.pt"
     amp = pick_amp(args.amp, device)
+    settings = {"config": dataclasses.asdict(cfg), "beta": args.beta, "sigma": args.sigma}
+    resume = _resumable(ckpt_path, settings) if args.resume else None   # fail before the work
 
     train = data_lib.load_dataset(args.data, args.image_size, "train", n_builtin=args.n_builtin,
                                   seed=args.seed)
@@ -432,20 +546,15 @@ def train_vae(args, device):
     ema = EMA(model, args.ema_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     step = 0
-    settings = {"config": dataclasses.asdict(cfg), "beta": args.beta, "sigma": args.sigma}
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path, "vae", flag="--resume")
-        saved = {"config": ckpt["config"], "beta": ckpt["beta"], "sigma": ckpt["sigma"]}
-        diff = config_mismatch(_flatten(saved), _flatten(settings))
-        if diff:
-            raise UserError(f"--resume {ckpt_path}: settings differ ({diff}); use the same flags "
-                            f"or another --out")
-        model.load_state_dict(ckpt["model"])
-        ema.model.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        ema.model.load_state_dict(resume["ema"])
+        opt.load_state_dict(resume["optimizer"])
+        for group in opt.param_groups:                         # --lr applies to a resumed run too
+            group["lr"] = args.lr
+        scaler.load_state_dict(resume["scaler"])
+        set_rng_state(resume["rng"])
+        step = resume["step"]
         print(f"resumed {ckpt_path} at step {step}")
 
     print(f"VAE {cfg.image_size}px -> {cfg.latent_channels}x{cfg.latent_size}x{cfg.latent_size} "
@@ -473,7 +582,7 @@ def train_vae(args, device):
                     x_hat, mu, logvar = train_model(x)
                 total, recon, kl = vae_loss(x, x_hat, mu, logvar, args.beta, args.sigma)
                 scaler.scale(total).backward()
-            except RuntimeError as e:
+            except (RuntimeError, MemoryError) as e:
                 if is_oom(e):
                     raise oom_error(args.batch_size)
                 raise
@@ -492,16 +601,16 @@ def train_vae(args, device):
                 progress.report(step, terms)
                 sums.zero_()
             if step % args.ckpt_every == 0 and step < args.steps:
-                check_finite(sums.sum(), step, ckpt_path)
+                check_finite(sums.sum(), step, ckpt_path, model)
                 save_checkpoint(ckpt_path, checkpoint())
     finally:
         stopper.restore()
-    check_finite(sums.sum(), step, ckpt_path)
+    check_finite(sums.sum(), step, ckpt_path, model)
 
     if stopper.stop:
         save_checkpoint(ckpt_path, checkpoint())
         print(f"saved {ckpt_path} at step {step}; resume with: python train_vae.py --resume "
-              f"--out {args.out} (plus your other flags)")
+              f"--out {args.out} (plus your other flags)", file=sys.stderr)
         sys.exit(130)
 
     # Recipe step 2: statistics of the encoder means, with the EMA weights used for encoding.
@@ -511,7 +620,7 @@ def train_vae(args, device):
     model.set_latent_stats(mean, std)
     save_checkpoint(ckpt_path, checkpoint())
 
-    psnr, kl_per_dim, x, x_hat = evaluate_vae(ema.model, test, device)
+    psnr, kl_per_dim, x, x_hat = evaluate_vae(ema.model, test, device, n=args.eval_images)
     data_lib.save_grid(out / "recon.png", torch.cat([x[:8], x_hat[:8]]), nrow=8)
     print(f"held-out PSNR {psnr:.2f} dB | KL {kl_per_dim:.3f} nats/dim | latent mean "
           f"{[round(v, 3) for v in mean.tolist()]} std {[round(v, 3) for v in std.tolist()]}")
@@ -520,6 +629,17 @@ def train_vae(args, device):
         f.write(json.dumps({"step": step, "heldout_psnr": psnr, "kl_nats_per_dim": kl_per_dim,
                             "latent_mean": mean.tolist(), "latent_std": std.tolist()}) + "\n")
     return ckpt_path
+
+
+def _resumable(ckpt_path, settings):
+    """The checkpoint to resume, after checking it was trained with the same settings."""
+    ckpt = load_checkpoint(ckpt_path, "vae", flag="--resume")
+    saved = {key: ckpt.get(key) for key in settings}
+    diff = config_mismatch(_flatten(saved), _flatten(settings), RESUME_FLAGS)
+    if diff:
+        raise UserError(f"--resume {ckpt_path}: settings differ ({diff}); use the same flags "
+                        f"or another --out")
+    return ckpt
 
 
 def _flatten(d, prefix=""):
@@ -535,8 +655,12 @@ def _flatten(d, prefix=""):
 def load_vae(path, device, flag="--vae"):
     """The EMA VAE of a checkpoint (with its latent statistics), in eval mode on `device`."""
     ckpt = load_checkpoint(path, "vae", flag=flag)
-    vae = VAE(VAEConfig.from_dict(ckpt["config"]))
-    vae.load_state_dict(ckpt["ema"])
+    try:
+        vae = VAE(VAEConfig.from_dict(ckpt["config"]))
+        vae.load_state_dict(ckpt["ema"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{flag} {path}: damaged checkpoint: its weights do not fit its "
+                        f"configuration ({type(e).__name__}); use another file or retrain")
     return vae.to(device).eval().requires_grad_(False), ckpt
 
 

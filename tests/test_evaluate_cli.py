@@ -5,7 +5,6 @@ and the "tiny" DiT preset shrunk for the duration (the real tiny DiT, 9M paramet
 minutes on 2 CPU cores), so the checkpoints have exactly the format the scripts write."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import train_flow  # noqa: E402
 import train_vae  # noqa: E402
 import vae as vae_lib  # noqa: E402
 
-FAST = ["--feature-steps", "10", "--device", "cpu"]
+FAST = ["--feature-steps", "2", "--n-builtin", "64", "--device", "cpu"]  # a barely trained CNN
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +103,7 @@ def test_class_folder_reports_class_accuracy_beside_its_classifier_accuracy(ckpt
     _write_folder(root, {"red": (220, 30, 30), "blue": (30, 30, 220)}, per_class=20)
     out = ckpts["tmp"] / "classes.json"
     ev.main(["--ckpt", str(ckpts["flow"]), "--data", str(root), "--n", "8", "--cfg", "1",
-             "--steps", "1", "--json", str(out)] + FAST)
+             "--steps", "1", "--json", str(out)] + FAST + ["--feature-steps", "10"])
     r = json.loads(out.read_text())
     assert r["prompt_accuracy"].startswith("a classifier of the 2 classes")
     assert 0.0 <= r["settings"][0]["class_acc"] <= 1.0
@@ -152,18 +151,18 @@ def test_prompt_accuracy_is_one_on_real_images_and_lower_on_shuffled_pairs():
 
 
 def test_real_vs_real_floor_is_smaller_than_real_vs_noise():
-    train = data_lib.load_dataset(None, 32, "train", n_builtin=256, seed=0)
-    test = data_lib.load_dataset(None, 32, "test", n_builtin=256, seed=0)
-    task = ev.prompt_task(None, train)
-    features = ev.train_feature_net(*ev.feature_task(train, task), steps=20)
+    test = data_lib.load_dataset(None, 32, "test", n_builtin=64, seed=0)
+    torch.manual_seed(0)
+    features = ev.TrainedFeatureNet(ev.FeatureNet(40).eval())  # untrained: cheap, still telling
     real_a, real_b = ev.real_sets(None, test, 64, 32, seed=0)
     assert len(real_a) == len(real_b) == 64
     assert not set(real_a.captions) & set(real_b.captions) or \
         not any(torch.equal(a, b) for a in real_a.images for b in real_b.images)  # disjoint
     noise = torch.randint(0, 256, (64, 3, 32, 32), generator=torch.Generator().manual_seed(0),
                           dtype=torch.uint8)
-    m = ev.distribution_metrics(features(real_a.images), features(noise), features(real_b.images))
-    assert m["floor_fd"] < m["fd"] / 5
+    m = ev.distribution_metrics(features(real_a.images), features(noise), features(real_b.images),
+                                kid_subsets=10)
+    assert m["floor_fd"] < m["fd"] / 2
     assert m["floor_kid"] < m["kid"]
 
 
@@ -193,3 +192,19 @@ def test_builtin_feature_labels_are_shape_times_8_plus_colour_of_leftmost_object
     for a, y in zip(real.attributes, labels.tolist()):
         first = a["objects"][0]
         assert y == data_lib.SHAPES.index(first["shape"]) * 8 + list(data_lib.COLORS).index(first["color"])
+
+
+def test_with_inception_features_are_inceptions_and_class_folders_still_get_a_classifier(
+        monkeypatch):
+    fake = ev.FeatureExtractor("inception-fake", lambda x: x.float().mean(dim=(2, 3)))
+    monkeypatch.setattr(ev, "load_inception", lambda path, device: fake)
+    colours = torch.tensor([[220, 30, 30], [30, 30, 220]], dtype=torch.uint8)
+    images = data_lib.ImageSet(colours[torch.arange(16) % 2][:, :, None, None].expand(-1, -1, 16, 16)
+                               .contiguous(), ["red", "blue"] * 8)
+    args = ev.parse_args(["--feature-steps", "1"])
+    task = ev.prompt_task("folder", images)
+    features, classifier = ev.pick_features(args, images, images, task, "cpu")
+    assert features is fake
+    assert classifier is not None and classifier.test_accuracy is not None
+    plain = data_lib.ImageSet(images.images, [""] * 16)
+    assert ev.pick_features(args, plain, plain, ev.prompt_task("folder", plain), "cpu") == (fake, None)
