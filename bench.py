@@ -196,9 +196,16 @@ def training_step(loss_fn, device, amp, opt=None):
     return step
 
 
+def dit_cfg(args):
+    """The preset at --latent-size, with any --dim/--depth/--heads overrides."""
+    sizes = {k: getattr(args, k) for k in ("dim", "depth", "heads") if getattr(args, k)}
+    return dit_config(args.preset, input_size=args.latent_size, max_prompt_len=MAX_PROMPT_LEN,
+                      **sizes)
+
+
 def bench_dit(args, device, compile_, amp):
     """DiT training step on (B, 4, h, w) latents with prompt tokens."""
-    cfg = dit_config(args.preset, input_size=args.latent_size, max_prompt_len=MAX_PROMPT_LEN)
+    cfg = dit_cfg(args)
     model = DiT(cfg).to(device)
     z = torch.randn(args.batch, cfg.in_channels, cfg.height, cfg.width, device=device)
     tokens = prompt_tokens(args.batch, device)
@@ -227,7 +234,7 @@ def bench_vae(args, device, compile_, amp):
 
 def bench_sample(args, device, compile_, amp):
     """--steps Euler steps with CFG: each step one forward of 2B through the (compiled) DiT."""
-    cfg = dit_config(args.preset, input_size=args.latent_size, max_prompt_len=MAX_PROMPT_LEN)
+    cfg = dit_cfg(args)
     model = DiT(cfg).to(device).eval().requires_grad_(False)
     noise = torch.randn(args.batch, cfg.in_channels, cfg.height, cfg.width, device=device)
     tokens = prompt_tokens(args.batch, device)
@@ -321,6 +328,10 @@ def parse_args(argv=None):
                    default="dit", help="what to measure; peak = matmul GFLOP/s and copy GB/s "
                                        "only; all = every one. Default: dit")
     p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="DiT preset. Default: tiny")
+    p.add_argument("--dim", type=positive(int), default=None,
+                   help="override the preset's width (e.g. 384 with --depth 6 --heads 6)")
+    p.add_argument("--depth", type=positive(int), default=None, help="override the preset's depth")
+    p.add_argument("--heads", type=positive(int), default=None, help="override the preset's heads")
     p.add_argument("--batch", type=positive(int), default=None,
                    help="images per step (attention: its B). Default: 16 on CPU, 64 on CUDA")
     p.add_argument("--latent-size", type=positive(int), default=8,

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 import data as data_lib
 from kl import kl_to_standard_normal
 from sample import generate, load_flow
-from train_vae import UserError, load_vae, pick_amp, pick_device, positive, run_main
+from train_vae import HelpFormatter, UserError, load_vae, pick_amp, pick_device, positive, run_main
 from vae import latent_stats
 
 # -----------------------------------------------------------------------------
@@ -91,7 +91,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0,
     B, C, H, W = x.shape
     size = min(window, H, W)
     size -= 1 - size % 2  # keep it odd
-    w = _gaussian_window(size, sigma).expand(C, 1, size, size)  # (C, 1, k, k), one per channel
+    w = _gaussian_window(size, sigma).to(x.device).expand(C, 1, size, size)  # (C, 1, k, k), one per channel
     x, y = x.double(), y.double()
 
     def filt(z):  # depthwise Gaussian average, (B, C, H, W) -> (B, C, H-k+1, W-k+1)
@@ -469,7 +469,7 @@ def parse_args(argv=None):
         description="Evaluate a latent flow model: prompt accuracy and distribution distance "
                     "(beside the real-vs-real floor) for each (cfg, steps) setting, plus the "
                     "VAE's held-out reconstruction quality. Prints a table; --json writes JSON.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default=None,
                    help=f"flow checkpoint from train_flow.py. None: {DEFAULT_CKPT}, unless --vae "
                         f"is given alone (then only the VAE is evaluated)")

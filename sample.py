@@ -21,13 +21,20 @@ Offers:
     load_flow(path, device)                     EMA DiT + matching VAE from a flow checkpoint
     main()                                      the command line (python sample.py --help)
 """
+import argparse
 import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+import data as data_lib
+from dit import DiT, DiTConfig
+from embeddings import prompt_is_truncated, tokenize
 from flow import null_tokens_like
+from train_vae import (HelpFormatter, UserError, load_checkpoint, load_vae, maybe_compile,
+                       pick_amp, pick_device, positive, prepare_out, run_main, seed_value)
 
 
 def euler_sample(u, x, steps):
@@ -78,8 +85,6 @@ def generate(model, vae, prompts, steps=50, cfg_scale=4.0, seed=0, batch_size=64
     model: the DiT (EMA weights; may be torch.compile'd), vae: the VAE whose latent statistics the
     model was trained with. The noise of image i depends only on (seed, i): same seed, same image.
     """
-    import data as data_lib                               # (local: keeps the sampler import-light)
-    from embeddings import tokenize
     cfg = getattr(model, "_orig_mod", model).config
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -100,8 +105,6 @@ def generate(model, vae, prompts, steps=50, cfg_scale=4.0, seed=0, batch_size=64
 def load_flow(path, device, vae_path=None, flag="--ckpt"):
     """(EMA DiT, VAE, checkpoint) from a flow checkpoint; the VAE is the one it names (or
     vae_path), and must match the latent shape and statistics the flow model was trained on."""
-    from dit import DiT, DiTConfig
-    from train_vae import UserError, load_checkpoint, load_vae
     ckpt = load_checkpoint(path, "flow", flag=flag)
     try:
         info, image_size = ckpt["vae"], ckpt["image_size"]
@@ -139,12 +142,10 @@ def _vae_mismatch(vae, cfg, image_size, info):
 
 
 def parse_args(argv=None):
-    import argparse
-    from train_vae import positive, seed_value
     p = argparse.ArgumentParser(
         description="Sample a grid of images from a trained flow model (Euler + classifier-free "
                     "guidance), one row per prompt.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default="runs/flow/ckpt.pt", help="flow checkpoint from train_flow.py")
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt (repeat for several rows; \"\" = unconditional). "
@@ -165,8 +166,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    import data as data_lib
-    from train_vae import UserError, maybe_compile, pick_amp, pick_device
     args = parse_args(argv)
     device = pick_device(args.device)                # flag mistakes first, before any loading
     amp = pick_amp(args.amp, device)
@@ -189,8 +188,6 @@ def main(argv=None):
 
 def _check_out(out):
     """--out must name an image file (by its extension) in a writable folder."""
-    from PIL import Image
-    from train_vae import UserError, prepare_out
     if out.suffix.lower() not in Image.registered_extensions():
         raise UserError(f"--out {out}: not an image file name; use e.g. samples.png")
     prepare_out(out.parent)
@@ -199,7 +196,6 @@ def _check_out(out):
 
 def _check_prompts(prompts):
     """Every prompt must be text (a byte that is not UTF-8 arrives as a lone surrogate)."""
-    from train_vae import UserError
     for prompt in prompts:
         try:
             prompt.encode("utf-8")
@@ -210,7 +206,6 @@ def _check_prompts(prompts):
 
 def _warn_truncated(prompts, max_len):
     """One warning line per prompt longer than the model reads (tokenize truncates it)."""
-    from embeddings import prompt_is_truncated
     for prompt in prompts:
         if prompt_is_truncated(prompt, max_len):
             print(f"warning: prompt {prompt[:40]!r}... is longer than the model's "
@@ -218,5 +213,4 @@ def _warn_truncated(prompts, max_len):
 
 
 if __name__ == "__main__":
-    from train_vae import run_main
     sys.exit(run_main(main))

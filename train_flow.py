@@ -37,13 +37,13 @@ from dit import DiT, PRESETS, count_parameters, dit_config
 from embeddings import tokenize
 from flow import flow_matching_loss
 from sample import generate
-from train_vae import (EMA, FORMAT, FORMAT_VERSION, Progress, StopFlag, UserError, autocast,
+from train_vae import (EMA, by_device, FORMAT, FORMAT_VERSION, Progress, StopFlag, UserError, autocast,
                        check_finite, config_mismatch, is_oom, load_checkpoint, load_vae,
                        maybe_compile, oom_error, pick_amp, pick_device, prepare_out, rng_state,
                        save_checkpoint, set_rng_state, setup_backends)
 
 DEFAULT_VAE = "runs/vae/ckpt.pt"
-DEFAULTS = {"cpu": {"steps": 3000, "batch_size": 64, "lr": 5e-4, "preset": "tiny", "ema": 0.999},
+DEFAULTS = {"cpu": {"steps": 2000, "batch_size": 64, "lr": 5e-4, "preset": "tiny", "ema": 0.995},
             "cuda": {"steps": 50000, "batch_size": 256, "lr": 1e-4, "preset": "B", "ema": 0.9999}}
 N_SAMPLE_PROMPTS = 8
 # Which flag sets each DiT config field, for the --resume mismatch message ("" = the rest).
@@ -55,20 +55,20 @@ RESUME_FLAGS = {"patch_size": "--patch-size", "input_size": "--image-size or the
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train a DiT flow model (CondOT flow matching, CFG) in a VAE's latent space.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train_vae.add_common_flags(p, "runs/flow", "3000 on CPU, 50000 on CUDA",
-                               "64 on CPU, 256 on CUDA (global, split over ranks)",
-                               "5e-4 on CPU, 1e-4 on CUDA")
+        formatter_class=train_vae.HelpFormatter)
+    train_vae.add_common_flags(p, "runs/flow", by_device(DEFAULTS, "steps"),
+                               by_device(DEFAULTS, "batch_size") + " (global, split over ranks)",
+                               by_device(DEFAULTS, "lr"))
     p.add_argument("--vae", default=None,
                    help=f"VAE checkpoint from train_vae.py. Default: {DEFAULT_VAE}, trained first "
                         f"(with train_vae.py's defaults) when it does not exist")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="DiT size. Default: tiny on CPU, B on CUDA")
+                   help=f"DiT size. Default: {by_device(DEFAULTS, 'preset')}")
     p.add_argument("--patch-size", type=train_vae.positive(int), default=2,
                    help="DiT patch size p on the latent grid")
     p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
     p.add_argument("--ema-decay", type=float, default=None,
-                   help="EMA decay of the weights (with warm-up). Default: 0.999 on CPU, 0.9999 on CUDA")
+                   help=f"EMA decay of the weights (with warm-up). Default: {by_device(DEFAULTS, 'ema')}")
     p.add_argument("--p-uncond", type=float, default=0.1,
                    help="probability of replacing a sample's prompt by the empty prompt (for CFG)")
     p.add_argument("--t-dist", choices=["uniform", "logit_normal"], default="uniform",

@@ -71,6 +71,16 @@ def run_main(main_fn):
         return 130
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse help that ends each flag's text with its default, unless the text gives it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "Default" in text or any(action.default is d for d in (None, False, argparse.SUPPRESS)):
+            return text
+        return f"{text}. Default: %(default)s"
+
+
 def positive(kind, allow_zero=False):
     """argparse type: a finite int or float > 0 (>= 0 with allow_zero)."""
     bound = ">= 0" if allow_zero else "> 0"
@@ -431,16 +441,21 @@ def prepare_out(out):
 # =============================================================================================
 # VAE training
 
-DEFAULTS = {"cpu": {"steps": 2500, "batch_size": 32, "lr": 1e-3},
+DEFAULTS = {"cpu": {"steps": 1500, "batch_size": 32, "lr": 1e-3},
             "cuda": {"steps": 20000, "batch_size": 128, "lr": 4e-4}}
+
+
+def by_device(defaults, key):
+    """'X on CPU, Y on CUDA' for --help, read from a DEFAULTS dict so the text stays true."""
+    return f"{defaults['cpu'][key]} on CPU, {defaults['cuda'][key]} on CUDA"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train the beta-VAE of Algorithm 7 (Lecture 04) and compute latent statistics.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_common_flags(p, "runs/vae", "2500 on CPU, 20000 on CUDA", "32 on CPU, 128 on CUDA",
-                     "1e-3 on CPU, 4e-4 on CUDA")
+        formatter_class=HelpFormatter)
+    add_common_flags(p, "runs/vae", by_device(DEFAULTS, "steps"), by_device(DEFAULTS, "batch_size"),
+                     by_device(DEFAULTS, "lr"))
     p.add_argument("--preset", default=None,
                    help="VAE size: '32', '64' or 'large'. Default: the preset named by --image-size "
                         "('32' up to 32 px, '64' up to 64 px), 'large' above 64 px")
