@@ -232,7 +232,9 @@ def distribution_metrics(real_feats: torch.Tensor, fake_feats: torch.Tensor,
     get at this sample count (FD is biased upwards at small N)."""
 
     def metrics(a, b):
-        kid_mean, kid_std = kid(a, b, kid_subsets, kid_subset_size, seed)
+        # Subsets of at most half the set, so they differ and the std over subsets means something.
+        size = max(2, min(kid_subset_size, len(a) // 2, len(b) // 2))
+        kid_mean, kid_std = kid(a, b, kid_subsets, size, seed)
         precision, recall = precision_recall(a, b, k)
         return {"fd": frechet_distance(a, b), "kid": kid_mean, "kid_std": kid_std,
                 "precision": precision, "recall": recall}

@@ -43,7 +43,7 @@ from train_vae import (EMA, by_device, FORMAT, FORMAT_VERSION, Progress, StopFla
                        save_checkpoint, set_rng_state, setup_backends)
 
 DEFAULT_VAE = "runs/vae/ckpt.pt"
-DEFAULTS = {"cpu": {"steps": 2000, "batch_size": 64, "lr": 5e-4, "preset": "tiny", "ema": 0.995},
+DEFAULTS = {"cpu": {"steps": 1900, "batch_size": 64, "lr": 5e-4, "preset": "tiny", "ema": 0.995},
             "cuda": {"steps": 50000, "batch_size": 256, "lr": 1e-4, "preset": "B", "ema": 0.9999}}
 N_SAMPLE_PROMPTS = 8
 # Which flag sets each DiT config field, for the --resume mismatch message ("" = the rest).
@@ -216,6 +216,10 @@ def train(args, rank, world, device):
                         f"{vcfg.factor * args.patch_size}")
     train_set = data_lib.load_dataset(args.data, args.image_size, "train",
                                       n_builtin=args.n_builtin, seed=args.seed)
+    if rank == 0 and vae_ckpt.get("data") != train_set.name:
+        print(f"warning: the VAE {vae_path} was trained on {vae_ckpt.get('data')}, this run uses "
+              f"{train_set.name}; pass --vae with a VAE trained on these images if the samples "
+              f"look wrong", file=sys.stderr)
     vae_sha1 = file_sha1(vae_path)
     longest = max(len(c.encode("utf-8")) for c in train_set.captions) + 1   # + BOS
     max_len = min(256, -(-longest // 8) * 8)                     # fit the data, multiple of 8

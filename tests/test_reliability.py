@@ -446,9 +446,9 @@ def test_ctrl_c_before_the_training_loop_exits_130_without_traceback(cli, monkey
 
 @pytest.mark.slow
 def test_long_tiny_run_does_not_grow_in_memory(tmp_path):
-    steps = 450
+    steps = 1500
     proc = start("train_vae.py", "--out", tmp_path, "--image-size", 16, "--batch-size", 2,
-                 "--n-builtin", 64, "--steps", steps, "--log-every", 25, "--ckpt-every", 150,
+                 "--n-builtin", 64, "--steps", steps, "--log-every", 50, "--ckpt-every", 500,
                  "--eval-images", 8, *CPU)
     wait_for_step(proc, steps // 3)
     early = vm_rss_mb(proc.pid)
