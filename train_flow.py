@@ -37,10 +37,10 @@ from dit import DiT, PRESETS, count_parameters, dit_config
 from embeddings import tokenize
 from flow import flow_matching_loss
 from sample import generate
-from train_vae import (EMA, by_device, FORMAT, FORMAT_VERSION, Progress, StopFlag, UserError, autocast,
-                       check_finite, config_mismatch, is_oom, load_checkpoint, load_vae,
-                       maybe_compile, oom_error, pick_amp, pick_device, prepare_out, rng_state,
-                       save_checkpoint, set_rng_state, setup_backends)
+from train_vae import (EMA, FORMAT, FORMAT_VERSION, Progress, StopFlag, UserError, autocast,
+                       by_device, check_finite, config_mismatch, is_oom, load_checkpoint, load_vae,
+                       maybe_compile, oom_error, pick_amp, pick_device, prepare_out,
+                       restore_training, rng_state, save_checkpoint, setup_backends)
 
 DEFAULT_VAE = "runs/vae/ckpt.pt"
 DEFAULTS = {"cpu": {"steps": 1900, "batch_size": 64, "lr": 5e-4, "preset": "tiny", "ema": 0.995},
@@ -249,12 +249,7 @@ def train(args, rank, world, device):
     step = 0
     prompts = sample_prompts(train_set)
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        ema.model.load_state_dict(resume["ema"])
-        opt.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
-        set_rng_state(resume["rng"][rank])
-        step = resume["step"]
+        step = restore_training(resume, model, ema, opt, scaler, resume["rng"][rank])
         if rank == 0:
             print(f"resumed {ckpt_path} at step {step}")
     else:

@@ -256,6 +256,17 @@ class EMA:
         torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1 - d)
 
 
+def restore_training(ckpt, model, ema, opt, scaler, rng):
+    """Load model, EMA, optimizer and GradScaler state and this process's RNG state from a
+    checkpoint written by either training script; returns the step to continue from."""
+    model.load_state_dict(ckpt["model"])
+    ema.model.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(rng)
+    return ckpt["step"]
+
+
 def rng_state():
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -511,14 +522,14 @@ def encode_means(vae, images, device, batch_size=256, dtype=None):
 def evaluate_vae(vae, test, device, n=512, batch_size=64):
     """Held-out PSNR (dB, images on [0, 1]) and KL nats per latent dim over the first n test
     images, in batches; also returns the first batch's originals x and reconstructions x_hat."""
+    from evaluate import psnr          # (local: evaluate.py imports this file)
     from kl import kl_to_standard_normal
     psnrs, kls, first = [], [], None
     for i in range(0, min(n, len(test)), batch_size):
         x = data_lib.to_model_range(test.images[i:min(i + batch_size, n)].to(device))
         mu, logvar = vae.encode(x)
         x_hat = vae.decode(mu).clamp(-1, 1)
-        mse = ((x_hat - x) / 2).pow(2).flatten(1).mean(1)      # on [0, 1]
-        psnrs.append(10 * torch.log10(1.0 / mse.clamp(min=1e-12)))
+        psnrs.append(psnr((x + 1) / 2, (x_hat + 1) / 2))      # on [0, 1]
         kls.append(kl_to_standard_normal(mu, logvar) / mu[0].numel())
         first = first or (x, x_hat)
     return torch.cat(psnrs).mean().item(), torch.cat(kls).mean().item(), *first
@@ -562,14 +573,9 @@ def train_vae(args, device):
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     step = 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        ema.model.load_state_dict(resume["ema"])
-        opt.load_state_dict(resume["optimizer"])
+        step = restore_training(resume, model, ema, opt, scaler, resume["rng"])
         for group in opt.param_groups:                         # --lr applies to a resumed run too
             group["lr"] = args.lr
-        scaler.load_state_dict(resume["scaler"])
-        set_rng_state(resume["rng"])
-        step = resume["step"]
         print(f"resumed {ckpt_path} at step {step}")
 
     print(f"VAE {cfg.image_size}px -> {cfg.latent_channels}x{cfg.latent_size}x{cfg.latent_size} "
