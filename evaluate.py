@@ -38,7 +38,9 @@ Command line (python evaluate.py --help):
     python evaluate.py --vae runs/vae/ckpt.pt            # the VAE section only
 For every (cfg, steps) it samples n images prompted with n held-out captions and reports
 prompt accuracy, the distribution metrics beside the real-vs-real floor, and the VAE section
-(held-out PSNR, SSIM, KL nats per latent dim, latent mean/std, rFID), as a table and as JSON.
+(held-out PSNR, SSIM, KL nats per latent dim, latent mean/std, rFID and, for the built-in
+shapes, the prompt accuracy of the reconstructions: the generator's ceiling), as a table and
+as JSON.
     prompt_accuracy(images, attrs)       built-in shapes: attributes read back from the pixels
     prompt_task(data, train)             what prompt accuracy can mean for a dataset
     feature_task(images, task)           the labels the fallback feature net learns
@@ -537,8 +539,9 @@ def main(argv=None):
     if classifier is not None:
         results["classifier_test_acc"] = classifier.test_accuracy
     n_vae = min(args.n, len(test))
+    attrs = test.attributes[:n_vae] if task.kind == "attributes" else None
     results["vae"] = evaluate_vae_section(vae, test.images[:n_vae], features, device,
-                                          args.batch_size)
+                                          args.batch_size, attrs)
     print(f"VAE on {n_vae} held-out images done ({time.perf_counter() - t0:.1f}s elapsed)",
           flush=True)
     if model is not None:
@@ -765,10 +768,14 @@ def evaluate_settings(model, vae, real_a, real_b, features, task, classifier, ar
 
 
 @torch.no_grad()
-def evaluate_vae_section(vae, images, features, device, batch_size=250) -> dict:
+def evaluate_vae_section(vae, images, features, device, batch_size=250, attrs=None) -> dict:
     """Reconstruction quality of held-out uint8 images (N, 3, H, W), decoded from the encoder
     mean: mean PSNR and SSIM on [0, 1], KL(q(z|x) || N(0, I)) in nats per latent dim, the
-    per-channel mean/std of the encoder means, and rFID = FD(features(x), features(x_hat))."""
+    per-channel mean/std of the encoder means, and rFID = FD(features(x), features(x_hat)).
+
+    With `attrs` (the built-in shapes' attribute dicts of `images`), also "recon_acc": the
+    prompt accuracy of the reconstructions. A generator decodes through this VAE, so this is
+    the ceiling of its prompt accuracy: detail the VAE loses, no flow model can put back."""
     psnrs, ssims, kls, mus, recons = [], [], [], [], []
     for i in range(0, len(images), batch_size):
         x = data_lib.to_model_range(images[i:i + batch_size].to(device))  # (b, 3, H, W) in [-1, 1]
@@ -780,11 +787,15 @@ def evaluate_vae_section(vae, images, features, device, batch_size=250) -> dict:
         mus.append(mu.float().cpu())
         recons.append(data_lib.from_model_range(x_hat).cpu())
     mean, std = latent_stats(mus)
-    return {"psnr": float(torch.cat(psnrs).mean()), "ssim": float(torch.cat(ssims).mean()),
-            "kl_nats_per_dim": float(torch.cat(kls).mean()),
-            "latent_mean": mean.tolist(), "latent_std": std.tolist(),
-            "rfid": frechet_distance(features(images), features(torch.cat(recons))),
-            "n": len(images)}
+    recons = torch.cat(recons)                                           # (N, 3, H, W) uint8
+    section = {"psnr": float(torch.cat(psnrs).mean()), "ssim": float(torch.cat(ssims).mean()),
+               "kl_nats_per_dim": float(torch.cat(kls).mean()),
+               "latent_mean": mean.tolist(), "latent_std": std.tolist(),
+               "rfid": frechet_distance(features(images), features(recons)),
+               "n": len(images)}
+    if attrs is not None:
+        section["recon_acc"] = prompt_accuracy(recons, attrs)
+    return section
 
 
 # --- output ---
@@ -810,6 +821,9 @@ def report(results: dict) -> str:
               format_table([v], ["psnr", "ssim", "kl_nats_per_dim", "rfid"]),
               f"latent mean {[round(m, 3) for m in v['latent_mean']]} "
               f"std {[round(s, 3) for s in v['latent_std']]}"]
+    if "recon_acc" in v:
+        lines += ["prompt accuracy of the reconstructions (the ceiling for generated images)",
+                  format_table([v["recon_acc"]], list(v["recon_acc"]))]
     return "\n".join(lines)
 
 

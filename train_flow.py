@@ -11,7 +11,8 @@ Slide "Latent Diffusion Models (LDMs) - Recipe":
   3. Latent data: z_1..z_N, normalised per channel with the VAE's latent statistics.
   4. Latent diffusion model: a DiT trained with the CondOT flow matching loss (flow.py), with each
      prompt replaced by the empty prompt with probability 10% so that classifier-free guidance
-     works (Stable Diffusion 3's recipe).
+     works, and training times t drawn logit-normal (Stable Diffusion 3's recipe; the lecture's
+     uniform t with --t-dist uniform).
   5. Decoding: sample latents with the guided Euler sampler and decode them (sample.py); the run
      writes a grid of EMA samples for fixed prompts every few hundred steps.
 
@@ -43,7 +44,7 @@ from train_vae import (EMA, FORMAT, FORMAT_VERSION, Progress, StopFlag, UserErro
                        restore_training, rng_state, save_checkpoint, setup_backends)
 
 DEFAULT_VAE = "runs/vae/ckpt.pt"
-DEFAULTS = {"cpu": {"steps": 1900, "batch_size": 64, "lr": 5e-4, "preset": "tiny", "ema": 0.995},
+DEFAULTS = {"cpu": {"steps": 1500, "batch_size": 64, "lr": 5e-4, "preset": "tiny", "ema": 0.995},
             "cuda": {"steps": 50000, "batch_size": 256, "lr": 1e-4, "preset": "B", "ema": 0.9999}}
 N_SAMPLE_PROMPTS = 8
 # Which flag sets each DiT config field, for the --resume mismatch message ("" = the rest).
@@ -71,8 +72,10 @@ def parse_args(argv=None):
                    help=f"EMA decay of the weights (with warm-up). Default: {by_device(DEFAULTS, 'ema')}")
     p.add_argument("--p-uncond", type=float, default=0.1,
                    help="probability of replacing a sample's prompt by the empty prompt (for CFG)")
-    p.add_argument("--t-dist", choices=["uniform", "logit_normal"], default="uniform",
-                   help="distribution of training times t")
+    p.add_argument("--t-dist", choices=["uniform", "logit_normal"], default="logit_normal",
+                   help="distribution of training times t: uniform on [0, 1], or logit-normal "
+                        "(SD3's; more samples at intermediate t). On the built-in data and the "
+                        "CPU budget logit-normal lifts shape accuracy from 39%% to 54%% (README)")
     p.add_argument("--sample-every", type=train_vae.positive(int), default=1000,
                    help="steps between EMA sample grids samples_<step>.png (and one at the end)")
     p.add_argument("--sample-steps", type=train_vae.positive(int), default=50,

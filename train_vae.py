@@ -452,7 +452,7 @@ def prepare_out(out):
 # =============================================================================================
 # VAE training
 
-DEFAULTS = {"cpu": {"steps": 1200, "batch_size": 32, "lr": 1e-3},
+DEFAULTS = {"cpu": {"steps": 2000, "batch_size": 32, "lr": 1e-3},
             "cuda": {"steps": 20000, "batch_size": 128, "lr": 4e-4}}
 
 

@@ -84,6 +84,37 @@ def test_vae_only_cli_psnr_equals_independent_computation(ckpts):
     mse = ((x - x_hat) ** 2).flatten(1).mean(1)
     expected = float((10 * torch.log10(1 / mse)).mean())
     assert abs(r["vae"]["psnr"] - expected) < 1e-3
+    recons = data_lib.from_model_range(vae.decode(mu).clamp(-1, 1))
+    shape_hits = [data_lib.score_attributes(data_lib.read_attributes(img), a)["shape"]
+                  for img, a in zip(recons, _heldout(12).attributes)]
+    assert r["vae"]["recon_acc"]["shape_acc"] == pytest.approx(np.mean(shape_hits))
+
+
+class _BlurVAE(torch.nn.Module):
+    """A stand-in VAE: the latent is the image average-pooled k x k, decoded by nearest upsampling
+    (k = 1: a perfect autoencoder)."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def encode(self, x):
+        mu = torch.nn.functional.avg_pool2d(x, self.k)
+        return mu, torch.zeros_like(mu)
+
+    def decode(self, z):
+        return torch.nn.functional.interpolate(z, scale_factor=self.k, mode="nearest")
+
+
+def test_recon_accuracy_is_the_checkers_on_a_perfect_vae_and_drops_when_detail_is_lost():
+    held = _heldout(60)
+    flat = lambda x: x.float().flatten(1)  # noqa: E731  (features only feed rFID here)
+    perfect = ev.evaluate_vae_section(_BlurVAE(1), held.images, flat, "cpu", 25, held.attributes)
+    assert perfect["recon_acc"]["shape_acc"] == 1.0 and perfect["recon_acc"]["color_acc"] == 1.0
+    assert perfect["psnr"] == float("inf")
+    blurred = ev.evaluate_vae_section(_BlurVAE(4), held.images, flat, "cpu", 25, held.attributes)
+    assert blurred["recon_acc"]["shape_acc"] < 0.8  # 4x4 blocks: outlines are gone
+    assert "recon_acc" not in ev.evaluate_vae_section(_BlurVAE(1), held.images, flat, "cpu")
 
 
 def _write_folder(root, classes, per_class, sidecar=None):
