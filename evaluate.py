@@ -39,8 +39,8 @@ Command line (python evaluate.py --help):
 For every (cfg, steps) it samples n images prompted with n held-out captions and reports
 prompt accuracy, the distribution metrics beside the real-vs-real floor, and the VAE section
 (held-out PSNR, SSIM, KL nats per latent dim, latent mean/std, rFID and, for the built-in
-shapes, the prompt accuracy of the reconstructions: the generator's ceiling), as a table and
-as JSON.
+shapes, the prompt accuracy of the reconstructions: roughly the generator's ceiling), as a
+table and as JSON.
     prompt_accuracy(images, attrs)       built-in shapes: attributes read back from the pixels
     prompt_task(data, train)             what prompt accuracy can mean for a dataset
     feature_task(images, task)           the labels the fallback feature net learns
@@ -774,8 +774,9 @@ def evaluate_vae_section(vae, images, features, device, batch_size=250, attrs=No
     per-channel mean/std of the encoder means, and rFID = FD(features(x), features(x_hat)).
 
     With `attrs` (the built-in shapes' attribute dicts of `images`), also "recon_acc": the
-    prompt accuracy of the reconstructions. A generator decodes through this VAE, so this is
-    the ceiling of its prompt accuracy: detail the VAE loses, no flow model can put back."""
+    prompt accuracy of the reconstructions. The flow model learns the distribution of these
+    encoder means and the same decoder draws its samples, so this is roughly the ceiling of its
+    prompt accuracy (not a strict bound: a generated latent can decode sharper than any mean)."""
     psnrs, ssims, kls, mus, recons = [], [], [], [], []
     for i in range(0, len(images), batch_size):
         x = data_lib.to_model_range(images[i:i + batch_size].to(device))  # (b, 3, H, W) in [-1, 1]
@@ -822,7 +823,7 @@ def report(results: dict) -> str:
               f"latent mean {[round(m, 3) for m in v['latent_mean']]} "
               f"std {[round(s, 3) for s in v['latent_std']]}"]
     if "recon_acc" in v:
-        lines += ["prompt accuracy of the reconstructions (the ceiling for generated images)",
+        lines += ["prompt accuracy of the reconstructions (roughly the ceiling for generated images)",
                   format_table([v["recon_acc"]], list(v["recon_acc"]))]
     return "\n".join(lines)
 

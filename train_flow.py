@@ -74,8 +74,9 @@ def parse_args(argv=None):
                    help="probability of replacing a sample's prompt by the empty prompt (for CFG)")
     p.add_argument("--t-dist", choices=["uniform", "logit_normal"], default="logit_normal",
                    help="distribution of training times t: uniform on [0, 1], or logit-normal "
-                        "(SD3's; more samples at intermediate t). On the built-in data and the "
-                        "CPU budget logit-normal lifts shape accuracy from 39%% to 54%% (README)")
+                        "(SD3's; more samples at intermediate t), which gave clearly higher shape "
+                        "accuracy on the built-in data at the CPU budget (README, 'What limits "
+                        "shape accuracy')")
     p.add_argument("--sample-every", type=train_vae.positive(int), default=1000,
                    help="steps between EMA sample grids samples_<step>.png (and one at the end)")
     p.add_argument("--sample-steps", type=train_vae.positive(int), default=50,
