@@ -539,16 +539,22 @@ def main(argv=None):
     if classifier is not None:
         results["classifier_test_acc"] = classifier.test_accuracy
     n_vae = min(args.n, len(test))
+    vae_images = test.images[:n_vae]
     attrs = test.attributes[:n_vae] if task.kind == "attributes" else None
-    results["vae"] = evaluate_vae_section(vae, test.images[:n_vae], features, device,
-                                          args.batch_size, attrs)
+    vae_feats = real_a = None
+    if model is not None:
+        real_a, real_b = real_sets(source.data, test, args.n, source.image_size, source.seed)
+        real_feats = features(real_a.images)
+        if torch.equal(real_a.images, vae_images):  # built-in data: the same held-out images
+            vae_feats = real_feats
+    results["vae"] = evaluate_vae_section(vae, vae_images, features, device, args.batch_size,
+                                          attrs, vae_feats)
     print(f"VAE on {n_vae} held-out images done ({time.perf_counter() - t0:.1f}s elapsed)",
           flush=True)
     if model is not None:
-        real_a, real_b = real_sets(source.data, test, args.n, source.image_size, source.seed)
         results["n"] = len(real_a)
-        results["settings"] = evaluate_settings(model, vae, real_a, real_b, features, task,
-                                                classifier, args, device, t0)
+        results["settings"] = evaluate_settings(model, vae, real_a, real_b, real_feats, features,
+                                                task, classifier, args, device, t0)
     print(report(results))
     if args.json is not None:
         write_json(args.json, results)
@@ -740,13 +746,12 @@ def _accuracy_note(features):
 # --- the sections ---
 
 
-def evaluate_settings(model, vae, real_a, real_b, features, task, classifier, args, device,
-                      t0) -> list[dict]:
+def evaluate_settings(model, vae, real_a, real_b, real_feats, features, task, classifier, args,
+                      device, t0) -> list[dict]:
     """One dict per (cfg, steps): prompt accuracy, distribution metrics of the samples against
-    real_a beside the floor FD(real_a, real_b), and the seconds it took. The samples are
-    prompted with real_a's captions, so both sets have the same captions."""
+    real_a (whose features are real_feats) beside the floor FD(real_a, real_b), and the seconds
+    it took. The samples are prompted with real_a's captions, so both sets have the same captions."""
     amp = pick_amp(args.amp, device)
-    real_feats = features(real_a.images)
     floor = distribution_metrics(real_feats, features(real_b.images), seed=args.seed)
     floor = {f"floor_{k}": v for k, v in floor.items() if not k.startswith("n_")}
     rows = []
@@ -768,10 +773,13 @@ def evaluate_settings(model, vae, real_a, real_b, features, task, classifier, ar
 
 
 @torch.no_grad()
-def evaluate_vae_section(vae, images, features, device, batch_size=250, attrs=None) -> dict:
+def evaluate_vae_section(vae, images, features, device, batch_size=250, attrs=None,
+                         image_feats=None) -> dict:
     """Reconstruction quality of held-out uint8 images (N, 3, H, W), decoded from the encoder
     mean: mean PSNR and SSIM on [0, 1], KL(q(z|x) || N(0, I)) in nats per latent dim, the
-    per-channel mean/std of the encoder means, and rFID = FD(features(x), features(x_hat)).
+    per-channel mean/std of the encoder means, and (unless features is None) rFID =
+    FD(features(x), features(x_hat)), with features(x) taken from `image_feats` when the caller
+    has them already.
 
     With `attrs` (the built-in shapes' attribute dicts of `images`), also "recon_acc": the
     prompt accuracy of the reconstructions. The flow model learns the distribution of these
@@ -791,9 +799,10 @@ def evaluate_vae_section(vae, images, features, device, batch_size=250, attrs=No
     recons = torch.cat(recons)                                           # (N, 3, H, W) uint8
     section = {"psnr": float(torch.cat(psnrs).mean()), "ssim": float(torch.cat(ssims).mean()),
                "kl_nats_per_dim": float(torch.cat(kls).mean()),
-               "latent_mean": mean.tolist(), "latent_std": std.tolist(),
-               "rfid": frechet_distance(features(images), features(recons)),
-               "n": len(images)}
+               "latent_mean": mean.tolist(), "latent_std": std.tolist(), "n": len(images)}
+    if features is not None:
+        real = features(images) if image_feats is None else image_feats
+        section["rfid"] = frechet_distance(real, features(recons))
     if attrs is not None:
         section["recon_acc"] = prompt_accuracy(recons, attrs)
     return section

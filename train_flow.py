@@ -68,9 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--patch-size", type=train_vae.positive(int), default=2,
                    help="DiT patch size p on the latent grid")
     p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
-    p.add_argument("--ema-decay", type=float, default=None,
+    p.add_argument("--ema-decay", type=train_vae.fraction, default=None,
                    help=f"EMA decay of the weights (with warm-up). Default: {by_device(DEFAULTS, 'ema')}")
-    p.add_argument("--p-uncond", type=float, default=0.1,
+    p.add_argument("--p-uncond", type=train_vae.fraction, default=0.1,
                    help="probability of replacing a sample's prompt by the empty prompt (for CFG)")
     p.add_argument("--t-dist", choices=["uniform", "logit_normal"], default="logit_normal",
                    help="distribution of training times t: uniform on [0, 1], or logit-normal "
@@ -200,10 +200,6 @@ def train(args, rank, world, device):
     args.ema_decay = d["ema"] if args.ema_decay is None else args.ema_decay
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    if not 0 <= args.p_uncond < 1:
-        raise UserError(f"--p-uncond {args.p_uncond}: must be in [0, 1)")
-    if not 0 <= args.ema_decay < 1:
-        raise UserError(f"--ema-decay {args.ema_decay}: must be in [0, 1), e.g. 0.999")
     local_batch = args.batch_size // world
     amp = pick_amp(args.amp, device)
     out = prepare_out(args.out) if rank == 0 else Path(args.out)

@@ -98,6 +98,17 @@ def positive(kind, allow_zero=False):
     return parse
 
 
+def fraction(text):
+    """argparse type: a float in [0, 1) (an EMA decay, a dropout probability)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def seed_value(text):
     """argparse type: a random seed, an integer in [0, 2**63)."""
     value = positive(int, allow_zero=True)(text)
@@ -474,7 +485,7 @@ def parse_args(argv=None):
                    help="KL weight beta of Algorithm 7 (>= 0)")
     p.add_argument("--sigma", type=positive(float), default=DEFAULT_SIGMA,
                    help="decoder std sigma of Algorithm 7 (recon = ||x - x_hat||^2 / (2 sigma^2))")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the weights, in [0, 1)")
+    p.add_argument("--ema-decay", type=fraction, default=0.999, help="EMA decay of the weights, in [0, 1)")
     p.add_argument("--eval-images", type=positive(int), default=512,
                    help="held-out images for the final PSNR / KL report")
     return p.parse_args(argv)
@@ -521,18 +532,13 @@ def encode_means(vae, images, device, batch_size=256, dtype=None):
 @torch.no_grad()
 def evaluate_vae(vae, test, device, n=512, batch_size=64):
     """Held-out PSNR (dB, images on [0, 1]) and KL nats per latent dim over the first n test
-    images, in batches; also returns the first batch's originals x and reconstructions x_hat."""
-    from evaluate import psnr          # (local: evaluate.py imports this file)
-    from kl import kl_to_standard_normal
-    psnrs, kls, first = [], [], None
-    for i in range(0, min(n, len(test)), batch_size):
-        x = data_lib.to_model_range(test.images[i:min(i + batch_size, n)].to(device))
-        mu, logvar = vae.encode(x)
-        x_hat = vae.decode(mu).clamp(-1, 1)
-        psnrs.append(psnr((x + 1) / 2, (x_hat + 1) / 2))      # on [0, 1]
-        kls.append(kl_to_standard_normal(mu, logvar) / mu[0].numel())
-        first = first or (x, x_hat)
-    return torch.cat(psnrs).mean().item(), torch.cat(kls).mean().item(), *first
+    images (evaluate.py's VAE section, without rFID); also 8 originals x and their
+    reconstructions x_hat, for recon.png."""
+    from evaluate import evaluate_vae_section          # (local: evaluate.py imports this file)
+    section = evaluate_vae_section(vae, test.images[:n], None, device, batch_size)
+    x = data_lib.to_model_range(test.images[:8].to(device))
+    x_hat = vae.decode(vae.encode(x)[0]).clamp(-1, 1)
+    return section["psnr"], section["kl_nats_per_dim"], x, x_hat
 
 
 def main(argv=None):
@@ -545,8 +551,6 @@ def main(argv=None):
     args.lr = args.lr or d["lr"]
     if args.beta < 0:
         raise UserError(f"--beta {args.beta}: must be >= 0")
-    if not 0 <= args.ema_decay < 1:
-        raise UserError(f"--ema-decay {args.ema_decay}: must be in [0, 1), e.g. 0.999")
     train_vae(args, device)
     return 0
 
@@ -642,7 +646,7 @@ def train_vae(args, device):
     save_checkpoint(ckpt_path, checkpoint())
 
     psnr, kl_per_dim, x, x_hat = evaluate_vae(ema.model, test, device, n=args.eval_images)
-    data_lib.save_grid(out / "recon.png", torch.cat([x[:8], x_hat[:8]]), nrow=8)
+    data_lib.save_grid(out / "recon.png", torch.cat([x, x_hat]), nrow=8)
     print(f"held-out PSNR {psnr:.2f} dB | KL {kl_per_dim:.3f} nats/dim | latent mean "
           f"{[round(v, 3) for v in mean.tolist()]} std {[round(v, 3) for v in std.tolist()]}")
     print(f"wrote {ckpt_path}, {out / 'recon.png'}, {out / 'log.jsonl'}")
