@@ -16,9 +16,7 @@ no distribution to average over; it returns zeros rather than the NaN a plain so
 The function is the definition; `torch.nn.functional.scaled_dot_product_attention` appears only
 in the tests, as the independent reference.
 
-Offers:
-    attention(q, k, v, mask=None)                           (B, H, Lq, Dh)
-    MultiHeadAttention(dim, heads, context_dim=None, qk_norm=False)
+Offers: attention, MultiHeadAttention
 """
 import math
 

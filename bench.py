@@ -27,9 +27,6 @@ versions (FlopCounterMode sees no FLOPs in SDPA's CPU kernel).
 Memory. On CUDA, torch.cuda.max_memory_allocated after a reset before each row. On CPU, the
 process's peak resident set (VmHWM), reset per row through /proc/self/clear_refs where Linux
 allows it; otherwise it is the high-water mark of the whole process so far.
-
-Offers: count_flops, gflops, mfu, median_time, matmul_peak, copy_bandwidth, bench_dit, bench_vae,
-bench_sample, bench_attention, main (python bench.py --help).
 """
 import argparse
 import gc
@@ -46,11 +43,11 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from attention import attention
+from common import autocast, pick_amp, pick_device, positive, run_main
 from dit import PRESETS, DiT, dit_config
-from embeddings import tokenize
+from embeddings import null_prompt, tokenize
 from flow import flow_matching_loss
 from sample import euler_sample, guided_field
-from train_vae import autocast, pick_amp, pick_device, positive, run_main
 from vae import VAE, vae_loss, vae_preset
 
 # Prompts in the built-in data's caption format, tokenized at its max_prompt_len.
@@ -171,8 +168,9 @@ def peak_memory_mb(device):
 # What is measured. Each bench_* returns (the timed step, its eager twin for FLOP counting,
 # the module whose gradients the counted step leaves behind, or None).
 
-def maybe_compile(fn, on):
-    """torch.compile(fn) on a fresh dynamo cache (so this row's compile lands in its warm-up)."""
+def compile_fresh(fn, on):
+    """torch.compile(fn) on a fresh dynamo cache (so this row's compile lands in its warm-up);
+    fn itself when `on` is false."""
     if not on:
         return fn
     torch._dynamo.reset()
@@ -196,7 +194,7 @@ def training_step(loss_fn, device, amp, opt=None):
     return step
 
 
-def dit_cfg(args):
+def dit_config_from_args(args):
     """The preset at --latent-size, with any --dim/--depth/--heads overrides."""
     sizes = {k: getattr(args, k) for k in ("dim", "depth", "heads") if getattr(args, k)}
     return dit_config(args.preset, input_size=args.latent_size, max_prompt_len=MAX_PROMPT_LEN,
@@ -205,14 +203,15 @@ def dit_cfg(args):
 
 def bench_dit(args, device, compile_, amp):
     """DiT training step on (B, 4, h, w) latents with prompt tokens."""
-    cfg = dit_cfg(args)
-    model = DiT(cfg).to(device)
-    z = torch.randn(args.batch, cfg.in_channels, cfg.height, cfg.width, device=device)
+    config = dit_config_from_args(args)
+    model = DiT(config).to(device)
+    z = torch.randn(args.batch, config.in_channels, config.height, config.width, device=device)
     tokens = prompt_tokens(args.batch, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    net = maybe_compile(model, compile_)
-    eager = training_step(lambda: flow_matching_loss(model, z, tokens), device, amp)
-    step = training_step(lambda: flow_matching_loss(net, z, tokens), device, amp, opt)
+    null = null_prompt(MAX_PROMPT_LEN).to(device)
+    net = compile_fresh(model, compile_)
+    eager = training_step(lambda: flow_matching_loss(model, z, tokens, null), device, amp)
+    step = training_step(lambda: flow_matching_loss(net, z, tokens, null), device, amp, opt)
     return step, eager, model
 
 
@@ -222,7 +221,7 @@ def bench_vae(args, device, compile_, amp):
     vae = VAE(vae_preset(name, args.image_size)).to(device)
     x = torch.rand(args.batch, 3, args.image_size, args.image_size, device=device) * 2 - 1
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-4)
-    net = maybe_compile(vae, compile_)
+    net = compile_fresh(vae, compile_)
 
     def loss_fn(m):
         x_hat, mu, logvar = m(x)
@@ -234,16 +233,17 @@ def bench_vae(args, device, compile_, amp):
 
 def bench_sample(args, device, compile_, amp):
     """--steps Euler steps with CFG: each step one forward of 2B through the (compiled) DiT."""
-    cfg = dit_cfg(args)
-    model = DiT(cfg).to(device).eval().requires_grad_(False)
-    noise = torch.randn(args.batch, cfg.in_channels, cfg.height, cfg.width, device=device)
+    config = dit_config_from_args(args)
+    model = DiT(config).to(device).eval().requires_grad_(False)
+    noise = torch.randn(args.batch, config.in_channels, config.height, config.width, device=device)
     tokens = prompt_tokens(args.batch, device)
-    net = maybe_compile(model, compile_)
+    null = null_prompt(MAX_PROMPT_LEN).to(device)
+    net = compile_fresh(model, compile_)
 
     def sampler(m):
         def run():
             with torch.inference_mode(), autocast(device, amp):
-                u = guided_field(m, tokens, CFG_SCALE)
+                u = guided_field(m, tokens, null, CFG_SCALE)
                 return euler_sample(lambda x, t: u(x, t).float(), noise, args.steps)
         return run
     return sampler(net), sampler(model), model
@@ -252,9 +252,10 @@ def bench_sample(args, device, compile_, amp):
 def bench_attention(args, device, compile_, amp, fused_kernel=False):
     """forward + backward of attention on the DiT's self-attention shape (B, H, L, Dh):
     the hand-written attention(), or F.scaled_dot_product_attention when fused_kernel."""
-    cfg = dit_config(args.preset, input_size=args.latent_size)
-    B, H = args.batch, cfg.heads
-    L, Dh = (cfg.height // cfg.patch_size) * (cfg.width // cfg.patch_size), cfg.dim // cfg.heads
+    config = dit_config(args.preset, input_size=args.latent_size)
+    B, H = args.batch, config.heads
+    L = (config.height // config.patch_size) * (config.width // config.patch_size)
+    Dh = config.dim // config.heads
     q, k, v = (torch.randn(B, H, L, Dh, device=device, requires_grad=True) for _ in range(3))
     grad_out = torch.randn(B, H, L, Dh, device=device)
 
@@ -265,7 +266,7 @@ def bench_attention(args, device, compile_, amp, fused_kernel=False):
             torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype))
         return run
     fn = F.scaled_dot_product_attention if fused_kernel else attention
-    return fwd_bwd(maybe_compile(fn, compile_)), fwd_bwd(attention), None
+    return fwd_bwd(compile_fresh(fn, compile_)), fwd_bwd(attention), None
 
 
 BENCHES = {"dit": [("dit-train", bench_dit, {})],

@@ -26,9 +26,8 @@ norm ~11 and feeds an MLP initialised with std 0.02, which would shrink the time
 noise. The first Linear of the time MLP is initialised with std 1, so its outputs have unit
 variance for every t, and c differs materially between t = 0 and t = 1 at initialisation.
 
-Offers:
-    DiTConfig, PRESETS, dit_config(preset, **overrides), modulate, DiTBlock, FinalLayer, DiT,
-    count_parameters, preset_table()
+Offers: DiTConfig, PRESETS, dit_config, modulate, DiTBlock, FinalLayer, DiT, count_parameters,
+preset_table
 """
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -143,18 +142,19 @@ class DiT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.config = cfg = config
-        self.patch = PatchEmbedding(cfg.in_channels, cfg.patch_size, cfg.dim, cfg.height, cfg.width)
-        self.time_emb = TimeEmbedding(cfg.time_dim)
-        self.time_mlp = nn.Sequential(nn.Linear(cfg.time_dim, cfg.dim), nn.SiLU(),
-                                      nn.Linear(cfg.dim, cfg.dim))
-        self.prompt = PromptEmbedding(cfg.prompt_dim, cfg.prompt_depth, cfg.prompt_heads,
-                                      cfg.max_prompt_len, cfg.prompt_bytes_per_token)
-        self.prompt_pool = nn.Linear(cfg.prompt_dim, cfg.dim)
+        self.config = config
+        self.patch = PatchEmbedding(config.in_channels, config.patch_size, config.dim,
+                                    config.height, config.width)
+        self.time_emb = TimeEmbedding(config.time_dim)
+        self.time_mlp = nn.Sequential(nn.Linear(config.time_dim, config.dim), nn.SiLU(),
+                                      nn.Linear(config.dim, config.dim))
+        self.prompt = PromptEmbedding(config.prompt_dim, config.prompt_depth, config.prompt_heads,
+                                      config.max_prompt_len, config.prompt_bytes_per_token)
+        self.prompt_pool = nn.Linear(config.prompt_dim, config.dim)
         self.blocks = nn.ModuleList(
-            DiTBlock(cfg.dim, cfg.heads, cfg.prompt_dim, cfg.mlp_ratio, cfg.qk_norm)
-            for _ in range(cfg.depth))
-        self.final = FinalLayer(cfg.dim, cfg.patch_size, cfg.in_channels)
+            DiTBlock(config.dim, config.heads, config.prompt_dim, config.mlp_ratio, config.qk_norm)
+            for _ in range(config.depth))
+        self.final = FinalLayer(config.dim, config.patch_size, config.in_channels)
         self._init_weights()
 
     def _init_weights(self):
@@ -180,14 +180,14 @@ class DiT(nn.Module):
         return self.time_mlp(self.time_emb(t)) + self.prompt_pool(pooled)
 
     def forward(self, x_t, t, tokens):
-        cfg = self.config
+        config = self.config
         x = self.patch(x_t)                                   # (B, N, k)
         y, mask, pooled = self.prompt(tokens)                 # (B, S, k_y), (B, S), (B, k_y)
         c = self.condition(t, pooled)                         # (B, k)
         for block in self.blocks:
             x = block(x, c, y, mask)                          # (B, N, k)
         x = self.final(x, c)                                  # (B, N, p*p*C)
-        return unpatchify(x, cfg.patch_size, cfg.height, cfg.width)  # (B, C, h, w)
+        return unpatchify(x, config.patch_size, config.height, config.width)  # (B, C, h, w)
 
 
 def count_parameters(module):
@@ -199,10 +199,11 @@ def preset_table(input_size=32, in_channels=4, patch_size=2):
     Parameters are counted on the meta device, so even XL costs no memory."""
     rows = []
     for name in PRESETS:
-        cfg = dit_config(name, input_size=input_size, in_channels=in_channels, patch_size=patch_size)
+        config = dit_config(name, input_size=input_size, in_channels=in_channels,
+                            patch_size=patch_size)
         with torch.device("meta"):
-            n = count_parameters(DiT(cfg))
-        rows.append((name, cfg.dim, cfg.depth, cfg.heads, n))
+            n = count_parameters(DiT(config))
+        rows.append((name, config.dim, config.depth, config.heads, n))
     return rows
 
 

@@ -8,9 +8,9 @@ contribute cos^2 + sin^2 = 1, so the squared norm is c^2 * d/2. We use c = sqrt(
 that makes the norm exactly 1.
 Default frequencies: flow time lives in [0, 1], so the frequencies must make the vector move on
 that interval. DiT's sinusoid (periods up to 10000, made for integer timesteps 0..999) barely
-moves on [0, 1]: 75% of its channels turn less than 0.1 rad and cos(e(0), e(1)) = 0.97. We use
-w_min = 0.1 and w_max = 100 (periods 10 down to 0.01): the slowest channel turns 0.63 rad over
-[0, 1], the fastest resolves steps of 0.01, and cos(e(0), e(1)) is about 0.
+moves there (README, "Where the code departs from the slides"). We use w_min = 0.1 and
+w_max = 100, periods 10 down to 0.01: the slowest channel still turns on [0, 1] and the fastest
+resolves steps of 0.01.
 
 Slide "Patchify": x in R^{C x H x W} -> x~ in R^{L x k}, L = (H/p)(W/p) patches of k = p*p*C
 numbers each, in row-major order (token k is the patch at (row, col) = divmod(k, W/p)).
@@ -20,15 +20,16 @@ Slide "Encoding Language Prompt": PromptEmbed(y) in R^{S x k}. The slide uses a 
 CLIP/T5 encoder; none can be downloaded here, so the prompt is tokenized byte by byte (UTF-8,
 no vocabulary file) and `PromptEmbedding` is learned from scratch with the DiT: byte and
 position embeddings, groups of a few bytes merged into one token (bytes are ~4x more numerous
-than word pieces, and every cross-attention pays for each token), then a few transformer layers. It returns the token sequence, its key-padding
-mask, and a pooled vector (mean over real tokens) that the DiT adds to the time embedding.
+than word pieces, and every cross-attention pays for each token), then a few transformer
+layers. It returns the token sequence, its key-padding mask, and a pooled vector (mean over
+real tokens) that the DiT adds to the time embedding.
 Every prompt starts with a BOS token, so the empty prompt "" (the null condition of
-classifier-free guidance) still has one real token and no attention row is fully masked.
+classifier-free guidance, `null_prompt`) still has one real token and no attention row is fully
+masked.
 
-Offers:
-    time_embedding(t, dim, w_min, w_max), TimeEmbedding
-    patchify(x, p), unpatchify(tokens, p, height, width), PatchEmbedding, sincos_2d
-    tokenize(prompts, max_len), PromptEmbedding, VOCAB_SIZE, PAD_ID, BOS_ID
+Offers: time_frequencies, time_embedding, TimeEmbedding, patchify, unpatchify, sincos_2d,
+PatchEmbedding, PAD_ID, BOS_ID, VOCAB_SIZE, tokenize, prompt_is_truncated, null_prompt,
+PromptBlock, PromptEmbedding
 """
 import math
 
@@ -165,6 +166,12 @@ def tokenize(prompts, max_len):
 def prompt_is_truncated(prompt, max_len):
     """True when `tokenize` drops bytes of this prompt."""
     return len(prompt.encode("utf-8")) + 1 > max_len
+
+
+def null_prompt(max_len):
+    """The empty prompt "" as tokens (1, max_len): BOS then padding. It is the null condition of
+    classifier-free guidance: training replaces prompts by it, the sampler guides away from it."""
+    return tokenize([""], max_len)
 
 
 class PromptBlock(nn.Module):

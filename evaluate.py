@@ -1,25 +1,8 @@
 """
 Evaluation of the latent flow-matching generator: how well the VAE reconstructs its inputs,
-how far the generated distribution is from the data, and whether a sample shows the class
-it was prompted with.
-
-The lecture (Lecture 04, Section 6-7) builds the generator; it does not fix a metric. We use
-the ones the latent-diffusion papers report, written out here so each can be read and tested:
-
-Reconstruction (VAE, per image, images float in [0, 1], shape (B, C, H, W)):
-    psnr(x, y)          10 log10(L^2 / MSE)                                           -> (B,)
-    ssim(x, y)          Wang et al. 2004, 11x11 Gaussian window (sigma 1.5), 'valid'   -> (B,)
-
-Distribution distance (features of real vs generated images, shape (N, D)):
-    gaussian_stats(f)                    (mu, Sigma), Sigma unbiased (N - 1)
-    frechet_distance(fa, fb)             |mu_a - mu_b|^2 + Tr(Sa + Sb - 2 (Sa Sb)^(1/2))  (FD; FID
-                                         when the features are Inception's)
-    frechet_distance_from_stats(mu1, s1, mu2, s2)
-    kid(fa, fb)                          unbiased MMD^2, kernel k(x, y) = (x.y / d + 1)^3 -> (mean, std)
-    precision_recall(real, fake, k)      Kynkaanniemi et al. 2019 k-NN manifolds -> (precision, recall)
-    distribution_metrics(real, fake, real_2)  all of the above in one dict, plus the real-vs-real
-                                         floor: FD at ~1,000 samples is biased upwards, so every
-                                         FD is reported beside FD(real, real_2) at the same count.
+how far the generated distribution is from the data, and whether a sample shows what it was
+prompted with. The metrics themselves are in metrics.py; this file supplies the features they
+compare, the real sets, prompt accuracy, and the command line.
 
 Feature extractors (uint8 images (N, 3, H, W) -> float features (N, D)):
     FeatureExtractor                     a named, batched callable
@@ -29,9 +12,6 @@ Feature extractors (uint8 images (N, 3, H, W) -> float features (N, D)):
                                          that the project trains on the dataset itself; its FD is
                                          NOT comparable to published FID, and its name says so.
                                          It also measures prompt accuracy: classifier_accuracy().
-
-Presentation:
-    format_table(rows, columns)          a plain-text aligned table
 
 Command line (python evaluate.py --help):
     python evaluate.py --ckpt runs/flow/ckpt.pt [--n 1000] [--cfg 1 2 4] [--steps 50] [--json r.json]
@@ -45,7 +25,9 @@ table and as JSON.
     prompt_task(data, train)             what prompt accuracy can mean for a dataset
     feature_task(images, task)           the labels the fallback feature net learns
     real_sets(...)                       the held-out real set and the disjoint second real set
-    evaluate_settings(...), evaluate_vae_section(...), main(argv)
+    evaluate_settings(...), evaluate_vae_section(...), format_table(rows, columns), main(argv)
+
+Nothing imports this file: it stands on top of the others.
 """
 
 import argparse
@@ -65,191 +47,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data as data_lib
+import shapes
+from checkpoint import load_flow, load_vae
+from common import HelpFormatter, UserError, pick_amp, pick_device, positive, run_main
 from kl import kl_to_standard_normal
-from sample import generate, load_flow
-from train_vae import HelpFormatter, UserError, load_vae, pick_amp, pick_device, positive, run_main
+from metrics import distribution_metrics, frechet_distance, psnr, ssim
+from sample import generate
 from vae import latent_stats
-
-# -----------------------------------------------------------------------------
-# Reconstruction: PSNR and SSIM
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Peak signal-to-noise ratio per image, in dB: 10 log10(L^2 / mean (x - y)^2).
-    x, y: (B, C, H, W) in [0, data_range]. Identical images give +inf."""
-    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)  # (B,)
-    return 10.0 * torch.log10(data_range**2 / mse)  # mse = 0 -> inf
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0,
-         window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Structural similarity per image (Wang et al. 2004), in float64.
-
-    For every window position, with Gaussian-weighted local statistics mu, sigma^2, sigma_xy:
-        SSIM = (2 mu_x mu_y + C1)(2 sigma_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(sigma_x^2 + sigma_y^2 + C2))
-    with C1 = (0.01 L)^2, C2 = (0.03 L)^2; 'valid' convolution (no padding); the map is averaged
-    over positions, per channel, then over channels. A window larger than the image shrinks to
-    the largest odd size that fits. x, y: (B, C, H, W) -> (B,)."""
-    B, C, H, W = x.shape
-    size = min(window, H, W)
-    size -= 1 - size % 2  # keep it odd
-    w = _gaussian_window(size, sigma).to(x.device).expand(C, 1, size, size)  # (C, 1, k, k), one per channel
-    x, y = x.double(), y.double()
-
-    def filt(z):  # depthwise Gaussian average, (B, C, H, W) -> (B, C, H-k+1, W-k+1)
-        return F.conv2d(z, w, groups=C)
-
-    mu_x, mu_y = filt(x), filt(y)
-    var_x = filt(x * x) - mu_x**2
-    var_y = filt(y * y) - mu_y**2
-    cov_xy = filt(x * y) - mu_x * mu_y
-    C1, C2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    luminance = (2 * mu_x * mu_y + C1) / (mu_x**2 + mu_y**2 + C1)
-    contrast_structure = (2 * cov_xy + C2) / (var_x + var_y + C2)
-    ssim_map = luminance * contrast_structure  # (B, C, H', W')
-    return ssim_map.mean(dim=(2, 3)).mean(dim=1)  # per channel, then over channels -> (B,)
-
-
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    """Normalised 2-D Gaussian, (size, size), float64."""
-    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-coords**2 / (2 * sigma**2))
-    g = g / g.sum()
-    return torch.outer(g, g)
-
-
-# -----------------------------------------------------------------------------
-# Distribution distance: Frechet distance, KID, precision / recall
-
-
-def gaussian_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean (D,) and unbiased covariance (D, D) of features (N, D), in float64."""
-    f = feats.double()
-    mu = f.mean(0)
-    sigma = torch.atleast_2d(torch.cov(f.T, correction=1))  # (D, D), divides by N - 1
-    return mu, sigma
-
-
-def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (N, D) and (M, D)."""
-    return frechet_distance_from_stats(*gaussian_stats(feats_a), *gaussian_stats(feats_b))
-
-
-def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
-    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), float64.
-
-    No scipy sqrtm: S1 S2 is similar to the symmetric PSD matrix M = S1^(1/2) S2 S1^(1/2)
-    (M = S1^(1/2) (S1 S2) S1^(-1/2)), so Tr((S1 S2)^(1/2)) = sum_i sqrt(lambda_i(M)),
-    and eigh of symmetric matrices is stable. Tiny negative eigenvalues (round-off) clamp to 0."""
-    mu1, mu2 = torch.as_tensor(mu1, dtype=torch.float64), torch.as_tensor(mu2, dtype=torch.float64)
-    s1, s2 = torch.as_tensor(sigma1, dtype=torch.float64), torch.as_tensor(sigma2, dtype=torch.float64)
-    s1_half = _sqrtm_psd(s1)
-    m = s1_half @ s2 @ s1_half
-    m = (m + m.T) / 2  # symmetrise away round-off
-    tr_covmean = torch.linalg.eigvalsh(m).clamp(min=0).sqrt().sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + torch.trace(s1) + torch.trace(s2) - 2 * tr_covmean)
-
-
-def _sqrtm_psd(s: torch.Tensor) -> torch.Tensor:
-    """Symmetric square root of a symmetric PSD matrix via eigh, eigenvalues clamped at 0."""
-    evals, evecs = torch.linalg.eigh((s + s.T) / 2)
-    return (evecs * evals.clamp(min=0).sqrt()) @ evecs.T  # V diag(sqrt(l)) V^T
-
-
-def kid(feats_a: torch.Tensor, feats_b: torch.Tensor, subsets: int = 100,
-        subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Kernel Inception Distance (Binkowski et al. 2018): the unbiased MMD^2 estimate with the
-    cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets drawn
-    without replacement (size clipped to the smaller set). Returns (mean, std over subsets);
-    deterministic given seed."""
-    a, b = feats_a.double(), feats_b.double()
-    m = min(subset_size, len(a), len(b))
-    g = torch.Generator().manual_seed(seed)
-    values = []
-    for _ in range(subsets):
-        x = a[torch.randperm(len(a), generator=g)[:m]]  # (m, D)
-        y = b[torch.randperm(len(b), generator=g)[:m]]  # (m, D)
-        values.append(mmd2_unbiased(x, y))
-    values = torch.tensor(values, dtype=torch.float64)
-    return float(values.mean()), float(values.std(correction=0))
-
-
-def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Unbiased MMD^2 between samples x (m, D) and y (n, D) with the KID kernel:
-    mean_{i != j} k(x_i, x_j) + mean_{i != j} k(y_i, y_j) - 2 mean_{i, j} k(x_i, y_j)."""
-    m, n = len(x), len(y)
-    k_xx, k_yy, k_xy = _poly_kernel(x, x), _poly_kernel(y, y), _poly_kernel(x, y)
-    term_xx = (k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1))
-    term_yy = (k_yy.sum() - k_yy.diagonal().sum()) / (n * (n - 1))
-    return float(term_xx + term_yy - 2 * k_xy.mean())
-
-
-def _poly_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """k(x, y) = (x.y / d + 1)^3, (m, D), (n, D) -> (m, n)."""
-    return (x @ y.T / x.shape[1] + 1) ** 3
-
-
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3,
-                     batch_size: int = 1024) -> tuple[float, float]:
-    """Improved precision and recall (Kynkaanniemi et al. 2019).
-
-    The real manifold is the union of balls around each real point, with radius the distance
-    to its k-th nearest other real point. Precision = fraction of fake points inside that
-    manifold (are samples realistic?); recall = fraction of real points inside the fake
-    manifold built the same way (is the data covered?). Distances in float64, batched."""
-    real, fake = real.double(), fake.double()
-    precision = _fraction_inside(real, _knn_radii(real, k, batch_size), fake, batch_size)
-    recall = _fraction_inside(fake, _knn_radii(fake, k, batch_size), real, batch_size)
-    return precision, recall
-
-
-def _knn_radii(feats: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
-    """Distance from each point to its k-th nearest neighbour in the same set, self excluded. (N,)"""
-    radii = []
-    for i in range(0, len(feats), batch_size):
-        d = torch.cdist(feats[i:i + batch_size], feats)  # (b, N), includes the 0 to itself
-        radii.append(d.kthvalue(k + 1, dim=1).values)  # k + 1: skip the point itself
-    return torch.cat(radii)
-
-
-def _fraction_inside(centers: torch.Tensor, radii: torch.Tensor, queries: torch.Tensor,
-                     batch_size: int) -> float:
-    """Fraction of queries within radii[j] of at least one centers[j]."""
-    inside = 0
-    for i in range(0, len(queries), batch_size):
-        d = torch.cdist(queries[i:i + batch_size], centers)  # (b, N)
-        inside += int((d <= radii[None, :]).any(dim=1).sum())
-    return inside / len(queries)
-
-
-def distribution_metrics(real_feats: torch.Tensor, fake_feats: torch.Tensor,
-                         real_feats_2: torch.Tensor | None = None, k: int = 3,
-                         kid_subsets: int = 100, kid_subset_size: int = 1000,
-                         seed: int = 0) -> dict:
-    """All distribution metrics of fake vs real features, as a dict of floats:
-    fd, kid, kid_std, precision, recall, n_real, n_fake. Given real_feats_2, a second real set
-    disjoint from real_feats and of the same size as fake_feats, the same metrics for
-    real vs real_2 are added as floor_fd, floor_kid, ...: the value a perfect generator would
-    get at this sample count (FD is biased upwards at small N)."""
-
-    def metrics(a, b):
-        # Subsets of at most half the set, so they differ and the std over subsets means something.
-        size = max(2, min(kid_subset_size, len(a) // 2, len(b) // 2))
-        kid_mean, kid_std = kid(a, b, kid_subsets, size, seed)
-        precision, recall = precision_recall(a, b, k)
-        return {"fd": frechet_distance(a, b), "kid": kid_mean, "kid_std": kid_std,
-                "precision": precision, "recall": recall}
-
-    out = metrics(real_feats, fake_feats)
-    out["n_real"], out["n_fake"] = len(real_feats), len(fake_feats)
-    if real_feats_2 is not None:
-        if len(real_feats_2) != len(fake_feats):
-            raise ValueError(f"the real-vs-real floor needs as many second real samples as fake "
-                             f"ones: got {len(real_feats_2)} vs {len(fake_feats)}")
-        out.update({f"floor_{key}": v for key, v in metrics(real_feats, real_feats_2).items()})
-    return out
-
 
 # -----------------------------------------------------------------------------
 # Feature extractors: uint8 images (N, 3, H, W) -> float features (N, D)
@@ -397,7 +201,7 @@ def train_feature_net(train_images: torch.Tensor, train_labels: torch.Tensor,
                       batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
                       device: str = "cpu") -> TrainedFeatureNet:
     """Train a FeatureNet classifier on uint8 images (N, C, H, W) with labels (N,) by AdamW and
-    cross-entropy for `steps` minibatches (about 15 s for 300 steps at 32 px on 2 CPU cores).
+    cross-entropy for `steps` minibatches.
     Returns it wrapped as a TrainedFeatureNet; test_accuracy is measured on the held-out set
     when one is given."""
     g = torch.Generator().manual_seed(seed)
@@ -486,7 +290,8 @@ def parse_args(argv=None):
     p.add_argument("--n", type=positive(int), default=1000,
                    help="generated images per setting, and the size of each real set (capped by "
                         "the held-out images available, with a warning)")
-    p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.0, 4.0],
+    p.add_argument("--cfg", dest="cfg_scales", metavar="W", type=float, nargs="+",
+                   default=[1.0, 2.0, 4.0],
                    help="guidance weights w to evaluate (1 = no guidance)")
     p.add_argument("--steps", type=positive(int), nargs="+", default=[50],
                    help="Euler step counts to evaluate")
@@ -650,7 +455,7 @@ def prompt_task(data, train) -> PromptTask:
     image has one, there are 2..MAX_CLASSES distinct ones and at least 4 images per class on
     average (class sub-folders; sidecar captions that repeat that much act as classes too)."""
     if data is None and train.attributes is not None:
-        return PromptTask("attributes", "attributes read back from the pixels (data.read_attributes)")
+        return PromptTask("attributes", "attributes read back from the pixels (shapes.read_attributes)")
     distinct = sorted(set(train.captions))
     if distinct == [""]:
         return PromptTask("none", "skipped: the images have no captions (unconditional data)")
@@ -668,10 +473,10 @@ def prompt_task(data, train) -> PromptTask:
 def prompt_accuracy(images, attrs) -> dict:
     """Mean per-attribute correctness of images (N, 3, H, W) against the attribute dicts they
     were prompted with: {"shape_acc", "color_acc", "size_acc", "count_acc", "background_acc",
-    "position_acc"}, each in [0, 1] (data.score_attributes of data.read_attributes)."""
+    "position_acc"}, each in [0, 1] (shapes.score_attributes of shapes.read_attributes)."""
     totals = dict.fromkeys(ATTRIBUTES, 0.0)
     for image, target in zip(images, attrs):
-        for key, value in data_lib.score_attributes(data_lib.read_attributes(image), target).items():
+        for key, value in shapes.score_attributes(shapes.read_attributes(image), target).items():
             totals[key] += value
     return {f"{key}_acc": totals[key] / max(len(attrs), 1) for key in ATTRIBUTES}
 
@@ -700,8 +505,8 @@ def feature_task(images: data_lib.ImageSet, task: PromptTask):
     anything else: rotation prediction (a self-supervised task that needs no labels), 4 classes
         = the image rotated by 0, 90, 180, 270 degrees, on up to ROTATION_IMAGES images."""
     if task.kind == "attributes":
-        colors = list(data_lib.COLORS)
-        labels = [data_lib.SHAPES.index(a["objects"][0]["shape"]) * len(colors)
+        colors = list(shapes.COLORS)
+        labels = [shapes.SHAPES.index(a["objects"][0]["shape"]) * len(colors)
                   + colors.index(a["objects"][0]["color"]) for a in images.attributes]
         return images.images, torch.tensor(labels, dtype=torch.long)
     if task.kind == "classes":
@@ -755,7 +560,7 @@ def evaluate_settings(model, vae, real_a, real_b, real_feats, features, task, cl
     floor = distribution_metrics(real_feats, features(real_b.images), seed=args.seed)
     floor = {f"floor_{k}": v for k, v in floor.items() if not k.startswith("n_")}
     rows = []
-    for cfg_scale in args.cfg:
+    for cfg_scale in args.cfg_scales:
         for steps in args.steps:
             t = time.perf_counter()
             fake = generate(model, vae, real_a.captions, steps, cfg_scale, args.seed,

@@ -17,15 +17,13 @@ probability p_uncond, so the same network also learns u_t(x | empty).
 `eps` may be any sample of p_init, not only a Gaussian (slide "Bridging arbitrary
 distributions"); it defaults to N(0, I).
 
-Offers:
-    condot_path(z, eps, t) -> (x_t, u_target)
-    sample_t(batch, kind="uniform", device=None)      "uniform" or "logit_normal" (SD3)
-    drop_prompts(tokens, p_uncond)                    per-sample replacement by the null prompt
-    flow_matching_loss(model, z, tokens, p_uncond=0.1, t_kind="uniform") -> scalar
+The condition y and the null condition are whatever tensors the model takes (here the prompt's
+tokens and the empty prompt's, from embeddings.py), so this file imports nothing but torch and
+can be copied into another project alone.
+
+Offers: condot_path, sample_t, drop_prompts, flow_matching_loss
 """
 import torch
-
-from embeddings import PAD_ID, BOS_ID
 
 
 def condot_path(z, eps, t):
@@ -51,27 +49,23 @@ def sample_t(batch, kind="uniform", device=None):
     raise ValueError(f"unknown t distribution {kind!r}; use 'uniform' or 'logit_normal'")
 
 
-def null_tokens_like(tokens):
-    """The empty prompt "" in the layout of `tokens` (B, S): BOS then padding."""
-    null = torch.full_like(tokens, PAD_ID)
-    null[:, 0] = BOS_ID
-    return null
-
-
-def drop_prompts(tokens, p_uncond):
-    """Replace each sample's prompt by the null prompt with probability p_uncond (per sample)."""
+def drop_prompts(cond, null_cond, p_uncond):
+    """Replace each sample's condition cond (B, ...) by the null condition with probability
+    p_uncond (per sample). null_cond: (1, ...) or (B, ...), broadcast over the batch."""
     if p_uncond <= 0:
-        return tokens
-    drop = torch.rand(tokens.shape[0], device=tokens.device) < p_uncond   # (B,)
-    return torch.where(drop[:, None], null_tokens_like(tokens), tokens)
+        return cond
+    drop = torch.rand(cond.shape[0], device=cond.device) < p_uncond       # (B,)
+    drop = drop.view(-1, *([1] * (cond.dim() - 1)))                        # (B, 1, ...)
+    return torch.where(drop, null_cond.to(cond.device), cond)
 
 
-def flow_matching_loss(model, z, tokens, p_uncond=0.1, t_kind="uniform"):
+def flow_matching_loss(model, z, cond, null_cond, p_uncond=0.1, t_kind="uniform"):
     """Conditional flow matching loss: mean over batch and dims of ||model(x_t, t, y) - (z - eps)||^2.
 
-    model(x_t (B, C, h, w), t (B,), tokens (B, S)) -> u (B, C, h, w). The MSE is taken in float32.
+    model(x_t (B, C, h, w), t (B,), cond (B, ...)) -> u (B, C, h, w); each sample's cond is
+    replaced by null_cond with probability p_uncond. The MSE is taken in float32.
     """
     t = sample_t(z.shape[0], t_kind, device=z.device)
     x_t, target = condot_path(z, None, t)
-    u = model(x_t, t, drop_prompts(tokens, p_uncond))
+    u = model(x_t, t, drop_prompts(cond, null_cond, p_uncond))
     return (u.float() - target.float()).pow(2).mean()

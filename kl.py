@@ -18,9 +18,7 @@ Algorithm 7, line 7, is the special case p = N(0, I) used by the beta-VAE:
 Everything is computed from log-variances (`logvar` = log sigma^2), never from sigma, so that
 values of logvar anywhere in [-30, 20] give finite results and gradients.
 
-Offers:
-    kl_divergence(mu_q, logvar_q, mu_p, logvar_p)  per-sample KL(q || p), shape (B,)
-    kl_to_standard_normal(mu, logvar)              per-sample KL(q || N(0, I)), shape (B,)
+Offers: kl_divergence, kl_to_standard_normal
 """
 import torch
 

@@ -5,7 +5,7 @@ from t = 0 (X_0 ~ N(0, I)) to t = 1 (flow time convention). The Euler method wit
 h = 1/N, is X_{t+h} = X_t + h u_t(X_t | y): exactly N evaluations of u.
 
 Classifier-free guidance (Stable Diffusion 3 uses weight 2.0-5.0 and 50 steps) mixes the
-conditional and the unconditional field:
+conditional and the unconditional field with the guidance weight w (`cfg_scale`):
 
     u~_t(x | y) = (1 - w) u_t(x | empty) + w u_t(x | y).
 
@@ -13,13 +13,11 @@ w = 1 is the plain conditional model, w = 0 the unconditional one. Both fields c
 batched forward pass of 2B samples. Every latent channel is guided (DiT and SiT guide only the
 first 3 of 4 channels, a leftover of pixel-space code; here that would be a bug).
 
-Offers:
-    euler_sample(u, x, steps)                   integrate dx/dt = u(x, t) from t=0 to t=1
-    cfg_velocity(u_cond, u_uncond, w)
-    guided_field(model, tokens, cfg_scale)      u(x, t) for the sampler, one 2B forward per call
-    generate(model, vae, prompts, steps, cfg_scale, seed)   prompts -> uint8 images
-    load_flow(path, device)                     EMA DiT + matching VAE from a flow checkpoint
-    main()                                      the command line (python sample.py --help)
+The three sampler functions come first and need only torch: any model(x, t, cond) and any
+condition tensors will do, so they can be copied into another project alone. Then `generate`
+(prompts -> images with our DiT and VAE) and the command line.
+
+Offers: euler_sample, cfg_velocity, guided_field, generate, parse_args, main
 """
 import argparse
 import sys
@@ -30,11 +28,10 @@ import torch
 from PIL import Image
 
 import data as data_lib
-from dit import DiT, DiTConfig
-from embeddings import prompt_is_truncated, tokenize
-from flow import null_tokens_like
-from train_vae import (HelpFormatter, UserError, load_checkpoint, load_vae, maybe_compile,
-                       pick_amp, pick_device, positive, prepare_out, run_main, seed_value)
+from checkpoint import load_flow
+from common import (HelpFormatter, UserError, maybe_compile, pick_amp, pick_device, positive,
+                    prepare_out, run_main, seed_value)
+from embeddings import null_prompt, prompt_is_truncated, tokenize
 
 
 def euler_sample(u, x, steps):
@@ -53,23 +50,24 @@ def euler_sample(u, x, steps):
     return x
 
 
-def cfg_velocity(u_cond, u_uncond, w):
-    """(1 - w) u(x|empty) + w u(x|y), on every channel."""
-    return u_uncond + w * (u_cond - u_uncond)
+def cfg_velocity(u_cond, u_uncond, cfg_scale):
+    """(1 - w) u(x|empty) + w u(x|y) with w = cfg_scale, on every channel."""
+    return u_uncond + cfg_scale * (u_cond - u_uncond)
 
 
-def guided_field(model, tokens, cfg_scale):
-    """The guided vector field u(x, t) for prompts `tokens` (B, S).
+def guided_field(model, cond, null_cond, cfg_scale):
+    """The guided vector field u(x, t) for the conditions `cond` (B, ...).
 
-    With cfg_scale == 1 this is the conditional model alone (no wasted unconditional pass);
-    otherwise each call runs one forward on 2B samples: [x; x] with [tokens; null].
+    model(x, t, cond) -> u. null_cond: the null condition, (1, ...) or (B, ...). With
+    cfg_scale == 1 this is the conditional model alone (no wasted unconditional pass);
+    otherwise each call runs one forward on 2B samples: [x; x] with [cond; null_cond].
     """
     if cfg_scale == 1.0:
-        return lambda x, t: model(x, t, tokens)
-    both_tokens = torch.cat([tokens, null_tokens_like(tokens)])          # (2B, S)
+        return lambda x, t: model(x, t, cond)
+    both_cond = torch.cat([cond, null_cond.expand_as(cond)])            # (2B, ...)
 
     def u(x, t):
-        out = model(torch.cat([x, x]), torch.cat([t, t]), both_tokens)   # (2B, C, h, w)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), both_cond)   # (2B, C, h, w)
         u_cond, u_uncond = out.chunk(2)
         return cfg_velocity(u_cond, u_uncond, cfg_scale)
     return u
@@ -85,60 +83,22 @@ def generate(model, vae, prompts, steps=50, cfg_scale=4.0, seed=0, batch_size=64
     model: the DiT (EMA weights; may be torch.compile'd), vae: the VAE whose latent statistics the
     model was trained with. The noise of image i depends only on (seed, i): same seed, same image.
     """
-    cfg = getattr(model, "_orig_mod", model).config
+    config = getattr(model, "_orig_mod", model).config
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn((len(prompts), cfg.in_channels, cfg.height, cfg.width),
+    noise = torch.randn((len(prompts), config.in_channels, config.height, config.width),
                         generator=gen, device=device)      # (N, C, h, w), X_0 ~ N(0, I)
-    tokens = tokenize(prompts, cfg.max_prompt_len).to(device)
+    tokens = tokenize(prompts, config.max_prompt_len).to(device)    # (N, S)
+    null = null_prompt(config.max_prompt_len).to(device)             # (1, S)
     images = []
     for i in range(0, len(prompts), batch_size):
         ctx = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
         with ctx:
-            u = guided_field(model, tokens[i:i + batch_size], cfg_scale)
+            u = guided_field(model, tokens[i:i + batch_size], null, cfg_scale)
             z = euler_sample(lambda x, t: u(x, t).float(), noise[i:i + batch_size], steps)
         x = vae.decode(vae.denormalize_latents(z))           # (b, 3, H, W) in [-1, 1]
         images.append(data_lib.from_model_range(x.float()).cpu())
     return torch.cat(images)
-
-
-def load_flow(path, device, vae_path=None, flag="--ckpt"):
-    """(EMA DiT, VAE, checkpoint) from a flow checkpoint; the VAE is the one it names (or
-    vae_path), and must match the latent shape and statistics the flow model was trained on."""
-    ckpt = load_checkpoint(path, "flow", flag=flag)
-    try:
-        info, image_size = ckpt["vae"], ckpt["image_size"]
-        model = DiT(DiTConfig.from_dict(ckpt["config"]))
-        model.load_state_dict(ckpt["ema"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{flag} {path}: damaged checkpoint: its weights do not fit its "
-                        f"configuration ({type(e).__name__}); use another file or retrain")
-    if vae_path is None and not Path(info["path"]).is_file():
-        raise UserError(f"{flag} {path} was trained with the VAE {info['path']}, which is not "
-                        f"there any more; pass that VAE with --vae")
-    vae_file = vae_path or info["path"]
-    vae, _ = load_vae(vae_file, device, flag="--vae")
-    problems = _vae_mismatch(vae, model.config, image_size, info)
-    if problems:
-        raise UserError(f"--vae {vae_file} does not match the flow checkpoint {path} "
-                        f"({'; '.join(problems)}); pass the VAE it was trained with via --vae")
-    return model.to(device).eval().requires_grad_(False), vae, ckpt
-
-
-def _vae_mismatch(vae, cfg, image_size, info):
-    """What differs between a VAE and the one a flow model was trained with (empty: none)."""
-    vcfg, problems = vae.config, []
-    if vcfg.latent_channels != cfg.in_channels:
-        problems.append(f"latent channels {vcfg.latent_channels} vs {cfg.in_channels}")
-    lat_h, lat_w = image_size // vcfg.factor, image_size // vcfg.factor
-    if (lat_h, lat_w) != (cfg.height, cfg.width):
-        problems.append(f"latent size {lat_h}x{lat_w} vs {cfg.height}x{cfg.width}")
-    same_stats = (vae.latent_mean.shape == info["latent_mean"].shape
-                  and torch.allclose(vae.latent_mean.cpu(), info["latent_mean"], atol=1e-5)
-                  and torch.allclose(vae.latent_std.cpu(), info["latent_std"], atol=1e-5))
-    if not same_stats:
-        problems.append("latent statistics differ")
-    return problems
 
 
 def parse_args(argv=None):
@@ -152,7 +112,7 @@ def parse_args(argv=None):
                         "Default: the prompts the training run used for its sample grids")
     p.add_argument("--n", type=positive(int), default=8, help="images per prompt (one row)")
     p.add_argument("--steps", type=positive(int), default=50, help="Euler steps (model evaluations)")
-    p.add_argument("--cfg", type=float, default=4.0,
+    p.add_argument("--cfg", dest="cfg_scale", metavar="W", type=float, default=4.0,
                    help="guidance weight w: (1 - w) u(x|empty) + w u(x|y); 1 = no guidance")
     p.add_argument("--seed", type=seed_value, default=0, help="noise seed: same seed, same images")
     p.add_argument("--out", default="samples.png", help="output PNG")
@@ -177,12 +137,13 @@ def main(argv=None):
     _warn_truncated(prompts, model.config.max_prompt_len)
     model, _ = maybe_compile(model, device, args.compile)
     all_prompts = [p for p in prompts for _ in range(args.n)]
-    images = generate(model, vae, all_prompts, args.steps, args.cfg, args.seed, args.batch_size, amp)
+    images = generate(model, vae, all_prompts, args.steps, args.cfg_scale, args.seed,
+                      args.batch_size, amp)
     try:
         data_lib.save_grid(out, images, nrow=args.n)
     except OSError as e:
         raise UserError(f"--out {out}: cannot write ({e.strerror or e}); choose another path")
-    print(f"wrote {out}: {len(prompts)} prompts x {args.n} images, {args.steps} steps, cfg {args.cfg}")
+    print(f"wrote {out}: {len(prompts)} prompts x {args.n} images, {args.steps} steps, cfg {args.cfg_scale}")
     return 0
 
 

@@ -4,29 +4,29 @@
     python train_flow.py --data ~/photos --image-size 64 --vae runs/vae64/ckpt.pt
     torchrun --nproc_per_node=4 train_flow.py --preset B     # several GPUs (DDP)
 
-Slide "Latent Diffusion Models (LDMs) - Recipe":
-  1. Data: the images x_1..x_N (data.py).
-  2. Encoding: convert every image into a latent with the VAE encoder's *mean* (done once and
-     cached on disk, keyed by the VAE checkpoint, the data and the image size).
-  3. Latent data: z_1..z_N, normalised per channel with the VAE's latent statistics.
+Slide "Latent Diffusion Models (LDMs) - Recipe", one function per step:
+  1. Data: the images x_1..x_N (data.py), and the VAE that makes their latent space
+     (`ensure_vae`: with no --vae and no runs/vae/ckpt.pt, train_vae.py trains one first).
+  2. Encoding: convert every image into a latent with the VAE encoder's *mean* (`cached_latents`:
+     done once and cached on disk, keyed by the VAE checkpoint, the data and the image size).
+  3. Latent data: z_1..z_N, normalised per channel with the VAE's latent statistics
+     (`prepare_latents` returns them with the prompts).
   4. Latent diffusion model: a DiT trained with the CondOT flow matching loss (flow.py), with each
      prompt replaced by the empty prompt with probability 10% so that classifier-free guidance
      works, and training times t drawn logit-normal (Stable Diffusion 3's recipe; the lecture's
-     uniform t with --t-dist uniform).
+     uniform t with --t-dist uniform) (`train_dit`).
   5. Decoding: sample latents with the guided Euler sampler and decode them (sample.py); the run
-     writes a grid of EMA samples for fixed prompts every few hundred steps.
+     writes a grid of EMA samples for fixed prompts every few hundred steps (`sample_grid`).
 
-With no --vae and no runs/vae/ckpt.pt the VAE is trained first with train_vae.py's defaults, so
-`python train_flow.py` alone runs the whole recipe. Outputs under --out (default runs/flow):
-ckpt.pt (everything needed to resume exactly), samples_<step>.png, log.jsonl, latents.pt (cache).
+Outputs under --out (default runs/flow): ckpt.pt (everything needed to resume exactly),
+samples_<step>.png, log.jsonl, latents.pt (cache).
 """
 import argparse
-import dataclasses
 import hashlib
-import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,112 +34,87 @@ import torch.distributed as dist
 
 import data as data_lib
 import train_vae
-from dit import DiT, PRESETS, count_parameters, dit_config
-from embeddings import tokenize
+from checkpoint import (config_mismatch, load_checkpoint, load_vae, restore_training, rng_state,
+                        save_checkpoint, training_state)
+from common import (EMA, HelpFormatter, Progress, StopFlag, UserError, add_training_flags,
+                    autocast, by_device, check_finite, fraction, is_oom, maybe_compile, oom_error,
+                    pick_amp, pick_device, positive, prepare_out, run_main, setup_backends)
+from dit import PRESETS, DiT, DiTConfig, count_parameters, dit_config
+from embeddings import null_prompt, tokenize
 from flow import flow_matching_loss
 from sample import generate
-from train_vae import (EMA, FORMAT, FORMAT_VERSION, Progress, StopFlag, UserError, autocast,
-                       by_device, check_finite, config_mismatch, is_oom, load_checkpoint, load_vae,
-                       maybe_compile, oom_error, pick_amp, pick_device, prepare_out,
-                       restore_training, rng_state, save_checkpoint, setup_backends)
+from vae import VAE
 
 DEFAULT_VAE = "runs/vae/ckpt.pt"
 DEFAULTS = {"cpu": {"steps": 1500, "batch_size": 64, "lr": 5e-4, "preset": "tiny", "ema": 0.995},
             "cuda": {"steps": 50000, "batch_size": 256, "lr": 1e-4, "preset": "B", "ema": 0.9999}}
 N_SAMPLE_PROMPTS = 8
-# Which flag sets each DiT config field, for the --resume mismatch message ("" = the rest).
-RESUME_FLAGS = {"patch_size": "--patch-size", "input_size": "--image-size or the VAE",
-                "input_width": "--image-size or the VAE", "in_channels": "the VAE (--vae)",
-                "max_prompt_len": "the captions of --data", "": "--preset"}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Train a DiT flow model (CondOT flow matching, CFG) in a VAE's latent space.",
-        formatter_class=train_vae.HelpFormatter)
-    train_vae.add_common_flags(p, "runs/flow", by_device(DEFAULTS, "steps"),
-                               by_device(DEFAULTS, "batch_size") + " (global, split over ranks)",
-                               by_device(DEFAULTS, "lr"))
-    p.add_argument("--vae", default=None,
-                   help=f"VAE checkpoint from train_vae.py. Default: {DEFAULT_VAE}, trained first "
-                        f"(with train_vae.py's defaults) when it does not exist")
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help=f"DiT size. Default: {by_device(DEFAULTS, 'preset')}")
-    p.add_argument("--patch-size", type=train_vae.positive(int), default=2,
-                   help="DiT patch size p on the latent grid")
-    p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
-    p.add_argument("--ema-decay", type=train_vae.fraction, default=None,
-                   help=f"EMA decay of the weights (with warm-up). Default: {by_device(DEFAULTS, 'ema')}")
-    p.add_argument("--p-uncond", type=train_vae.fraction, default=0.1,
-                   help="probability of replacing a sample's prompt by the empty prompt (for CFG)")
-    p.add_argument("--t-dist", choices=["uniform", "logit_normal"], default="logit_normal",
-                   help="distribution of training times t: uniform on [0, 1], or logit-normal "
-                        "(SD3's; more samples at intermediate t), which gave clearly higher shape "
-                        "accuracy on the built-in data at the CPU budget (README, 'What limits "
-                        "shape accuracy')")
-    p.add_argument("--sample-every", type=train_vae.positive(int), default=1000,
-                   help="steps between EMA sample grids samples_<step>.png (and one at the end)")
-    p.add_argument("--sample-steps", type=train_vae.positive(int), default=50,
-                   help="Euler steps for the sample grids")
-    p.add_argument("--cfg", type=float, default=4.0, help="guidance weight for the sample grids")
-    return p.parse_args(argv)
+def train(args, rank, world, device):
+    """The recipe: latents (steps 1-3), then the DiT (step 4) with its sample grids (step 5)."""
+    setup_backends(device)
+    resolve_defaults(args, device, world)
+    amp = pick_amp(args.amp, device)
+    out = prepare_out(args.out) if rank == 0 else Path(args.out)
+    resume = load_checkpoint(out / "ckpt.pt", "flow", flag="--resume") if args.resume else None
+    latents = prepare_latents(args, out, resume, rank, world, device)
+    train_dit(args, latents, out, resume, amp, rank, world, device)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed (torchrun) helpers: one process per device, rank 0 does all file I/O.
+# Steps 1-3: data, VAE, latents
 
-def init_distributed(device_flag):
-    """(rank, world, device). Under torchrun: NCCL on CUDA, gloo on CPU."""
-    if "RANK" not in os.environ:
-        return 0, 1, pick_device(device_flag)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    device = pick_device(device_flag)
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+@dataclass
+class Latents:
+    """The training set in latent space: what the DiT learns from (recipe step 3)."""
+    z: torch.Tensor          # (N, C, h, w) encoder means, normalised per channel (~unit scale)
+    tokens: torch.Tensor     # (N, S) the captions as prompt tokens
+    name: str                # the data's name (data.ImageSet.name)
+    prompts: list            # fixed prompts of the sample grids
+    vae: VAE                 # the EMA VAE, to decode samples
+    vae_info: dict           # its path, sha1, config and latent statistics: kept in ckpt.pt
+    config: DiTConfig        # the DiT that fits these latents and prompts
 
 
-def barrier(world):
-    if world > 1:
-        dist.barrier()
+def prepare_latents(args, out, resume, rank, world, device):
+    """Steps 1-3: the data, its VAE, and the normalised latents of every training image."""
+    vae_path = ensure_vae(args, rank, world)
+    vae, vae_ckpt = load_vae(vae_path, device)
+    factor = vae.config.factor
+    if args.image_size % factor or (args.image_size // factor) % args.patch_size:
+        raise UserError(f"--image-size {args.image_size} must be divisible by the VAE factor "
+                        f"{factor} x patch size {args.patch_size} = {factor * args.patch_size}")
+    train_set = data_lib.load_dataset(args.data, args.image_size, "train",
+                                      n_builtin=args.n_builtin, seed=args.seed)
+    if rank == 0 and vae_ckpt.get("data") != train_set.name:
+        print(f"warning: the VAE {vae_path} was trained on {vae_ckpt.get('data')}, this run uses "
+              f"{train_set.name}; pass --vae with a VAE trained on these images if the samples "
+              f"look wrong", file=sys.stderr)
+    vae_sha1 = file_sha1(vae_path)
+    longest = max(len(c.encode("utf-8")) for c in train_set.captions) + 1   # + BOS
+    max_len = min(256, -(-longest // 8) * 8)                     # fit the data, multiple of 8
+    C, h = vae.config.latent_channels, args.image_size // factor  # latent grid (C, h, h)
+    config = dit_config(args.preset, input_size=h, in_channels=C, patch_size=args.patch_size,
+                        max_prompt_len=max_len)
+    if resume is not None:
+        _check_resumable(resume, config, vae_sha1, world, out / "ckpt.pt")   # before the slow work
 
-
-# ---------------------------------------------------------------------------------------------
-# Recipe step 2: latents, encoded once and cached
-
-def file_sha1(path):
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def cached_latents(cache_path, key, vae, images, device, write):
-    """Encoder means of all images, from the cache when its key, shape and count are right;
-    otherwise (missing, stale or corrupt) encoded again and, when `write`, saved atomically."""
-    vcfg = vae.config
-    shape = (images.shape[0], vcfg.latent_channels,
-             images.shape[2] // vcfg.factor, images.shape[3] // vcfg.factor)
-    if cache_path.exists():
-        try:
-            cache = torch.load(cache_path, map_location="cpu", weights_only=True)
-            if cache.get("key") == key and tuple(cache["mu"].shape) == shape \
-                    and cache.get("count") == shape[0]:
-                return cache["mu"]
-            reason = "stale (other VAE, data or size)"
-        except Exception as e:
-            reason = f"unreadable ({type(e).__name__})"
-        print(f"latent cache {cache_path} is {reason}; rebuilding it")
-    t0 = time.perf_counter()
-    mu = train_vae.encode_means(vae, images, device)
-    print(f"encoded {shape[0]} images to latents {tuple(shape[1:])} in {time.perf_counter() - t0:.1f}s")
-    if write:
-        save_checkpoint(cache_path, {"key": key, "mu": mu, "count": shape[0]})
-    return mu
+    data_key = data_lib.dataset_key(args.data, args.image_size, args.n_builtin, args.seed)
+    key = hashlib.sha1(f"{vae_sha1}|{data_key}".encode()).hexdigest()
+    if rank == 0:
+        mu = cached_latents(out / "latents.pt", key, vae, train_set.images, device, write=True)
+    barrier(world)
+    if rank != 0:
+        mu = cached_latents(out / "latents.pt", key, vae, train_set.images, device, write=False)
+    vae_info = {"path": str(Path(vae_path).resolve()), "sha1": vae_sha1,
+                "config": vae_ckpt["config"], "latent_mean": vae.latent_mean.cpu(),
+                "latent_std": vae.latent_std.cpu()}
+    return Latents(z=vae.normalize_latents(mu.to(device)),
+                   tokens=tokenize(train_set.captions, max_len).to(device),
+                   name=train_set.name, prompts=sample_prompts(train_set.captions), vae=vae,
+                   vae_info=vae_info, config=config)
 
 
 def ensure_vae(args, rank, world):
@@ -158,21 +133,47 @@ def ensure_vae(args, rank, world):
                      "--n-builtin", str(args.n_builtin)]
             flags += ["--data", args.data] if args.data else []
             flags += [] if args.compile is None else ["--compile" if args.compile else "--no-compile"]
-            vargs = train_vae.parse_args(flags)
-            device = pick_device(args.device)
-            d = train_vae.DEFAULTS[device.type]
-            vargs.steps, vargs.batch_size, vargs.lr = d["steps"], d["batch_size"], d["lr"]
-            train_vae.train_vae(vargs, device)
+            train_vae.main(flags)
         barrier(world)
     return DEFAULT_VAE
 
 
-# ---------------------------------------------------------------------------------------------
+def cached_latents(cache_path, key, vae, images, device, write):
+    """Encoder means of all images, from the cache when its key, shape and count are right;
+    otherwise (missing, stale or corrupt) encoded again and, when `write`, saved atomically."""
+    vae_config = vae.config
+    shape = (images.shape[0], vae_config.latent_channels,
+             images.shape[2] // vae_config.factor, images.shape[3] // vae_config.factor)
+    if cache_path.exists():
+        try:
+            cache = torch.load(cache_path, map_location="cpu", weights_only=True)
+            if cache.get("key") == key and tuple(cache["mu"].shape) == shape \
+                    and cache.get("count") == shape[0]:
+                return cache["mu"]
+            reason = "stale (other VAE, data or size)"
+        except Exception as e:
+            reason = f"unreadable ({type(e).__name__})"
+        print(f"latent cache {cache_path} is {reason}; rebuilding it")
+    t0 = time.perf_counter()
+    mu = train_vae.encode_means(vae, images, device)
+    print(f"encoded {shape[0]} images to latents {tuple(shape[1:])} in {time.perf_counter() - t0:.1f}s")
+    if write:
+        save_checkpoint(cache_path, {"key": key, "mu": mu, "count": shape[0]})
+    return mu
 
-def sample_prompts(train):
+
+def file_sha1(path):
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sample_prompts(captions):
     """Fixed prompts for the sample grids: distinct captions spread over the data ("" if none)."""
     seen = []
-    for caption in train.captions:
+    for caption in captions:
         if caption not in seen:
             seen.append(caption)
         if len(seen) == N_SAMPLE_PROMPTS:
@@ -180,74 +181,22 @@ def sample_prompts(train):
     return seen or [""]
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = init_distributed(args.device)
-    try:
-        return train(args, rank, world, device)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+# ---------------------------------------------------------------------------------------------
+# Step 4: the DiT, trained with the CondOT flow matching loss (step 5's grids on the way)
 
-
-def train(args, rank, world, device):
-    setup_backends(device)
-    d = DEFAULTS[device.type]
-    args.steps = args.steps or d["steps"]
-    args.batch_size = args.batch_size or d["batch_size"]
-    args.lr = args.lr or d["lr"]
-    args.preset = args.preset or d["preset"]
-    args.ema_decay = d["ema"] if args.ema_decay is None else args.ema_decay
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    local_batch = args.batch_size // world
-    amp = pick_amp(args.amp, device)
-    out = prepare_out(args.out) if rank == 0 else Path(args.out)
+def train_dit(args, latents, out, resume, amp, rank, world, device):
+    """Train (or resume) the DiT on the latents; writes ckpt.pt, log.jsonl and sample grids."""
     ckpt_path = out / "ckpt.pt"
-    resume = load_checkpoint(ckpt_path, "flow", flag="--resume") if args.resume else None
+    local_batch = args.batch_size // world
+    shard = torch.arange(rank, len(latents.z), world, device=device)    # this rank's examples
+    null = null_prompt(latents.tokens.shape[1]).to(device)               # (1, S): the empty prompt
 
-    # Steps 1-3: data, VAE, latents.
-    vae_path = ensure_vae(args, rank, world)
-    vae, vae_ckpt = load_vae(vae_path, device)
-    vcfg = vae.config
-    if args.image_size % vcfg.factor or (args.image_size // vcfg.factor) % args.patch_size:
-        raise UserError(f"--image-size {args.image_size} must be divisible by the VAE factor "
-                        f"{vcfg.factor} x patch size {args.patch_size} = "
-                        f"{vcfg.factor * args.patch_size}")
-    train_set = data_lib.load_dataset(args.data, args.image_size, "train",
-                                      n_builtin=args.n_builtin, seed=args.seed)
-    if rank == 0 and vae_ckpt.get("data") != train_set.name:
-        print(f"warning: the VAE {vae_path} was trained on {vae_ckpt.get('data')}, this run uses "
-              f"{train_set.name}; pass --vae with a VAE trained on these images if the samples "
-              f"look wrong", file=sys.stderr)
-    vae_sha1 = file_sha1(vae_path)
-    longest = max(len(c.encode("utf-8")) for c in train_set.captions) + 1   # + BOS
-    max_len = min(256, -(-longest // 8) * 8)                     # fit the data, multiple of 8
-    C, h = vcfg.latent_channels, args.image_size // vcfg.factor  # latent grid (C, h, h)
-    cfg = dit_config(args.preset, input_size=h, in_channels=C, patch_size=args.patch_size,
-                     max_prompt_len=max_len)
-    if resume is not None:
-        _check_resumable(resume, cfg, vae_sha1, world, ckpt_path)   # before the slow work
-
-    key = hashlib.sha1(f"{vae_sha1}|{data_lib.dataset_key(args.data, args.image_size, args.n_builtin, args.seed)}"
-                       .encode()).hexdigest()
-    if rank == 0:
-        mu = cached_latents(out / "latents.pt", key, vae, train_set.images, device, write=True)
-    barrier(world)
-    if rank != 0:
-        mu = cached_latents(out / "latents.pt", key, vae, train_set.images, device, write=False)
-    z_all = vae.normalize_latents(mu.to(device))                 # (N, C, h, w), ~unit scale
-    tokens_all = tokenize(train_set.captions, max_len).to(device)  # (N, S)
-    shard = torch.arange(rank, len(train_set), world, device=device)   # this rank's examples
-
-    # Step 4: the DiT.
     torch.manual_seed(args.seed)
-    model = DiT(cfg).to(device)
+    model = DiT(latents.config).to(device)
     ema = EMA(model, args.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     step = 0
-    prompts = sample_prompts(train_set)
     if resume is not None:
         step = restore_training(resume, model, ema, opt, scaler, resume["rng"][rank])
         if rank == 0:
@@ -256,8 +205,9 @@ def train(args, rank, world, device):
         torch.manual_seed(args.seed + rank)                       # per-rank data order and noise
 
     if rank == 0:
+        C, h, w = latents.z.shape[1:]
         print(f"DiT-{args.preset}/{args.patch_size} ({count_parameters(model) / 1e6:.2f}M params) on "
-              f"{C}x{h}x{h} latents of {len(train_set)} images ({train_set.name}), device {device}"
+              f"{C}x{h}x{w} latents of {len(latents.z)} images ({latents.name}), device {device}"
               f"{f' x{world}' if world > 1 else ''}, amp {amp}, batch {args.batch_size}")
     net = model
     if world > 1:
@@ -265,30 +215,14 @@ def train(args, rank, world, device):
             model, device_ids=[device.index] if device.type == "cuda" else None)
     net, _ = maybe_compile(net, device, args.compile)
 
-    def checkpoint():
-        rngs = [rng_state()]
-        if world > 1:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state())
-        return {"format": FORMAT, "version": FORMAT_VERSION, "kind": "flow", "step": step,
-                "config": cfg.to_dict(), "model": model.state_dict(), "ema": ema.model.state_dict(),
-                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-                "image_size": args.image_size, "data": train_set.name, "sample_prompts": prompts,
-                "vae": {"path": str(Path(vae_path).resolve()), "sha1": vae_sha1,
-                        "config": vae_ckpt["config"], "latent_mean": vae.latent_mean.cpu(),
-                        "latent_std": vae.latent_std.cpu()},
-                "args": {k: v for k, v in vars(args).items()}}
-
-    def save():
-        state = checkpoint()                       # collective under DDP: every rank takes part
+    def save():                                    # collective under DDP: every rank takes part
+        state = run_state(args, latents, step, model, ema, opt, scaler, world)
         if rank == 0:
             save_checkpoint(ckpt_path, state)
 
-    def sample_grid():
+    def grid():
         if rank == 0:
-            rows = [p for p in prompts for _ in range(8)]
-            images = generate(ema.model, vae, rows, args.sample_steps, args.cfg, seed=0, amp=amp)
-            data_lib.save_grid(out / f"samples_{step:06d}.png", images, nrow=8)
+            sample_grid(out / f"samples_{step:06d}.png", ema.model, latents, args, amp)
 
     stopper = StopFlag()
     progress = Progress(out / "log.jsonl" if rank == 0 else None, args.steps, step, args.batch_size)
@@ -301,8 +235,8 @@ def train(args, rank, world, device):
             idx = shard[torch.randint(len(shard), (local_batch,), device=device)]
             try:
                 with autocast(device, amp):
-                    loss = flow_matching_loss(net, z_all[idx], tokens_all[idx], args.p_uncond,
-                                              args.t_dist)
+                    loss = flow_matching_loss(net, latents.z[idx], latents.tokens[idx], null,
+                                              args.p_uncond, args.t_dist)
                 scaler.scale(loss).backward()
             except (RuntimeError, MemoryError) as e:
                 if is_oom(e):
@@ -327,7 +261,7 @@ def train(args, rank, world, device):
                 check_finite(_all_ranks(loss_sum, world), step, ckpt_path, model)
                 save()
             if step % args.sample_every == 0 and step < args.steps:
-                sample_grid()
+                grid()
     finally:
         stopper.restore()
     check_finite(_all_ranks(loss_sum, world), step, ckpt_path, model)
@@ -337,7 +271,7 @@ def train(args, rank, world, device):
             print(f"saved {ckpt_path} at step {step}; resume with: python train_flow.py --resume "
                   f"--out {args.out} (plus your other flags)", file=sys.stderr)
         sys.exit(130)
-    sample_grid()
+    grid()
     if world > 1:
         _check_ranks_agree(model, world, rank)
     if rank == 0:
@@ -345,12 +279,92 @@ def train(args, rank, world, device):
         print(f"done: {step} steps in {minutes:.1f} min; wrote {ckpt_path} and "
               f"{out / f'samples_{step:06d}.png'}")
         print(f"sample more with: python sample.py --ckpt {ckpt_path} --prompt \"...\"")
-    return 0
 
 
-def _check_resumable(ckpt, cfg, vae_sha1, world, ckpt_path):
+def run_state(args, latents, step, model, ema, opt, scaler, world):
+    """The flow checkpoint: training state (every rank's RNG), plus what sampling needs."""
+    rngs = [rng_state()]
+    if world > 1:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng_state())
+    return training_state("flow", step, latents.config.to_dict(), model, ema, opt, scaler, rngs,
+                          image_size=args.image_size, data=latents.name,
+                          sample_prompts=latents.prompts, vae=latents.vae_info,
+                          args=dict(vars(args)))
+
+
+def sample_grid(path, model, latents, args, amp):
+    """Step 5: 8 EMA samples per fixed prompt, one row each, decoded by the VAE."""
+    rows = [p for p in latents.prompts for _ in range(8)]
+    images = generate(model, latents.vae, rows, args.sample_steps, args.cfg_scale, seed=0, amp=amp)
+    data_lib.save_grid(path, images, nrow=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Train a DiT flow model (CondOT flow matching, CFG) in a VAE's latent space.",
+        formatter_class=HelpFormatter)
+    add_training_flags(p, "runs/flow", by_device(DEFAULTS, "steps"),
+                       by_device(DEFAULTS, "batch_size") + " (global, split over ranks)",
+                       by_device(DEFAULTS, "lr"))
+    p.add_argument("--vae", default=None,
+                   help=f"VAE checkpoint from train_vae.py. Default: {DEFAULT_VAE}, trained first "
+                        f"(with train_vae.py's defaults) when it does not exist")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help=f"DiT size. Default: {by_device(DEFAULTS, 'preset')}")
+    p.add_argument("--patch-size", type=positive(int), default=2,
+                   help="DiT patch size p on the latent grid")
+    p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
+    p.add_argument("--ema-decay", type=fraction, default=None,
+                   help=f"EMA decay of the weights (with warm-up). Default: {by_device(DEFAULTS, 'ema')}")
+    p.add_argument("--p-uncond", type=fraction, default=0.1,
+                   help="probability of replacing a sample's prompt by the empty prompt (for CFG)")
+    p.add_argument("--t-dist", choices=["uniform", "logit_normal"], default="logit_normal",
+                   help="distribution of training times t: uniform on [0, 1] (the lecture's), or "
+                        "logit-normal (SD3's: more samples at intermediate t)")
+    p.add_argument("--sample-every", type=positive(int), default=1000,
+                   help="steps between EMA sample grids samples_<step>.png (and one at the end)")
+    p.add_argument("--sample-steps", type=positive(int), default=50,
+                   help="Euler steps for the sample grids")
+    p.add_argument("--cfg", dest="cfg_scale", metavar="W", type=float, default=4.0,
+                   help="guidance weight for the sample grids")
+    return p.parse_args(argv)
+
+
+def resolve_defaults(args, device, world):
+    """Fill the per-device defaults of the flags left unset."""
+    d = DEFAULTS[device.type]
+    args.steps = args.steps or d["steps"]
+    args.batch_size = args.batch_size or d["batch_size"]
+    args.lr = args.lr or d["lr"]
+    args.preset = args.preset or d["preset"]
+    args.ema_decay = d["ema"] if args.ema_decay is None else args.ema_decay
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = init_distributed(args.device)
+    try:
+        return train(args, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+# Which flag sets each DiT config field, for the --resume mismatch message ("" = the rest).
+RESUME_FLAGS = {"patch_size": "--patch-size", "input_size": "--image-size or the VAE",
+                "input_width": "--image-size or the VAE", "in_channels": "the VAE (--vae)",
+                "max_prompt_len": "the captions of --data", "": "--preset"}
+
+
+def _check_resumable(ckpt, config, vae_sha1, world, ckpt_path):
     """Refuse to resume a run whose model, VAE or number of processes differs from now."""
-    diff = config_mismatch(ckpt["config"], cfg.to_dict(), RESUME_FLAGS)
+    diff = config_mismatch(ckpt["config"], config.to_dict(), RESUME_FLAGS)
     if diff:
         raise UserError(f"--resume {ckpt_path}: model configuration differs ({diff}); use the "
                         f"same flags or another --out")
@@ -360,6 +374,28 @@ def _check_resumable(ckpt, cfg, vae_sha1, world, ckpt_path):
     if len(ckpt["rng"]) != world:
         raise UserError(f"--resume {ckpt_path}: saved by {len(ckpt['rng'])} processes, now {world}; "
                         f"resume with the same number of processes")
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes (torchrun): one per device, rank 0 does all file I/O
+
+def init_distributed(device_flag):
+    """(rank, world, device). Under torchrun: NCCL on CUDA, gloo on CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_flag)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    device = pick_device(device_flag)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
 
 
 def _all_ranks(loss_sum, world):
@@ -392,4 +428,4 @@ def _check_ranks_agree(model, world, rank):
 
 
 if __name__ == "__main__":
-    sys.exit(train_vae.run_main(main))
+    sys.exit(run_main(main))

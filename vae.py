@@ -28,14 +28,8 @@ nearest-neighbour x2 + conv up, and one self-attention block at the lowest resol
 live in [-1, 1]; the decoder output is left unsquashed (no tanh), it is the Gaussian mean
 mu_theta(z) of Algorithm 7. Non-square images work as long as H and W are divisible by f.
 
-Offers:
-    VAEConfig, VAE_PRESETS, vae_preset(name, image_size=None)
-    VAE(config): encode(x) -> (mu, logvar), reparameterize(mu, logvar), decode(z),
-                 forward(x) -> (x_hat, mu, logvar), set_latent_stats(mean, std),
-                 normalize_latents(z), denormalize_latents(z)
-    latent_stats(mu_batches) -> (mean (C,), std (C,))
-    vae_loss(x, x_hat, mu, logvar, beta, sigma) -> (total, recon, kl)
-    DEFAULT_BETA, DEFAULT_SIGMA, count_parameters(module)
+Offers: DEFAULT_BETA, DEFAULT_SIGMA, VAEConfig, VAE_PRESETS, vae_preset, ResBlock, AttnBlock,
+Downsample, Upsample, Encoder, Decoder, VAE, latent_stats, vae_loss
 """
 import dataclasses
 from dataclasses import dataclass
@@ -107,7 +101,7 @@ class VAEConfig:
 
 
 VAE_PRESETS = {
-    # 32 px -> 8 x 8 x 4 (f = 4): sized for ~4 minutes of training on 2 CPU cores.
+    # 32 px -> 8 x 8 x 4 (f = 4): small enough to train on a CPU.
     "32": VAEConfig(image_size=32, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1,
                     attn_heads=1, groups=8),
     # 64 px -> 16 x 16 x 4 (f = 4): same network, larger images.
@@ -123,8 +117,8 @@ def vae_preset(name, image_size=None):
     """A fresh copy of VAE_PRESETS[name], optionally for another image size."""
     if name not in VAE_PRESETS:
         raise ValueError(f"unknown VAE preset {name!r}; choose from {sorted(VAE_PRESETS)}")
-    cfg = VAE_PRESETS[name]
-    return dataclasses.replace(cfg, image_size=image_size or cfg.image_size)
+    config = VAE_PRESETS[name]
+    return dataclasses.replace(config, image_size=image_size or config.image_size)
 
 
 # -----------------------------------------------------------------------------
@@ -194,9 +188,10 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _mid_block(ch, cfg):
-    return nn.Sequential(ResBlock(ch, ch, cfg.groups), AttnBlock(ch, cfg.attn_heads, cfg.groups),
-                         ResBlock(ch, ch, cfg.groups))
+def _mid_block(ch, config):
+    return nn.Sequential(ResBlock(ch, ch, config.groups),
+                         AttnBlock(ch, config.attn_heads, config.groups),
+                         ResBlock(ch, ch, config.groups))
 
 
 # -----------------------------------------------------------------------------
@@ -205,21 +200,21 @@ def _mid_block(ch, cfg):
 class Encoder(nn.Module):
     """x (B, 3, H, W) -> (mu, logvar) parameters, stacked: (B, 2k, H/f, W/f)."""
 
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        chs = [cfg.base_channels * m for m in cfg.channel_mults]
-        self.conv_in = nn.Conv2d(cfg.image_channels, chs[0], 3, padding=1)
+        chs = [config.base_channels * m for m in config.channel_mults]
+        self.conv_in = nn.Conv2d(config.image_channels, chs[0], 3, padding=1)
         blocks, ch = [], chs[0]
         for level, out_ch in enumerate(chs):
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(ch, out_ch, cfg.groups))
+            for _ in range(config.num_res_blocks):
+                blocks.append(ResBlock(ch, out_ch, config.groups))
                 ch = out_ch
             if level != len(chs) - 1:
                 blocks.append(Downsample(ch))
         self.down = nn.Sequential(*blocks)
-        self.mid = _mid_block(ch, cfg)
-        self.norm_out = nn.GroupNorm(cfg.groups, ch, eps=1e-6)
-        self.conv_out = nn.Conv2d(ch, 2 * cfg.latent_channels, 3, padding=1)
+        self.mid = _mid_block(ch, config)
+        self.norm_out = nn.GroupNorm(config.groups, ch, eps=1e-6)
+        self.conv_out = nn.Conv2d(ch, 2 * config.latent_channels, 3, padding=1)
 
     def forward(self, x):                                   # (B, 3, H, W)
         h = self.conv_in(x)                                 # (B, c0, H, W)
@@ -231,22 +226,22 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """z (B, k, h, w) -> x_hat (B, 3, h*f, w*f): the mean mu_theta(z), no output squashing."""
 
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        chs = [cfg.base_channels * m for m in cfg.channel_mults]
+        chs = [config.base_channels * m for m in config.channel_mults]
         ch = chs[-1]
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch, 3, padding=1)
-        self.mid = _mid_block(ch, cfg)
+        self.conv_in = nn.Conv2d(config.latent_channels, ch, 3, padding=1)
+        self.mid = _mid_block(ch, config)
         blocks = []
         for level in reversed(range(len(chs))):
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(ch, chs[level], cfg.groups))
+            for _ in range(config.num_res_blocks):
+                blocks.append(ResBlock(ch, chs[level], config.groups))
                 ch = chs[level]
             if level != 0:
                 blocks.append(Upsample(ch))
         self.up = nn.Sequential(*blocks)
-        self.norm_out = nn.GroupNorm(cfg.groups, ch, eps=1e-6)
-        self.conv_out = nn.Conv2d(ch, cfg.image_channels, 3, padding=1)
+        self.norm_out = nn.GroupNorm(config.groups, ch, eps=1e-6)
+        self.conv_out = nn.Conv2d(ch, config.image_channels, 3, padding=1)
 
     def forward(self, z):                                   # (B, k, h, w)
         h = self.conv_in(z)                                 # (B, cL, h, w)
@@ -358,16 +353,10 @@ def vae_loss(x, x_hat, mu, logvar, beta=DEFAULT_BETA, sigma=DEFAULT_SIGMA):
         2 sigma^2 * total = 1/B sum_i ||x_i - x_hat_i||^2 + lambda * kl,
 
     a sum-of-squared-errors reconstruction traded against lambda nats of KL. (sigma alone only
-    rescales the gradient, i.e. the effective learning rate.)
-
-    Defaults: sigma = 0.1 (the decoder's pixel-noise std in [-1, 1] units, i.e. 0.05 on a
-    [0, 1] scale, about 26 dB of "noise" per pixel) and beta = 0.025, so lambda = 5e-4: one nat
-    of latent information is worth 5e-4 of summed squared error. A 32 px image at 30 dB PSNR
-    has mean squared error 4e-3 per value in [-1, 1] units, ||x - x_hat||^2 ~ 12 over 3072
-    values, so the KL (a few hundred nats for an 8x8x4 latent) costs a few percent of the
-    reconstruction term there: it does not blur the images, yet it keeps the posterior noise
-    from collapsing (logvar ~ log(lambda / (2 * decoder gain^2)), not -30) and pulls the means
-    towards 0, so the decoder must be smooth around each latent.
+    rescales the gradient, i.e. the effective learning rate.) The defaults (sigma = 0.1 in the
+    [-1, 1] units of the images, beta = 0.025, so lambda = 5e-4) make the KL a few percent of the
+    reconstruction term: it does not blur the images, yet keeps the posterior noise from
+    collapsing and pulls the means towards 0 (README, "The beta-VAE's constants").
 
     Computed in float32 with autocast off: exp(logvar) for logvar = 20 is 4.9e8, which
     overflows float16 and loses precision in bfloat16.
@@ -381,7 +370,3 @@ def vae_loss(x, x_hat, mu, logvar, beta=DEFAULT_BETA, sigma=DEFAULT_SIGMA):
         total = recon + beta * kl
     return total, recon, kl
 
-
-def count_parameters(module):
-    """Number of parameters (weights and biases) of a module; buffers not included."""
-    return sum(p.numel() for p in module.parameters())

@@ -1,16 +1,11 @@
 """Tests for bench.py: the FLOP counting, the throughput/MFU arithmetic, the timing loop (with a
 fake clock), the mode sweep, and one tiny end-to-end run of the command line."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import bench
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_count_flops_of_a_matmul_is_exactly_2mnk():
@@ -84,11 +79,9 @@ def test_table_shows_missing_values_as_dashes_and_failures():
     assert "-" in lines[2] and "FAILED: RuntimeError: x" in lines[2]
 
 
-def test_cli_dit_tiny_prints_one_json_object_with_positive_throughput():
-    cmd = [sys.executable, "bench.py", "--what", "dit", "--preset", "tiny", "--batch", "4",
-           "--latent-size", "4", "--repeats", "2", "--warmup", "1", "--device", "cpu", "--json"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+def test_cli_dit_tiny_prints_one_json_object_with_positive_throughput(run):
+    proc = run("bench.py", "--what", "dit", "--preset", "tiny", "--batch", "4", "--latent-size", "4",
+               "--repeats", "2", "--warmup", "1", "--device", "cpu", "--json", timeout=120)
     report = json.loads(proc.stdout)
     assert report["device_type"] == "cpu" and report["peaks"]["fp32"] > 0
     (row,) = report["rows"]

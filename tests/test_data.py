@@ -1,7 +1,6 @@
-"""Tests for data.py: the shapes dataset, the attribute checker, folder loading and splits."""
+"""Tests for data.py: image sets, grids, the built-in splits, folder loading and cache keys."""
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,41 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import (BACKGROUNDS, COLORS, SHAPES, SIZES, DataError, ImageSet,  # noqa: E402
-                  attributes_to_caption, build_shapes, dataset_key, from_model_range,
-                  images_to_grid, load_dataset, load_folder, parse_caption, read_attributes,
-                  render_shape_image, save_grid, score_attributes, to_model_range)
-
-
-@pytest.fixture(scope="module")
-def shapes32():
-    return build_shapes(2000, seed=3, image_size=32)
-
-
-# -----------------------------------------------------------------------------
-# the shapes dataset
-
-def test_render_is_deterministic_from_seed_and_index():
-    a, cap_a, attrs_a = render_shape_image(5, 17)
-    b, cap_b, attrs_b = render_shape_image(5, 17)
-    assert a.mode == "RGB" and a.size == (32, 32)
-    assert np.array_equal(np.asarray(a), np.asarray(b))
-    assert cap_a == cap_b and attrs_a == attrs_b
-
-
-def test_render_differs_across_index_and_seed():
-    base = np.asarray(render_shape_image(5, 17)[0])
-    assert not np.array_equal(base, np.asarray(render_shape_image(5, 18)[0]))
-    assert not np.array_equal(base, np.asarray(render_shape_image(6, 17)[0]))
-
-
-def test_render_sizes_64_and_rejects_bad_sizes():
-    img, _, _ = render_shape_image(0, 0, image_size=64)
-    assert img.size == (64, 64)
-    for bad in (20, 8, 136):
-        with pytest.raises(DataError, match="multiple of 8"):
-            render_shape_image(0, 0, image_size=bad)
+from data import (DataError, build_shapes, dataset_key, from_model_range, images_to_grid,
+                  load_dataset, load_folder, save_grid, to_model_range)
+from shapes import render_shape_image
 
 
 def test_build_shapes_equals_render_and_makes_uint8_nchw():
@@ -53,123 +20,9 @@ def test_build_shapes_equals_render_and_makes_uint8_nchw():
     img, cap, attrs = render_shape_image(2, 4, 32)
     assert torch.equal(s.images[4], torch.from_numpy(np.array(img)).permute(2, 0, 1))
     assert s.captions[4] == cap and s.attributes[4] == attrs
+    with pytest.raises(DataError, match="multiple of 8"):     # a user mistake, not a crash
+        build_shapes(2, image_size=20)
 
-
-def test_caption_parses_back_to_the_attributes(shapes32):
-    for caption, attrs in zip(shapes32.captions, shapes32.attributes):
-        assert parse_caption(caption) == attrs
-        assert attributes_to_caption(attrs) == caption
-    assert shapes32.captions[0].startswith("a ") and shapes32.captions[0].endswith("background")
-    assert parse_caption("a photo of a cat") is None
-    assert parse_caption("a small red blob on a white background") is None
-
-
-def test_caption_examples_have_the_documented_form():
-    one = {"background": "white", "objects": [
-        {"shape": "circle", "color": "red", "size": "small", "position": "center"}]}
-    two = {"background": "white", "objects": [
-        {"shape": "circle", "color": "red", "size": "small", "position": "left"},
-        {"shape": "square", "color": "blue", "size": "large", "position": "right"}]}
-    assert attributes_to_caption(one) == "a small red circle on a white background"
-    assert attributes_to_caption(two) == \
-        "a small red circle left of a large blue square on a white background"
-
-
-def test_every_shape_colour_size_background_and_count_occurs(shapes32):
-    objs = [o for a in shapes32.attributes for o in a["objects"]]
-    assert len(SHAPES) >= 5 and len(COLORS) == 8 and len(SIZES) == 2 and len(BACKGROUNDS) >= 3
-    assert {o["shape"] for o in objs} == set(SHAPES)
-    assert {o["color"] for o in objs} == set(COLORS)
-    assert {o["size"] for o in objs} == set(SIZES)
-    assert {a["background"] for a in shapes32.attributes} == set(BACKGROUNDS)
-    counts = [len(a["objects"]) for a in shapes32.attributes]
-    assert set(counts) == {1, 2} and 0.4 < counts.count(1) / len(counts) < 0.6
-
-
-def test_two_objects_are_ordered_left_right_and_do_not_touch(shapes32):
-    for i in range(300):
-        attrs = shapes32.attributes[i]
-        if len(attrs["objects"]) != 2:
-            continue
-        assert [o["position"] for o in attrs["objects"]] == ["left", "right"]
-        bg = torch.tensor(BACKGROUNDS[attrs["background"]], dtype=torch.int32)
-        differs = (shapes32.images[i].permute(1, 2, 0).int() - bg).abs().sum(-1) > 0  # (H, W)
-        cols = differs.any(0)
-        assert not cols[15:17].all(), "expected empty columns between the two objects"
-
-
-def test_palette_colours_are_far_apart_and_far_from_backgrounds():
-    cols = np.array(list(COLORS.values()), dtype=float)
-    bgs = np.array(list(BACKGROUNDS.values()), dtype=float)
-    pair = np.linalg.norm(cols[:, None] - cols[None], axis=-1) + 1e9 * np.eye(len(cols))
-    assert pair.min() > 80
-    assert np.linalg.norm(cols[:, None] - bgs[None], axis=-1).min() > 100
-
-
-# -----------------------------------------------------------------------------
-# the attribute checker
-
-def _accuracy(images, attributes):
-    totals = {}
-    for img, target in zip(images, attributes):
-        for k, v in score_attributes(read_attributes(img), target).items():
-            totals[k] = totals.get(k, 0.0) + v
-    return {k: v / len(attributes) for k, v in totals.items()}
-
-
-def test_checker_is_99_percent_right_on_600_images_at_32px(shapes32):
-    acc = _accuracy(shapes32.images[:600], shapes32.attributes[:600])
-    assert set(acc) == {"shape", "color", "size", "count", "background", "position"}
-    assert min(acc.values()) >= 0.99, acc
-
-
-def test_checker_is_99_percent_right_on_120_images_at_64px():
-    s = build_shapes(120, seed=9, image_size=64)
-    acc = _accuracy(s.images, s.attributes)
-    assert min(acc.values()) >= 0.99, acc
-
-
-def test_checker_tolerates_mild_noise(shapes32):
-    g = torch.Generator().manual_seed(0)
-    noisy = (shapes32.images[:200].float() + 8 * torch.randn(200, 3, 32, 32, generator=g))
-    noisy = noisy.clamp(0, 255).round().to(torch.uint8)
-    acc = _accuracy(noisy, shapes32.attributes[:200])
-    assert min(acc.values()) >= 0.95, acc
-
-
-def test_checker_gives_same_answer_for_pil_numpy_and_torch_inputs():
-    img, _, attrs = render_shape_image(1, 3)
-    hwc = np.array(img)
-    chw = torch.from_numpy(hwc).permute(2, 0, 1)
-    assert read_attributes(img) == read_attributes(hwc) == read_attributes(chw) == attrs
-
-
-def test_checker_does_not_raise_on_noise_and_finds_nothing_on_uniform_images():
-    rng = np.random.default_rng(0)
-    for size in (32, 64):
-        out = read_attributes(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
-        assert isinstance(out, dict) and "objects" in out
-    for rgb in [(255, 255, 255), (0, 0, 0), (77, 200, 13)]:
-        out = read_attributes(np.full((32, 32, 3), rgb, dtype=np.uint8))
-        assert out["objects"] == []
-    assert read_attributes(np.full((32, 32, 3), 255, np.uint8))["background"] == "white"
-
-
-def test_score_attributes_counts_matches_in_order():
-    target = parse_caption("a small red circle left of a large blue square on a white background")
-    perfect = score_attributes(target, target)
-    assert perfect == {k: 1.0 for k in perfect} and len(perfect) == 6
-    wrong = {"background": "black", "objects": [dict(target["objects"][0])]}
-    s = score_attributes(wrong, target)
-    assert s["count"] == 0.0 and s["background"] == 0.0
-    assert s["shape"] == s["color"] == s["size"] == 0.5
-    empty = {"background": "white", "objects": []}
-    assert score_attributes(empty, empty)["shape"] == 1.0
-    assert score_attributes(target, empty)["count"] == 0.0
-
-
-# -----------------------------------------------------------------------------
-# ImageSet and grids
 
 def test_imageset_subset_and_model_range_round_trip():
     s = build_shapes(6, seed=0)
@@ -193,9 +46,6 @@ def test_grid_has_two_pixel_padding_and_accepts_float(tmp_path):
     save_grid(tmp_path / "out" / "grid.png", s.images, nrow=5)
     assert Image.open(tmp_path / "out" / "grid.png").size == (5 * 32 + 4 * 2, 32)
 
-
-# -----------------------------------------------------------------------------
-# folder dataset
 
 def _save(img: Image.Image, path: Path, **kw):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,8 +89,7 @@ def image_folder(tmp_path):
     return root
 
 
-def test_folder_converts_every_mode_to_rgb_and_skips_bad_files_with_one_warning(
-        image_folder, capsys):
+def test_folder_converts_every_mode_to_rgb_and_skips_bad_files_with_one_warning(image_folder, capsys):
     s = load_folder(image_folder, 16)
     warning = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(warning) == 1 and "skipped 2 unreadable" in warning[0], warning
@@ -292,9 +141,6 @@ def test_folder_mistakes_raise_data_error_naming_problem_and_fix(tmp_path, setup
     assert "--data" in str(e.value) and "built-in shapes" in str(e.value)
     assert "\n" not in str(e.value)
 
-
-# -----------------------------------------------------------------------------
-# load_dataset and splits
 
 def test_builtin_train_and_test_are_disjoint_and_deterministic():
     train = load_dataset(None, 32, "train", n_builtin=300, seed=4)

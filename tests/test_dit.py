@@ -11,22 +11,13 @@ SMALL = dict(dim=64, depth=2, heads=2, prompt_dim=32, prompt_heads=2, prompt_dep
              max_prompt_len=16, time_dim=64, input_size=8, in_channels=4, patch_size=2)
 
 
-@pytest.fixture
-def one_thread():
-    """Many tiny ops: on a shared 2-core machine intra-op threading makes them ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _inputs(B=3, cfg=None, seed=0):
-    cfg = cfg or DiTConfig(**SMALL)
+def _inputs(B=3, config=None, seed=0):
+    config = config or DiTConfig(**SMALL)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, cfg.in_channels, cfg.height, cfg.width, generator=g)
+    x = torch.randn(B, config.in_channels, config.height, config.width, generator=g)
     t = torch.rand(B, generator=g)
     prompts = ["a red circle", "", "green triangle on blue", "x", "🐈 cat"][:B]
-    return x, t, tokenize(prompts, cfg.max_prompt_len)
+    return x, t, tokenize(prompts, config.max_prompt_len)
 
 
 def test_new_model_outputs_exact_zero():
@@ -119,11 +110,11 @@ def test_condition_differs_materially_between_t0_and_t1_at_init():
 
 def test_non_square_latents_give_output_of_input_shape():
     torch.manual_seed(5)
-    cfg = DiTConfig(**{**SMALL, "input_size": 8, "input_width": 4})
-    model = DiT(cfg)
+    config = DiTConfig(**{**SMALL, "input_size": 8, "input_width": 4})
+    model = DiT(config)
     for p in model.parameters():                  # leave the zero init, so the shape is not 0 * x
         p.data.normal_(0, 0.05)
-    x, t, tokens = _inputs(B=2, cfg=cfg)
+    x, t, tokens = _inputs(B=2, config=config)
     out = model(x, t, tokens)
     assert out.shape == (2, 4, 8, 4)
     assert out.abs().max() > 0
@@ -147,9 +138,9 @@ def test_preset_table_lists_dit_widths_depths_heads_and_growing_sizes():
 
 
 def test_dit_config_dict_round_trip_and_unknown_field_error():
-    cfg = dit_config("S", input_size=16, input_width=8, qk_norm=True)
-    d = cfg.to_dict()
-    assert DiTConfig.from_dict(d) == cfg
+    config = dit_config("S", input_size=16, input_width=8, qk_norm=True)
+    d = config.to_dict()
+    assert DiTConfig.from_dict(d) == config
     assert DiTConfig.from_dict(PRESETS["tiny"].to_dict()) == PRESETS["tiny"]
     with pytest.raises(ValueError, match="colour"):
         DiTConfig.from_dict({**d, "colour": 3})
@@ -160,11 +151,11 @@ def test_dit_config_dict_round_trip_and_unknown_field_error():
 @pytest.mark.slow
 def test_tiny_dit_compiles_fullgraph_and_matches_eager():
     torch.manual_seed(6)
-    cfg = DiTConfig(**{**SMALL, "prompt_depth": 2})
-    model = DiT(cfg).eval()
+    config = DiTConfig(**{**SMALL, "prompt_depth": 2})
+    model = DiT(config).eval()
     for p in model.parameters():                  # non-zero weights, so the comparison has content
         p.data.normal_(0, 0.1)
-    x, t, tokens = _inputs(B=2, cfg=cfg)
+    x, t, tokens = _inputs(B=2, config=config)
     compiled = torch.compile(model, fullgraph=True)   # fullgraph: a graph break raises
     with torch.no_grad():
         eager = model(x, t, tokens)

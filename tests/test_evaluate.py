@@ -1,275 +1,243 @@
-"""Tests for evaluate.py: each metric against a closed form or a brute-force version."""
+"""Tests for evaluate.py: the command line end to end on checkpoints trained here in seconds,
+prompt accuracy, the real sets and their floor, the feature extractors, and the tables.
+
+The module fixture runs the real train_vae.main and train_flow.main, with the "32" VAE preset
+and the "tiny" DiT preset shrunk for the duration (the real tiny DiT, 9M parameters, takes
+minutes on 2 CPU cores), so the checkpoints have exactly the format the scripts write."""
 
 import importlib.util
-import math
-import os
-import sys
+import json
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import evaluate as ev  # noqa: E402
+import checkpoint
+import data as data_lib
+import dit
+import evaluate as ev
+import metrics
+import shapes
+import train_flow
+import train_vae
+import vae as vae_lib
+
+
+FAST = ["--feature-steps", "2", "--n-builtin", "64", "--device", "cpu"]  # a barely trained CNN
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evalcli")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(vae_lib.VAE_PRESETS, "32", vae_lib.VAEConfig(
+            image_size=32, base_channels=8, channel_mults=(1, 2, 2), groups=4))
+        mp.setitem(dit.PRESETS, "tiny", dit.DiTConfig(
+            dim=32, depth=1, heads=2, time_dim=32, prompt_dim=32, prompt_depth=1, prompt_heads=2))
+        train_vae.main(["--out", str(tmp / "vae"), "--steps", "3", "--batch-size", "8",
+                        "--n-builtin", "64", "--log-every", "1", "--device", "cpu", "--amp", "off"])
+        train_flow.main(["--vae", str(tmp / "vae/ckpt.pt"), "--out", str(tmp / "flow"),
+                         "--steps", "2", "--batch-size", "8", "--n-builtin", "64",
+                         "--preset", "tiny", "--sample-every", "1000", "--sample-steps", "1",
+                         "--log-every", "1", "--device", "cpu", "--amp", "off"])
+    return {"vae": tmp / "vae/ckpt.pt", "flow": tmp / "flow/ckpt.pt", "tmp": tmp}
+
+
+def _heldout(n):
+    return data_lib.load_dataset(None, 32, "test", n_builtin=64, seed=0).subset(range(n))
 
 
 # -----------------------------------------------------------------------------
-# PSNR
+# the whole command
 
 
-def test_psnr_constant_offset_of_0_1_is_20_db():
-    x = torch.rand(3, 3, 8, 8) * 0.8
-    p = ev.psnr(x, x + 0.1)
-    assert p.shape == (3,)
-    assert torch.allclose(p, torch.full((3,), 20.0, dtype=torch.float64), atol=1e-4)
+def test_cli_json_has_documented_keys_one_row_per_setting_and_accuracies_in_0_1(ckpts, capsys):
+    out = ckpts["tmp"] / "results.json"
+    assert ev.main(["--ckpt", str(ckpts["flow"]), "--n", "16", "--cfg", "1", "4",
+                    "--steps", "2", "--json", str(out)] + FAST) == 0
+    r = json.loads(out.read_text())
+    assert {"checkpoint", "features", "n", "settings", "vae"} <= set(r)
+    assert r["n"] == 16 and "not comparable to published FID" in r["features"]
+    assert [(s["cfg"], s["steps"]) for s in r["settings"]] == [(1.0, 2), (4.0, 2)]
+    for s in r["settings"]:
+        accs = [f"{k}_acc" for k in ("shape", "color", "size", "count", "background", "position")]
+        assert {"fd", "floor_fd", "kid", "floor_kid", "precision", "recall", "seconds"} <= set(s)
+        assert all(0.0 <= s[k] <= 1.0 for k in accs)
+        assert s["floor_fd"] == r["settings"][0]["floor_fd"]  # one floor for every setting
+    assert {"psnr", "ssim", "kl_nats_per_dim", "latent_mean", "latent_std", "rfid"} <= set(r["vae"])
+    assert len(r["vae"]["latent_mean"]) == len(r["vae"]["latent_std"]) == 4
+    printed = capsys.readouterr().out
+    assert "cfg 4 steps 2:" in printed and "elapsed" in printed  # a progress line per setting
+    assert "floor_fd" in printed and "psnr" in printed  # the tables
 
 
-def test_psnr_identical_images_is_inf():
-    x = torch.rand(2, 3, 8, 8)
-    assert torch.isinf(ev.psnr(x, x)).all()
+def test_vae_only_cli_psnr_equals_independent_computation(ckpts):
+    out = ckpts["tmp"] / "vae.json"
+    assert ev.main(["--vae", str(ckpts["vae"]), "--n", "12", "--json", str(out)] + FAST) == 0
+    r = json.loads(out.read_text())
+    assert r["settings"] == [] and r["vae"]["n"] == 12
+    vae, _ = checkpoint.load_vae(ckpts["vae"], "cpu")
+    x = _heldout(12).images.double() / 255  # [0, 1]
+    with torch.no_grad():
+        mu, _ = vae.encode(x.float() * 2 - 1)
+        x_hat = ((vae.decode(mu).clamp(-1, 1) + 1) / 2).double()
+    mse = ((x - x_hat) ** 2).flatten(1).mean(1)
+    expected = float((10 * torch.log10(1 / mse)).mean())
+    assert abs(r["vae"]["psnr"] - expected) < 1e-3
+    recons = data_lib.from_model_range(vae.decode(mu).clamp(-1, 1))
+    shape_hits = [shapes.score_attributes(shapes.read_attributes(img), a)["shape"]
+                  for img, a in zip(recons, _heldout(12).attributes)]
+    assert r["vae"]["recon_acc"]["shape_acc"] == pytest.approx(np.mean(shape_hits))
 
 
-def test_psnr_respects_data_range():
-    x = torch.rand(2, 3, 8, 8) * 200
-    p = ev.psnr(x, x + 2.55, data_range=255.0)  # 2.55 / 255 = 0.01 -> 40 dB
-    assert torch.allclose(p, torch.full((2,), 40.0, dtype=torch.float64), atol=1e-4)
+class _BlurVAE(torch.nn.Module):
+    """A stand-in VAE: the latent is the image average-pooled k x k, decoded by nearest upsampling
+    (k = 1: a perfect autoencoder)."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def encode(self, x):
+        mu = torch.nn.functional.avg_pool2d(x, self.k)
+        return mu, torch.zeros_like(mu)
+
+    def decode(self, z):
+        return torch.nn.functional.interpolate(z, scale_factor=self.k, mode="nearest")
 
 
-# -----------------------------------------------------------------------------
-# SSIM
+def test_recon_accuracy_is_the_checkers_on_a_perfect_vae_and_drops_when_detail_is_lost():
+    held = _heldout(60)
+    flat = lambda x: x.float().flatten(1)  # noqa: E731  (features only feed rFID here)
+    perfect = ev.evaluate_vae_section(_BlurVAE(1), held.images, flat, "cpu", 25, held.attributes)
+    assert perfect["recon_acc"]["shape_acc"] == 1.0 and perfect["recon_acc"]["color_acc"] == 1.0
+    assert perfect["psnr"] == float("inf")
+    blurred = ev.evaluate_vae_section(_BlurVAE(4), held.images, flat, "cpu", 25, held.attributes)
+    assert blurred["recon_acc"]["shape_acc"] < 0.8  # 4x4 blocks: outlines are gone
+    assert "recon_acc" not in ev.evaluate_vae_section(_BlurVAE(1), held.images, flat, "cpu")
 
 
-def test_ssim_identical_images_is_one():
-    x = torch.rand(4, 3, 32, 32)
-    s = ev.ssim(x, x)
-    assert s.shape == (4,)
-    assert torch.allclose(s, torch.ones(4, dtype=torch.float64), atol=1e-6)
-
-
-def test_ssim_constant_images_is_the_luminance_term():
-    # Constant images: all variances vanish, so the contrast-structure term is C2 / C2 = 1.
-    a, b = 0.3, 0.5
-    x, y = torch.full((1, 3, 16, 16), a), torch.full((1, 3, 16, 16), b)
-    C1 = (0.01 * 1.0) ** 2
-    expected = (2 * a * b + C1) / (a * a + b * b + C1)
-    assert abs(float(ev.ssim(x, y)) - expected) < 1e-6  # x, y stored in float32
-
-
-def test_ssim_of_shifted_image_matches_hand_computed_formula():
-    # One 5x5 window covering the whole 5x5 image: one window position. Shifting by c keeps
-    # the variance and makes cov = var, so SSIM = (2 mu (mu + c) + C1) / (mu^2 + (mu + c)^2 + C1).
+def _write_folder(root, classes, per_class, sidecar=None):
     rng = np.random.default_rng(0)
-    img = rng.uniform(0.1, 0.6, size=(5, 5))
-    c = 0.2
-    coords = np.arange(5) - 2.0
-    g = np.exp(-coords**2 / (2 * 1.5**2))
-    w = np.outer(g, g) / np.outer(g, g).sum()
-    mu = (w * img).sum()
-    C1 = 0.01**2
-    expected = (2 * mu * (mu + c) + C1) / (mu**2 + (mu + c) ** 2 + C1)
-    x = torch.tensor(img, dtype=torch.float64)[None, None]
-    got = float(ev.ssim(x, x + c, window=5))
-    assert abs(got - expected) < 1e-12
-    # and a window larger than the image shrinks to it (11 -> 5): the same number
-    assert abs(float(ev.ssim(x, x + c)) - expected) < 1e-12
+    for c, rgb in classes.items():
+        folder = root / c if c else root
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(rgb) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{c}{i}.png")
+            if sidecar is not None:
+                (folder / f"{c}{i}.txt").write_text(sidecar(c, i))
 
 
-def test_ssim_general_case_matches_numpy_single_window():
-    rng = np.random.default_rng(1)
-    a, b = rng.uniform(size=(7, 7)), rng.uniform(size=(7, 7))
-    coords = np.arange(7) - 3.0
-    g = np.exp(-coords**2 / (2 * 1.5**2))
-    w = np.outer(g, g) / np.outer(g, g).sum()
-    mu_a, mu_b = (w * a).sum(), (w * b).sum()
-    var_a, var_b = (w * (a - mu_a) ** 2).sum(), (w * (b - mu_b) ** 2).sum()
-    cov = (w * (a - mu_a) * (b - mu_b)).sum()
-    C1, C2 = 0.01**2, 0.03**2
-    numerator = (2 * mu_a * mu_b + C1) * (2 * cov + C2)
-    expected = numerator / ((mu_a**2 + mu_b**2 + C1) * (var_a + var_b + C2))
-    got = float(ev.ssim(torch.tensor(a)[None, None], torch.tensor(b)[None, None], window=7))
-    assert abs(got - expected) < 1e-12
+def test_class_folder_reports_class_accuracy_beside_its_classifier_accuracy(ckpts):
+    root = ckpts["tmp"] / "classes"
+    _write_folder(root, {"red": (220, 30, 30), "blue": (30, 30, 220)}, per_class=20)
+    out = ckpts["tmp"] / "classes.json"
+    ev.main(["--ckpt", str(ckpts["flow"]), "--data", str(root), "--n", "8", "--cfg", "1",
+             "--steps", "1", "--json", str(out)] + FAST + ["--feature-steps", "10"])
+    r = json.loads(out.read_text())
+    assert r["prompt_accuracy"].startswith("a classifier of the 2 classes")
+    assert 0.0 <= r["settings"][0]["class_acc"] <= 1.0
+    assert r["classifier_test_acc"] == 1.0  # red vs blue noise is easy
+    assert r["n"] == 8
 
 
-def test_ssim_decreases_as_noise_increases():
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(2, 3, 32, 32, generator=g)
-    noise = torch.randn(2, 3, 32, 32, generator=g)
-    values = [float(ev.ssim(x, x + s * noise).mean()) for s in (0.01, 0.05, 0.2, 0.5)]
-    assert values[0] < 1.0
-    assert all(a > b for a, b in zip(values, values[1:]))
+def test_unlabelled_folder_skips_prompt_accuracy_and_says_so(ckpts, capsys):
+    root = ckpts["tmp"] / "plain"
+    _write_folder(root, {"": (128, 128, 128)}, per_class=12)  # 12 images: n capped to 6
+    out = ckpts["tmp"] / "plain.json"
+    ev.main(["--ckpt", str(ckpts["flow"]), "--data", str(root), "--n", "8", "--cfg", "1",
+             "--steps", "1", "--json", str(out)] + FAST)
+    r = json.loads(out.read_text())
+    captured = capsys.readouterr()
+    assert "prompt accuracy skipped" in captured.out
+    assert "using n = 6" in captured.err
+    assert r["n"] == 6 and not any(k.endswith("_acc") for k in r["settings"][0])
 
 
-def test_ssim_is_symmetric():
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.rand(3, 3, 32, 32, generator=g), torch.rand(3, 3, 32, 32, generator=g)
-    assert torch.allclose(ev.ssim(x, y), ev.ssim(y, x), atol=1e-12)
+@pytest.mark.parametrize("case", ["missing", "vae_as_flow"])
+def test_bad_ckpt_exits_2_with_one_line_naming_the_flag(ckpts, case, run):
+    path = ckpts["tmp"] / "nope.pt" if case == "missing" else ckpts["vae"]
+    proc = run("evaluate.py", "--ckpt", path, "--device", "cpu", check=False, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--ckpt" in lines[0] and "Traceback" not in proc.stderr
+    assert ("not found" if case == "missing" else "vae checkpoint") in lines[0]
 
 
-def test_ssim_averages_channels():
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.rand(2, 3, 16, 16, generator=g), torch.rand(2, 3, 16, 16, generator=g)
-    per_channel = torch.stack([ev.ssim(x[:, c:c + 1], y[:, c:c + 1]) for c in range(3)], 1)
-    assert torch.allclose(ev.ssim(x, y), per_channel.mean(1), atol=1e-12)
+def test_prompt_accuracy_is_one_on_real_images_and_lower_on_shuffled_pairs():
+    real = _heldout(32)
+    acc = ev.prompt_accuracy(real.images, real.attributes)
+    assert acc == {f"{k}_acc": 1.0 for k in ("shape", "color", "size", "count", "background",
+                                              "position")}
+    shuffled = real.attributes[1:] + real.attributes[:1]
+    wrong = ev.prompt_accuracy(real.images, shuffled)
+    assert all(wrong[k] <= acc[k] for k in acc)
+    assert wrong["shape_acc"] < 0.6 and wrong["color_acc"] < 0.6
 
 
-# -----------------------------------------------------------------------------
-# Frechet distance
+def test_real_vs_real_floor_is_smaller_than_real_vs_noise():
+    test = data_lib.load_dataset(None, 32, "test", n_builtin=64, seed=0)
+    torch.manual_seed(0)
+    features = ev.TrainedFeatureNet(ev.FeatureNet(40).eval())  # untrained: cheap, still telling
+    real_a, real_b = ev.real_sets(None, test, 64, 32, seed=0)
+    assert len(real_a) == len(real_b) == 64
+    assert not set(real_a.captions) & set(real_b.captions) or \
+        not any(torch.equal(a, b) for a in real_a.images for b in real_b.images)  # disjoint
+    noise = torch.randint(0, 256, (64, 3, 32, 32), generator=torch.Generator().manual_seed(0),
+                          dtype=torch.uint8)
+    m = metrics.distribution_metrics(features(real_a.images), features(noise), features(real_b.images),
+                                kid_subsets=10)
+    assert m["floor_fd"] < m["fd"] / 2
+    assert m["floor_kid"] < m["kid"]
 
 
-def test_gaussian_stats_uses_unbiased_covariance():
-    f = torch.randn(50, 4, dtype=torch.float64)
-    mu, sigma = ev.gaussian_stats(f)
-    centered = f - f.mean(0)
-    assert torch.allclose(mu, f.mean(0))
-    assert torch.allclose(sigma, centered.T @ centered / 49)
+def test_prompt_task_tells_classes_from_free_captions_and_no_captions():
+    def images(captions):
+        return data_lib.ImageSet(torch.zeros(len(captions), 3, 8, 8, dtype=torch.uint8), captions)
+
+    assert ev.prompt_task(None, _heldout(4)).kind == "attributes"
+    classes = ev.prompt_task("f", images(["cat", "dog"] * 10))
+    assert classes.kind == "classes" and classes.classes == ["cat", "dog"]
+    assert ev.prompt_task("f", images([f"photo {i}" for i in range(20)])).kind == "none"
+    assert ev.prompt_task("f", images([""] * 20)).note.startswith("skipped")
+    assert ev.prompt_task("f", images(["cat"] * 20)).kind == "none"
 
 
-def test_fd_of_identical_sets_is_zero():
-    f = torch.randn(500, 16, dtype=torch.float64)
-    assert abs(ev.frechet_distance(f, f)) < 1e-8
+def test_rotation_task_labels_each_image_with_its_rotation():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
+    images, labels = ev.rotation_task(x)
+    assert images.shape == (8, 3, 4, 4) and labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert torch.equal(images[3], torch.rot90(x[1], 1, dims=(1, 2)))
+    assert torch.equal(torch.rot90(images[5], 2, dims=(1, 2)), x[1])
 
 
-def test_fd_of_sampled_diagonal_gaussians_is_close_to_closed_form():
-    g = torch.Generator().manual_seed(0)
-    n, d = 50_000, 4
-    mu1, mu2 = torch.zeros(d), torch.tensor([1.0, 0.0, -0.5, 0.0])
-    var1, var2 = torch.tensor([1.0, 2.0, 0.5, 1.0]), torch.tensor([4.0, 1.0, 0.5, 0.25])
-    a = mu1 + var1.sqrt() * torch.randn(n, d, generator=g, dtype=torch.float64)
-    b = mu2 + var2.sqrt() * torch.randn(n, d, generator=g, dtype=torch.float64)
-    expected = float(((mu1 - mu2) ** 2).sum() + ((var1.sqrt() - var2.sqrt()) ** 2).sum())  # 2.4645
-    assert abs(ev.frechet_distance(a, b) - expected) < 0.05
+def test_builtin_feature_labels_are_shape_times_8_plus_colour_of_leftmost_object():
+    real = _heldout(10)
+    _, labels = ev.feature_task(real, ev.prompt_task(None, real))
+    for a, y in zip(real.attributes, labels.tolist()):
+        first = a["objects"][0]
+        assert y == shapes.SHAPES.index(first["shape"]) * 8 + list(shapes.COLORS).index(first["color"])
 
 
-def _fd_reference(mu1, s1, mu2, s2):
-    """FD via numpy: Tr((S1 S2)^(1/2)) from the eigenvalues of the (non-symmetric) product,
-    which is diagonalisable with non-negative real eigenvalues."""
-    eig = np.linalg.eigvals(s1 @ s2).real
-    tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
-
-
-def _random_spd(rng, d):
-    a = rng.normal(size=(d, d))
-    return a @ a.T + 0.1 * np.eye(d)
-
-
-def test_fd_from_stats_matches_closed_form_for_commuting_covariances():
-    rng = np.random.default_rng(0)
-    q, _ = np.linalg.qr(rng.normal(size=(5, 5)))  # shared eigenvectors -> S1 S2 = S2 S1
-    a, b = np.array([1.0, 2.0, 3.0, 0.5, 0.1]), np.array([4.0, 1.0, 0.2, 0.5, 2.0])
-    s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
-    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
-    # commuting: Tr(S1 + S2 - 2 (S1 S2)^(1/2)) = sum (sqrt(a_i) - sqrt(b_i))^2
-    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    got = ev.frechet_distance_from_stats(*map(torch.tensor, (mu1, s1, mu2, s2)))
-    assert abs(got - expected) < 1e-8
-    assert abs(got - _fd_reference(mu1, s1, mu2, s2)) < 1e-8
-
-
-def test_fd_from_stats_matches_closed_form_for_non_commuting_covariances():
-    rng = np.random.default_rng(1)
-    s1, s2 = _random_spd(rng, 6), _random_spd(rng, 6)
-    assert not np.allclose(s1 @ s2, s2 @ s1)
-    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
-    got = ev.frechet_distance_from_stats(*map(torch.tensor, (mu1, s1, mu2, s2)))
-    assert abs(got - _fd_reference(mu1, s1, mu2, s2)) < 1e-8
-
-
-def test_fd_from_stats_2x2_non_commuting_closed_form():
-    # For 2x2 SPD M with eigenvalues l1, l2: Tr(M^(1/2)) = sqrt(Tr M + 2 sqrt(det M)).
-    s1 = np.array([[2.0, 0.0], [0.0, 1.0]])
-    s2 = np.array([[1.0, 0.6], [0.6, 1.0]])
-    m = s1 @ s2
-    tr_sqrt = math.sqrt(np.trace(m) + 2 * math.sqrt(np.linalg.det(m)))
-    expected = np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
-    zero = torch.zeros(2)
-    got = ev.frechet_distance_from_stats(zero, torch.tensor(s1), zero, torch.tensor(s2))
-    assert abs(got - expected) < 1e-8
+def test_with_inception_features_are_inceptions_and_class_folders_still_get_a_classifier(monkeypatch):
+    fake = ev.FeatureExtractor("inception-fake", lambda x: x.float().mean(dim=(2, 3)))
+    monkeypatch.setattr(ev, "load_inception", lambda path, device: fake)
+    colours = torch.tensor([[220, 30, 30], [30, 30, 220]], dtype=torch.uint8)
+    images = data_lib.ImageSet(colours[torch.arange(16) % 2][:, :, None, None].expand(-1, -1, 16, 16)
+                               .contiguous(), ["red", "blue"] * 8)
+    args = ev.parse_args(["--feature-steps", "1"])
+    task = ev.prompt_task("folder", images)
+    features, classifier = ev.pick_features(args, images, images, task, "cpu")
+    assert features is fake
+    assert classifier is not None and classifier.test_accuracy is not None
+    plain = data_lib.ImageSet(images.images, [""] * 16)
+    assert ev.pick_features(args, plain, plain, ev.prompt_task("folder", plain), "cpu") == (fake, None)
 
 
 # -----------------------------------------------------------------------------
-# KID
-
-
-def test_kid_is_near_zero_for_same_distribution():
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(600, 8, generator=g, dtype=torch.float64)
-    b = torch.randn(600, 8, generator=g, dtype=torch.float64)
-    mean, std = ev.kid(a, b, subsets=20, subset_size=300)
-    assert std > 0
-    assert abs(mean) < 3 * std
-
-
-def test_kid_is_clearly_positive_for_shifted_distribution():
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(600, 8, generator=g, dtype=torch.float64)
-    b = torch.randn(600, 8, generator=g, dtype=torch.float64) + 0.5
-    mean, std = ev.kid(a, b, subsets=20, subset_size=300)
-    assert mean > 5 * std and mean > 0
-
-
-def test_kid_is_deterministic_given_seed():
-    a, b = torch.randn(200, 4), torch.randn(150, 4)
-    first = ev.kid(a, b, subsets=5, subset_size=100, seed=3)
-    assert first == ev.kid(a, b, subsets=5, subset_size=100, seed=3)
-    assert first != ev.kid(a, b, subsets=5, subset_size=100, seed=4)
-
-
-def test_mmd2_unbiased_matches_brute_force_double_loop():
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(6, 3)), rng.normal(size=(6, 3)) + 0.3
-    k = lambda u, v: (u @ v / 3 + 1) ** 3  # noqa: E731
-    m = len(x)
-    kxx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-    kyy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-    kxy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
-    expected = kxx + kyy - 2 * kxy
-    assert abs(ev.mmd2_unbiased(torch.tensor(x), torch.tensor(y)) - expected) < 1e-12
-    # kid with one subset covering both whole sets is that same number
-    mean, std = ev.kid(torch.tensor(x), torch.tensor(y), subsets=1, subset_size=100)
-    assert abs(mean - expected) < 1e-12 and std == 0
-
-
-# -----------------------------------------------------------------------------
-# Precision / recall
-
-
-def test_precision_recall_identical_sets_is_one_one():
-    f = torch.randn(300, 5)
-    assert ev.precision_recall(f, f, k=3) == (1.0, 1.0)
-
-
-def test_precision_recall_far_apart_clusters_is_zero_zero():
-    a = torch.randn(200, 5)
-    b = torch.randn(200, 5) + 100.0
-    assert ev.precision_recall(a, b, k=3) == (0.0, 0.0)
-
-
-def test_precision_recall_half_the_modes_gives_full_precision_half_recall():
-    g = torch.Generator().manual_seed(0)
-    centers = torch.tensor([[0.0, 0.0], [50.0, 0.0], [0.0, 50.0], [50.0, 50.0]])
-    real = (centers[:, None] + torch.randn(4, 500, 2, generator=g)).reshape(-1, 2)
-    fake = (centers[:2, None] + torch.randn(2, 1000, 2, generator=g)).reshape(-1, 2)  # 2 of 4 modes
-    precision, recall = ev.precision_recall(real, fake, k=5, batch_size=256)  # batched path too
-    assert precision > 0.95
-    assert abs(recall - 0.5) < 0.05
-
-
-def test_distribution_metrics_reports_fd_beside_real_vs_real_floor():
-    g = torch.Generator().manual_seed(0)
-    real, real_2 = torch.randn(300, 6, generator=g), torch.randn(200, 6, generator=g)
-    fake = torch.randn(200, 6, generator=g) + 1.0
-    m = ev.distribution_metrics(real, fake, real_2, kid_subsets=10, kid_subset_size=100)
-    for key in ("fd", "kid", "kid_std", "precision", "recall"):
-        assert key in m and f"floor_{key}" in m
-    assert m["fd"] > 5 * m["floor_fd"] and m["floor_fd"] > 0  # finite-sample bias is > 0
-    assert m["kid"] > m["floor_kid"]
-    with pytest.raises(ValueError):
-        ev.distribution_metrics(real, fake, real_2[:100])
-
-
-# -----------------------------------------------------------------------------
-# Feature extractors
+# feature extractors and tables
 
 
 def _color_squares(n, seed):
@@ -317,10 +285,6 @@ def test_load_inception_none_when_package_absent():
 def test_load_inception_missing_path_names_the_flag():
     with pytest.raises(FileNotFoundError, match="--inception"):
         ev.load_inception("/nonexistent/default_1.pt")
-
-
-# -----------------------------------------------------------------------------
-# Table
 
 
 def test_format_table_aligns_columns():

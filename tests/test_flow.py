@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from embeddings import BOS_ID, PAD_ID, tokenize
-from flow import condot_path, drop_prompts, flow_matching_loss, null_tokens_like, sample_t
+from embeddings import BOS_ID, PAD_ID, null_prompt, tokenize
+from flow import condot_path, drop_prompts, flow_matching_loss, sample_t
 from sample import euler_sample
 
 
@@ -70,16 +70,25 @@ def test_sample_t_unknown_kind_raises():
 def test_drop_prompts_drops_each_sample_independently_to_the_null_prompt():
     torch.manual_seed(3)
     tokens = tokenize(["a red circle"] * 4000, max_len=16)
-    out = drop_prompts(tokens, 0.5)
-    null = tokenize([""], max_len=16)[0]
+    null = null_prompt(16)                                   # (1, 16)
+    out = drop_prompts(tokens, null, 0.5)
     dropped = (out == null).all(dim=1)
     kept = (out == tokens).all(dim=1)
     assert (dropped ^ kept).all()                            # each row is one or the other
     assert abs(dropped.float().mean().item() - 0.5) < 0.04   # ~half, not all-or-nothing
-    assert null.tolist() == [BOS_ID] + [PAD_ID] * 15
-    assert torch.equal(null_tokens_like(tokens)[0], null)
-    assert torch.equal(drop_prompts(tokens, 0.0), tokens)
-    assert (drop_prompts(tokens, 1.0) == null).all()
+    assert null[0].tolist() == [BOS_ID] + [PAD_ID] * 15
+    assert torch.equal(drop_prompts(tokens, null, 0.0), tokens)
+    assert (drop_prompts(tokens, null, 1.0) == null).all()
+
+
+def test_drop_prompts_takes_any_condition_tensor_and_null_of_batch_size():
+    torch.manual_seed(3)
+    cond = torch.randn(3000, 5, 2)                           # e.g. a float embedding per sample
+    null = torch.zeros(3000, 5, 2)
+    out = drop_prompts(cond, null, 0.3)
+    dropped = (out == 0).all(dim=(1, 2))
+    assert ((out == cond).all(dim=(1, 2)) ^ dropped).all()
+    assert abs(dropped.float().mean().item() - 0.3) < 0.04
 
 
 # -----------------------------------------------------------------------------
@@ -106,7 +115,7 @@ def test_flow_matching_loss_is_minimised_by_the_closed_form_marginal_field():
     for name, field in fields.items():
         torch.manual_seed(4)                                  # common random numbers: same t, eps
         z = m + s * torch.randn(n, 1, dtype=torch.float64)
-        losses[name] = flow_matching_loss(field, z, tokens, p_uncond=0.0).item()
+        losses[name] = flow_matching_loss(field, z, tokens, tokens[:1], p_uncond=0.0).item()
     assert losses["exact"] < losses["shifted"] - 0.005         # expected gap 0.1^2 = 0.01
     assert losses["exact"] < losses["scaled"] - 0.005
 
@@ -122,7 +131,7 @@ def test_flow_matching_loss_is_mse_against_z_minus_eps():
         return torch.zeros_like(x_t)
 
     torch.manual_seed(6)
-    loss = flow_matching_loss(zero_model, z, tokens, p_uncond=0.0)
+    loss = flow_matching_loss(zero_model, z, tokens, null_prompt(4), p_uncond=0.0)
     torch.manual_seed(6)
     t = torch.rand(8)
     eps = torch.randn_like(z)
@@ -136,15 +145,6 @@ def _eight_gaussians(n, radius=4.0, std=0.3, generator=None):
     angle = 2 * math.pi * torch.randint(0, 8, (n,), generator=generator) / 8
     centres = radius * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
     return centres + std * torch.randn(n, 2, generator=generator)
-
-
-@pytest.fixture
-def one_thread():
-    """Many tiny ops: on a shared 2-core machine intra-op threading makes them ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class _MLP(nn.Module):
@@ -171,7 +171,7 @@ def test_mlp_trained_with_flow_matching_loss_samples_eight_gaussians_moments(one
     losses = []
     for step in range(600):
         z = _eight_gaussians(batch)
-        loss = flow_matching_loss(model, z, tokens, p_uncond=0.0)
+        loss = flow_matching_loss(model, z, tokens, tokens[:1], p_uncond=0.0)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,10 +1,12 @@
-"""Tests for sample.py: the Euler solver against closed forms, its call pattern, and
-classifier-free guidance (the formula and the single batched 2B forward pass)."""
+"""Tests for sample.py: the Euler solver against closed forms, its call pattern, classifier-free
+guidance (the formula and the single batched 2B forward pass), and the command line."""
 
 import pytest
 import torch
+from PIL import Image
 
-from embeddings import BOS_ID, PAD_ID, tokenize
+import sample
+from embeddings import BOS_ID, PAD_ID, null_prompt, tokenize
 from sample import cfg_velocity, euler_sample, guided_field
 
 
@@ -72,7 +74,7 @@ class _RecordingModel:
 def test_guided_field_makes_one_2b_call_with_null_prompt_second_half():
     tokens = tokenize(["red", "a blue circle"], max_len=10)
     model = _RecordingModel()
-    u = guided_field(model, tokens, cfg_scale=3.0)
+    u = guided_field(model, tokens, null_prompt(10), cfg_scale=3.0)
     x = torch.randn(2, 1, 2, 2, dtype=torch.float64)
     euler_sample(u, x, steps=4)
     assert len(model.calls) == 4
@@ -87,8 +89,8 @@ def test_guided_field_makes_one_2b_call_with_null_prompt_second_half():
 def test_guided_field_with_scale_one_makes_one_b_call_with_the_prompts():
     tokens = tokenize(["red", "a blue circle"], max_len=10)
     model = _RecordingModel()
-    euler_sample(guided_field(model, tokens, cfg_scale=1.0), torch.randn(2, 1, 2, 2,
-                 dtype=torch.float64), steps=3)
+    u = guided_field(model, tokens, null_prompt(10), cfg_scale=1.0)
+    euler_sample(u, torch.randn(2, 1, 2, 2, dtype=torch.float64), steps=3)
     assert len(model.calls) == 3
     assert all(batch == 2 and torch.equal(seen, tokens) for batch, seen in model.calls)
 
@@ -101,6 +103,38 @@ def test_guided_field_equals_cfg_of_two_separate_calls():
     t = torch.full((2,), 0.3)
     for w in (0.0, 1.0, 4.0):
         expected = cfg_velocity(model(x, t, tokens), model(x, t, null), w)
-        got = guided_field(model, tokens, w)(x, t)
+        got = guided_field(model, tokens, null_prompt(10), w)(x, t)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    assert not torch.allclose(guided_field(model, tokens, 4.0)(x, t), model(x, t, tokens))
+    assert not torch.allclose(guided_field(model, tokens, null[:1], 4.0)(x, t), model(x, t, tokens))
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+def test_sample_grid_has_a_row_per_prompt_and_same_seed_gives_same_png(runs, tmp_path, expect, run):
+    args = ["--ckpt", runs["flow"], "--n", 3, "--steps", 2, "--seed", 7, "--prompt", "a red circle",
+            "--prompt", "", "--device", "cpu"]
+    run("sample.py", *args, "--out", tmp_path / "a.png")
+    assert Image.open(tmp_path / "a.png").size == expect.grid_size(2, 3)
+    assert sample.main([str(a) for a in args] + ["--out", str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert sample.main([str(a) for a in args] + ["--cfg", "1", "--out", str(tmp_path / "c.png")]) == 0
+    assert Image.open(tmp_path / "c.png").size == expect.grid_size(2, 3)
+    assert (tmp_path / "c.png").read_bytes() != (tmp_path / "a.png").read_bytes()
+
+
+def test_unicode_empty_and_overlong_prompts(cli, runs, tmp_path):
+    prompts = ["🙂 a red circle", "红色的圆", "دائرة حمراء", "", "x" * 500]
+    args = ["sample.py", "--ckpt", runs["flow"], "--n", 1, "--steps", 1, "--out", tmp_path / "p.png"]
+    for p in prompts:
+        args += ["--prompt", p]
+    rc, out, err = cli(*args)
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "truncated" in warnings[0] and "xxxx" in warnings[0]
+    assert Image.open(tmp_path / "p.png").size == (32, 5 * 34 - 2)
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(runs, expect, run):
+    proc = run("sample.py", "--ckpt", runs["flow"], "--prompt", b"caf\xe9", check=False)
+    expect.one_line_error((proc.returncode, proc.stdout, proc.stderr), "not valid UTF-8")

@@ -1,0 +1,226 @@
+"""Checkpoints: how a run is saved, checked, resumed and loaded back into models.
+
+A checkpoint is a dict of tensors and plain data written by `torch.save`:
+    format, version   "latent-flow", FORMAT_VERSION (an unknown version is refused)
+    kind              "vae" (train_vae.py) or "flow" (train_flow.py)
+    step, config      the optimizer step, and the model's dataclass config as a plain dict
+    model, ema        state_dicts of the trained and of the averaged weights
+    optimizer, scaler, rng   what --resume needs to continue bit-exactly
+plus what each script adds (the VAE's beta, sigma and latent statistics; the flow model's VAE,
+image size and sample prompts).
+
+Writing is atomic (temporary file, fsync, rename), so a crash never leaves a torn file. Loading
+uses `torch.load(weights_only=True)`: a file that would run code is refused without running it.
+`load_vae` and `load_flow` rebuild the EMA models a checkpoint describes, with no flags needed.
+
+Offers: FORMAT, FORMAT_VERSION, save_checkpoint, load_checkpoint, safe_load, config_mismatch,
+flatten, rng_state, set_rng_state, training_state, restore_training, load_vae, load_flow
+"""
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from common import UserError
+from dit import DiT, DiTConfig
+from vae import VAE, VAEConfig
+
+FORMAT = "latent-flow"
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing and reading files
+
+def save_checkpoint(path, obj):
+    """Write atomically: temporary file in the same folder, flush, fsync, rename.
+
+    A crash or a full disk at any moment leaves either the old file or the new one, never a torn
+    one. Errors become a UserError that says the previous checkpoint is intact."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())         # mkstemp's 0600 -> like open()
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        for stale in path.parent.glob(f"{path.name}.*.tmp"):   # left by a killed earlier run
+            stale.unlink(missing_ok=True)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint, "
+                        f"if any, is intact: free disk space or choose another --out")
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def load_checkpoint(path, kind, flag="--ckpt"):
+    """Load a checkpoint safely (weights_only: no code runs) and check its format and kind."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: {'is a folder, not a file' if path.is_dir() else 'file not found'}")
+    ckpt = safe_load(path, flag)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{flag} {path}: not a latent-flow checkpoint")
+    if ckpt.get("version") != FORMAT_VERSION:
+        raise UserError(f"{flag} {path}: checkpoint format version {ckpt.get('version')} is not "
+                        f"supported by this code (version {FORMAT_VERSION}); use the matching code")
+    if ckpt.get("kind") != kind:
+        other = {"vae": "train_vae.py (pass it as --vae)", "flow": "train_flow.py (pass it as --ckpt)"}
+        raise UserError(f"{flag} {path}: this is a {ckpt.get('kind')} checkpoint from "
+                        f"{other.get(ckpt.get('kind'), 'elsewhere')}; a {kind} checkpoint is needed here")
+    return ckpt
+
+
+def safe_load(path, flag):
+    """torch.load(weights_only=True): tensors and plain data only, never code. Refusals and
+    unreadable files become a UserError; torch's warnings are silenced (one line, not ten)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        code = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if code:
+            raise UserError(f"{flag} {path}: refused to load: it would run Python code "
+                            f"({code.group(1)}), which no latent-flow checkpoint holds; only load "
+                            f"checkpoints written by train_vae.py or train_flow.py")
+        raise UserError(f"{flag} {path}: not a checkpoint (not a PyTorch file, or corrupt); "
+                        f"use another file or retrain")
+    except Exception as e:
+        raise UserError(f"{flag} {path}: not a readable checkpoint (truncated or corrupt: "
+                        f"{type(e).__name__}); use another file or retrain")
+
+
+def config_mismatch(saved, current, flags=None):
+    """Name the first config field that differs between a checkpoint and the current flags, and
+    (with `flags`, field -> flag, "" for the default) the flag that sets it."""
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            text = f"{key}: checkpoint has {saved.get(key)!r}, now {current.get(key)!r}"
+            if flags is not None:
+                text += f"; set by {flags.get(key, flags.get(''))}"
+            return text
+    return None
+
+
+def flatten(d, prefix=""):
+    """{"config": {"image_size": 32}} -> {"config.image_size": 32} (tuples become lists)."""
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(flatten(v, f"{prefix}{k}."))
+        else:
+            flat[prefix + k] = list(v) if isinstance(v, tuple) else v
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------
+# Training state: what --resume needs
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_state(kind, step, config, model, ema, opt, scaler, rng, settings=None, **extra):
+    """The checkpoint dict of a training run: format, kind, step, config (a plain dict), the
+    loss `settings` beside it (the VAE's beta and sigma), model, EMA, optimizer and GradScaler
+    state, RNG state `rng`, then the script's `extra` entries."""
+    return {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, "step": step,
+            "config": config, **(settings or {}), "model": model.state_dict(),
+            "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng, **extra}
+
+
+def restore_training(ckpt, model, ema, opt, scaler, rng):
+    """Load model, EMA, optimizer and GradScaler state and this process's RNG state from a
+    checkpoint written by either training script; returns the step to continue from."""
+    model.load_state_dict(ckpt["model"])
+    ema.model.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(rng)
+    return ckpt["step"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models from checkpoints
+
+def load_vae(path, device, flag="--vae"):
+    """The EMA VAE of a checkpoint (with its latent statistics), in eval mode on `device`."""
+    ckpt = load_checkpoint(path, "vae", flag=flag)
+    try:
+        vae = VAE(VAEConfig.from_dict(ckpt["config"]))
+        vae.load_state_dict(ckpt["ema"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{flag} {path}: damaged checkpoint: its weights do not fit its "
+                        f"configuration ({type(e).__name__}); use another file or retrain")
+    return vae.to(device).eval().requires_grad_(False), ckpt
+
+
+def load_flow(path, device, vae_path=None, flag="--ckpt"):
+    """(EMA DiT, VAE, checkpoint) from a flow checkpoint; the VAE is the one it names (or
+    vae_path), and must match the latent shape and statistics the flow model was trained on."""
+    ckpt = load_checkpoint(path, "flow", flag=flag)
+    try:
+        info, image_size = ckpt["vae"], ckpt["image_size"]
+        model = DiT(DiTConfig.from_dict(ckpt["config"]))
+        model.load_state_dict(ckpt["ema"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{flag} {path}: damaged checkpoint: its weights do not fit its "
+                        f"configuration ({type(e).__name__}); use another file or retrain")
+    if vae_path is None and not Path(info["path"]).is_file():
+        raise UserError(f"{flag} {path} was trained with the VAE {info['path']}, which is not "
+                        f"there any more; pass that VAE with --vae")
+    vae_file = vae_path or info["path"]
+    vae, _ = load_vae(vae_file, device, flag="--vae")
+    problems = _vae_mismatch(vae, model.config, image_size, info)
+    if problems:
+        raise UserError(f"--vae {vae_file} does not match the flow checkpoint {path} "
+                        f"({'; '.join(problems)}); pass the VAE it was trained with via --vae")
+    return model.to(device).eval().requires_grad_(False), vae, ckpt
+
+
+def _vae_mismatch(vae, config, image_size, info):
+    """What differs between a VAE and the one a flow model was trained with (empty: none)."""
+    vae_config, problems = vae.config, []
+    if vae_config.latent_channels != config.in_channels:
+        problems.append(f"latent channels {vae_config.latent_channels} vs {config.in_channels}")
+    lat_h, lat_w = image_size // vae_config.factor, image_size // vae_config.factor
+    if (lat_h, lat_w) != (config.height, config.width):
+        problems.append(f"latent size {lat_h}x{lat_w} vs {config.height}x{config.width}")
+    same_stats = (vae.latent_mean.shape == info["latent_mean"].shape
+                  and torch.allclose(vae.latent_mean.cpu(), info["latent_mean"], atol=1e-5)
+                  and torch.allclose(vae.latent_std.cpu(), info["latent_std"], atol=1e-5))
+    if not same_stats:
+        problems.append("latent statistics differ")
+    return problems

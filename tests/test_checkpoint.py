@@ -1,0 +1,179 @@
+"""Tests for checkpoint.py: atomic writing, safe loading (bad, damaged, foreign and hostile
+files give one clear line and never run code), the training state round trip, and the checks
+load_flow makes on the VAE a flow model is sampled with."""
+
+import errno
+import os
+import pickle
+import random
+
+import pytest
+import torch
+
+import checkpoint
+import common
+import train_flow
+from vae import VAE, VAEConfig
+
+
+@pytest.mark.parametrize("fail", ["torch.save", "os.replace"])
+def test_full_disk_keeps_the_old_checkpoint_and_leaves_no_temp_file(monkeypatch, tmp_path, fail):
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save_checkpoint(path, {"step": 1})
+    before = path.read_bytes()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch if fail == "torch.save" else os, fail.split(".")[1], full)
+    with pytest.raises(common.UserError, match="No space left on device.*previous checkpoint"):
+        checkpoint.save_checkpoint(path, {"step": 2, "w": torch.zeros(1000)})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def bad_files(tmp_path, runs):
+    """name -> (path, expected message fragment) for every kind of bad checkpoint file."""
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(runs["vae"].read_bytes()[:100_000])
+    rand = tmp_path / "random.pt"
+    rand.write_bytes(random.Random(0).randbytes(4096))
+    text = tmp_path / "text.pt"
+    text.write_text("this is not a checkpoint\n")
+    return {"missing": (tmp_path / "nope.pt", "file not found"),
+            "folder": (tmp_path, "is a folder"),
+            "truncated": (trunc, "truncated or corrupt"),
+            "random": (rand, "not a checkpoint"),
+            "text": (text, "truncated or corrupt")}
+
+
+def test_bad_vae_files_for_train_flow(cli, runs, tmp_path, expect, tiny, flow_args):
+    for name, (path, fragment) in bad_files(tmp_path, runs).items():
+        args = flow_args(tmp_path / "f")
+        args[args.index("--vae") + 1] = path
+        rc, out, err = cli(*args)
+        assert rc == 2 and "Traceback" not in err, (name, err)
+        assert err.count("error:") == 1 and ("file not found" in err or fragment in err), (name, err)
+    expect.one_line_error(cli("train_flow.py", "--vae", runs["flow"], "--out", tmp_path / "f", *tiny.cpu),
+                          "this is a flow checkpoint from train_flow.py (pass it as --ckpt)")
+
+
+def test_bad_ckpt_files_for_sample(cli, runs, tmp_path, expect):
+    for name, (path, fragment) in bad_files(tmp_path, runs).items():
+        expect.one_line_error(cli("sample.py", "--ckpt", path), fragment)
+    expect.one_line_error(cli("sample.py", "--ckpt", runs["vae"]),
+                          "this is a vae checkpoint from train_vae.py (pass it as --vae)")
+
+
+def test_bad_ckpt_as_a_real_subprocess(runs, tmp_path, expect, run):
+    text = tmp_path / "text.pt"
+    text.write_text("hello\n")
+    proc = run("sample.py", "--ckpt", text, "--device", "cpu", check=False)
+    expect.one_line_error((proc.returncode, proc.stdout, proc.stderr), "not a readable checkpoint")
+
+
+def vae_checkpoint_like(runs, path, config=None, **changes):
+    """A well-formed VAE checkpoint, optionally of another architecture or with other fields."""
+    ckpt = torch.load(runs["vae"], weights_only=True)
+    if config is not None:
+        ckpt["config"] = config
+        model = VAE(VAEConfig.from_dict(config))
+        ckpt["ema"] = ckpt["model"] = model.state_dict()
+    ckpt.update(changes)
+    torch.save(ckpt, path)
+    return path
+
+
+def test_sample_refuses_a_vae_that_does_not_match_the_flow_model(cli, runs, tmp_path, expect):
+    small = dict(image_size=32, base_channels=8, channel_mults=(1, 2, 2), groups=4)
+    cases = {"latent channels 3 vs 4": dict(small, latent_channels=3),
+             "latent size 16x16 vs 8x8": dict(small, channel_mults=(1, 2))}
+    for fragment, config in cases.items():
+        path = vae_checkpoint_like(runs, tmp_path / "other.pt", config=config)
+        expect.one_line_error(cli("sample.py", "--ckpt", runs["flow"], "--vae", path), fragment)
+    ckpt = torch.load(runs["vae"], weights_only=True)
+    ckpt["ema"]["latent_std"] = ckpt["ema"]["latent_std"] * 2
+    torch.save(ckpt, tmp_path / "stats.pt")
+    expect.one_line_error(cli("sample.py", "--ckpt", runs["flow"], "--vae", tmp_path / "stats.pt"),
+                          "latent statistics differ")
+
+
+def test_damaged_checkpoint_whose_weights_do_not_fit_its_config(cli, runs, tmp_path, expect):
+    path = vae_checkpoint_like(runs, tmp_path / "bad.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["base_channels"] = 16
+    torch.save(ckpt, path)
+    expect.one_line_error(cli("sample.py", "--ckpt", runs["flow"], "--vae", path),
+                          "weights do not fit its configuration")
+
+
+def test_unknown_format_version_is_a_clear_error(runs, tmp_path):
+    path = vae_checkpoint_like(runs, tmp_path / "v99.pt", version=99)
+    with pytest.raises(common.UserError, match="format version 99 is not supported"):
+        checkpoint.load_vae(path, "cpu")
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+def test_malicious_pickle_is_refused_and_never_runs(cli, runs, tmp_path, how, expect):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pt"
+    payload = {"format": checkpoint.FORMAT, "version": 1, "kind": "flow", "x": _Evil(marker)}
+    if how == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    rc, out, err = cli("sample.py", "--ckpt", path)
+    expect.one_line_error((rc, out, err), "--ckpt")
+    assert "refused to load" in err or "not a checkpoint" in err
+    assert not marker.exists()
+    # the latent cache is loaded the same safe way: refused, rebuilt, nothing runs
+    cache = tmp_path / "latents.pt"
+    torch.save({"key": _Evil(marker)}, cache)
+    vae, _ = checkpoint.load_vae(runs["vae"], "cpu")
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    train_flow.cached_latents(cache, "k", vae, images, torch.device("cpu"), write=True)
+    assert not marker.exists() and torch.load(cache, weights_only=True)["key"] == "k"
+
+
+def test_training_state_round_trip_restores_weights_optimizer_and_rng(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = common.EMA(model, 0.9)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    ema.update(model, 0)
+    state = checkpoint.training_state("vae", 1, {"width": 3}, model, ema, opt, scaler,
+                                      checkpoint.rng_state(), {"beta": 0.5}, data="d")
+    assert list(state)[:6] == ["format", "version", "kind", "step", "config", "beta"]
+    checkpoint.save_checkpoint(tmp_path / "ckpt.pt", state)
+    expected_draw = torch.rand(3)                        # what the RNG gives right after the save
+
+    torch.manual_seed(123)
+    model2 = torch.nn.Linear(3, 2)
+    ema2, opt2 = common.EMA(model2, 0.9), torch.optim.AdamW(model2.parameters(), lr=0.1)
+    ckpt = checkpoint.load_checkpoint(tmp_path / "ckpt.pt", "vae")
+    assert checkpoint.restore_training(ckpt, model2, ema2, opt2, scaler, ckpt["rng"]) == 1
+    assert torch.equal(torch.rand(3), expected_draw)
+    for a, b in [(model, model2), (ema.model, ema2.model)]:
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+
+
+def test_config_mismatch_names_the_first_differing_field_and_its_flag():
+    saved, now = {"a": 1, "b": 2, "c": 3}, {"a": 1, "b": 5, "c": 4}
+    assert checkpoint.config_mismatch(saved, dict(saved)) is None
+    assert checkpoint.config_mismatch(saved, now, {"b": "--bee", "": "--preset"}) == \
+        "b: checkpoint has 2, now 5; set by --bee"
+    assert checkpoint.config_mismatch({"c": 3}, {"c": 4}, {"": "--preset"}).endswith("--preset")
+    assert checkpoint.flatten({"config": {"size": 32, "mults": (1, 2)}, "beta": 1}) == \
+        {"config.size": 32, "config.mults": [1, 2], "beta": 1}

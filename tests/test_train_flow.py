@@ -1,0 +1,150 @@
+"""End-to-end tests of train_flow.py on a CPU with tiny settings (the latent-diffusion recipe):
+the files of a run and its falling loss, a folder of the user's images, a resumed run equal to a
+straight one, two processes (gloo) with identical weights, mistakes as one line, and the latent
+cache rebuilt when it is stale or damaged."""
+
+import socket
+
+import torch
+from PIL import Image
+
+import checkpoint
+import data as data_lib
+import train_flow
+from dit import DiT, DiTConfig
+from embeddings import null_prompt, tokenize
+from flow import flow_matching_loss
+
+
+def test_flow_run_writes_checkpoint_sample_grids_and_log_and_its_loss_falls(runs, expect):
+    d = runs["flow_dir"]
+    names = sorted(p.name for p in d.iterdir())
+    assert names == ["ckpt.pt", "latents.pt", "log.jsonl", "samples_000004.png",
+                     "samples_000006.png"]
+    ckpt = torch.load(runs["flow"], weights_only=True)
+    n_prompts = len(ckpt["sample_prompts"])
+    assert Image.open(d / "samples_000006.png").size == expect.grid_size(n_prompts, 8)
+    assert [line["step"] for line in expect.log_lines(d)] == [3, 6]
+    # Six noisy steps are too few for the logged batch losses to fall reliably; on fixed noise
+    # the trained weights must beat the initial ones.
+    latents = d / "latents.pt"
+    assert _fixed_noise_loss(ckpt, ckpt["model"], latents) < _fixed_noise_loss(ckpt, None, latents) - 0.01
+
+
+def _fixed_noise_loss(ckpt, state, latents_path):
+    """The flow matching loss of `state` (None: the initial weights) on the run's latents, with
+    fixed t, noise and no prompt dropout."""
+    mu = torch.load(latents_path, weights_only=True)["mu"]
+    info = ckpt["vae"]
+    z = (mu - info["latent_mean"].view(1, -1, 1, 1)) / info["latent_std"].view(1, -1, 1, 1)
+    captions = data_lib.load_dataset(None, 32, "train", n_builtin=64).captions
+    tokens = tokenize(captions, ckpt["config"]["max_prompt_len"])
+    null = null_prompt(ckpt["config"]["max_prompt_len"])
+    torch.manual_seed(0)
+    model = DiT(DiTConfig.from_dict(ckpt["config"]))
+    if state is not None:
+        model.load_state_dict(state)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        return sum(flow_matching_loss(model, z, tokens, null, 0.0).item() for _ in range(3)) / 3
+
+
+def test_flow_on_a_folder_of_mixed_modes_skips_the_corrupt_file_with_one_warning(runs, tmp_path, tiny, run):
+    data = tmp_path / "imgs"
+    data.mkdir()
+    base = Image.new("RGB", (40, 36), (200, 30, 30))
+    base.save(data / "rgb.png")
+    base.convert("RGBA").save(data / "rgba.png")
+    base.convert("L").save(data / "grey.png")
+    base.convert("P").save(data / "palette.png")
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    proc = run("train_flow.py", "--vae", runs["vae"], "--data", data, "--out", tmp_path / "flow",
+               "--steps", 1, "--batch-size", 4, "--sample-every", 100, "--sample-steps", 1, *tiny.cpu)
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning")]
+    skipped = [line for line in warnings if "unreadable" in line]
+    assert len(skipped) == 1 and "skipped 1 unreadable" in skipped[0], proc.stderr
+    # The shared VAE was trained on the built-in shapes, not on this folder: the run says so.
+    assert any("was trained on shapes-32-seed0" in line for line in warnings), proc.stderr
+    assert "broken.png" in warnings[0] and "Traceback" not in proc.stderr
+    assert "4 images" in proc.stdout
+    assert (tmp_path / "flow" / "samples_000001.png").is_file()
+
+
+def test_flow_resumed_after_half_the_steps_equals_the_straight_run(runs, tmp_path, expect, tiny, run):
+    out = tmp_path / "flow"
+    args = ["--vae", runs["vae"], "--out", out, *tiny.flow_flags]
+    run("train_flow.py", *args, "--steps", tiny.flow_steps // 2)
+    proc = run("train_flow.py", *args, "--steps", tiny.flow_steps, "--resume")
+    assert f"resumed {out / 'ckpt.pt'} at step {tiny.flow_steps // 2}" in proc.stdout
+    expect.same_weights(out / "ckpt.pt", runs["flow"])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_run_and_its_resume_keep_ranks_identical_and_rank0_writes(
+        runs, tmp_path, expect, tiny, run):
+    out = tmp_path / "ddp"
+    flags = ["--vae", runs["vae"], "--out", out, "--n-builtin", 64, "--batch-size", 8, "--log-every", 1,
+             "--sample-every", 100, "--sample-steps", 1, "--warmup", 1, *tiny.cpu]
+    for steps, resume in ((2, []), (3, ["--resume"])):
+        proc = run("torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                   "train_flow.py", *flags, "--steps", steps, *resume, module=True, timeout=300)
+        assert "weights identical on all 2 ranks: yes" in proc.stdout, proc.stdout + proc.stderr
+    assert "resumed" in proc.stdout and proc.stdout.count("done: 3 steps") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "latents.pt", "log.jsonl",
+                                                     "samples_000002.png", "samples_000003.png"]
+    assert [line["step"] for line in expect.log_lines(out)] == [1, 2, 3]    # one writer, no duplicates
+    assert len(torch.load(out / "ckpt.pt", weights_only=True)["rng"]) == 2
+
+
+# -----------------------------------------------------------------------------
+# mistakes and the latent cache
+
+
+def test_image_size_not_divisible_by_vae_factor_times_patch(cli, runs, tmp_path, expect, tiny, flow_args):
+    expect.one_line_error(cli(*flow_args(tmp_path / "f", "--image-size", 36)),
+                          "divisible by the VAE factor 4 x patch size 2 = 8")
+    expect.one_line_error(cli("train_vae.py", "--image-size", 33, "--out", tmp_path / "v", *tiny.cpu),
+                          "not divisible by the downsampling factor 4")
+
+
+def test_resume_with_another_model_configuration_names_the_field_and_flag(
+        cli, runs, tmp_path, expect, tiny, flow_args):
+    out = tmp_path / "flow"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(runs["flow"].read_bytes())
+    rc, _, err = cli(*flow_args(out, "--resume", "--patch-size", 1))
+    expect.one_line_error((rc, _, err), "patch_size: checkpoint has 2, now 1; set by --patch-size")
+    rc, _, err = cli(*flow_args(out, "--resume", "--preset", "S"))
+    expect.one_line_error((rc, _, err), "set by --preset")
+    expect.one_line_error(cli(*flow_args(tmp_path / "none", "--resume")), "file not found")
+    vae_out = tmp_path / "vae"
+    vae_out.mkdir()
+    (vae_out / "ckpt.pt").write_bytes(runs["vae"].read_bytes())
+    expect.one_line_error(cli("train_vae.py", "--out", vae_out, "--resume", "--image-size", 64, *tiny.cpu),
+                          "set by --image-size")
+
+
+def test_latent_cache_is_rebuilt_when_corrupt_or_stale(cli, runs, tmp_path, capsys, flow_args):
+    out = tmp_path / "flow"
+    out.mkdir()
+    (out / "latents.pt").write_bytes(b"garbage")
+    rc, stdout, err = cli(*flow_args(out, "--sample-every", 100))
+    assert rc == 0 and "latent cache" in stdout and "unreadable" in stdout, err
+    # then the cache is valid: reused; another key (data, VAE, size) or count: rebuilt
+    vae, _ = checkpoint.load_vae(runs["vae"], "cpu")
+    cache, cpu = tmp_path / "latents.pt", torch.device("cpu")
+    images = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
+    mu = train_flow.cached_latents(cache, "key-a", vae, images, cpu, write=True)
+    capsys.readouterr()
+    assert torch.equal(train_flow.cached_latents(cache, "key-a", vae, images, cpu, write=True), mu)
+    assert capsys.readouterr().out == ""
+    train_flow.cached_latents(cache, "key-b", vae, images, cpu, write=True)
+    assert "stale" in capsys.readouterr().out
+    mu3 = train_flow.cached_latents(cache, "key-b", vae, images[:3], cpu, write=True)
+    assert "stale" in capsys.readouterr().out and mu3.shape[0] == 3
+    assert torch.load(cache, weights_only=True)["count"] == 3

@@ -1,0 +1,168 @@
+"""End-to-end tests of train_vae.py on a CPU with tiny settings (Algorithm 7): the files of a
+run, its falling loss; user mistakes as one line with exit status 2; NaN, out of memory,
+SIGKILL at random moments and Ctrl-C lose nothing, and a resumed run equals a straight one."""
+
+import os
+import random
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import checkpoint
+import common
+import train_vae
+
+
+def test_vae_run_writes_checkpoint_recon_grid_and_log_and_its_loss_falls(runs, expect, tiny):
+    d = runs["vae_dir"]
+    assert sorted(p.name for p in d.iterdir()) == ["ckpt.pt", "log.jsonl", "recon.png"]
+    ckpt = checkpoint.load_checkpoint(runs["vae"], "vae")
+    assert ckpt["step"] == tiny.vae_steps and ckpt["version"] == checkpoint.FORMAT_VERSION
+    assert Image.open(d / "recon.png").size == expect.grid_size(2, 8)     # originals over reconstructions
+    lines = expect.log_lines(d)
+    progress = [line for line in lines if "loss" in line]
+    assert [line["step"] for line in progress] == list(range(4, tiny.vae_steps + 1, 4))
+    assert progress[-1]["loss"] < progress[0]["loss"]
+    assert "heldout_psnr" in lines[-1] and len(lines[-1]["latent_std"]) == 4
+
+
+# -----------------------------------------------------------------------------
+# mistakes: one line, exit 2, nothing lost
+
+
+def test_bad_data_folders_are_one_line_errors(cli, tmp_path, expect, tiny):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for i in range(3):
+        (corrupt / f"{i}.png").write_bytes(os.urandom(64))
+    cases = [(tmp_path / "missing", "folder not found"), (empty, "no image files found"),
+             (corrupt, "none of the 3 image files could be read"),
+             (corrupt / "0.png", "is a file, not a folder")]
+    for data, fragment in cases:
+        expect.one_line_error(cli("train_vae.py", "--data", data, "--out", tmp_path / "o", *tiny.cpu),
+                              fragment)
+
+
+def test_bad_data_as_a_real_subprocess_exits_2_with_one_line(tmp_path, expect, tiny, run):
+    proc = run("train_vae.py", "--data", tmp_path / "missing", "--out", tmp_path / "o", *tiny.cpu,
+               check=False)
+    expect.one_line_error((proc.returncode, proc.stdout, proc.stderr), "folder not found")
+
+
+def test_device_and_amp_mistakes(cli, tmp_path, runs, expect):
+    if not torch.cuda.is_available():
+        expect.one_line_error(cli("train_vae.py", "--device", "cuda", "--out", tmp_path),
+                              "CUDA is not available")
+        expect.one_line_error(cli("sample.py", "--ckpt", runs["flow"], "--device", "cuda"),
+                              "CUDA is not available")
+    expect.one_line_error(cli("train_vae.py", "--device", "cpu", "--amp", "fp16", "--out", tmp_path),
+                          "--amp fp16 needs CUDA")
+    expect.one_line_error(cli("train_vae.py", "--device", "toaster", "--out", tmp_path),
+                          "not a device")
+
+
+def test_unwritable_out_is_one_line(cli, tmp_path, runs, expect, tiny):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    expect.one_line_error(cli("train_vae.py", "--out", a_file / "sub", *tiny.cpu), "cannot write there")
+    expect.one_line_error(cli("sample.py", "--ckpt", runs["flow"], "--out", a_file / "x.png"),
+                          "cannot write there")
+    expect.one_line_error(cli("sample.py", "--ckpt", runs["flow"], "--out", tmp_path / "x"),
+                          "not an image file name")
+
+
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried ..."),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory")])
+def test_out_of_memory_names_the_batch_size_to_lower(monkeypatch, tmp_path, error, tiny):
+    def oom(*a, **k):
+        raise error
+    monkeypatch.setattr(train_vae, "vae_loss", oom)
+    with pytest.raises(common.UserError, match=r"--batch-size 8; lower it, e\.g\. --batch-size 4"):
+        train_vae.main(["--out", str(tmp_path), "--batch-size", "8", "--n-builtin", "16", *tiny.cpu])
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(cli, runs, tmp_path, expect, tiny):
+    out = tmp_path / "vae"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(runs["vae"].read_bytes())
+    before = (out / "ckpt.pt").read_bytes()
+    rc, out_text, err = cli("train_vae.py", "--out", out, *tiny.vae_flags, "--resume", "--lr", "1e30",
+                            "--steps", tiny.vae_steps + 4, "--log-every", 1, "--ckpt-every", 100)
+    expect.one_line_error((rc, out_text, err), "by step")
+    assert re.search(r"(loss became (nan|inf)|weights became inf/NaN) by step 1[78]", err), err
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert not list(out.glob("*.tmp"))
+
+
+# -----------------------------------------------------------------------------
+# crashes: SIGKILL at random moments, Ctrl-C; memory
+
+
+def test_sigkill_at_random_moments_then_resume_equals_the_straight_run(
+        runs, tmp_path, expect, tiny, run, start):
+    out = tmp_path / "vae"
+    args = ["--out", out, *tiny.vae_flags, "--steps", tiny.vae_steps]
+    rng = random.Random(1234)
+    for kill in range(3):
+        resume = ["--resume"] if (out / "ckpt.pt").exists() else []
+        proc = start("train_vae.py", *args, *resume)
+        expect.wait_for_step(proc, 4 * (kill + 1))               # training, checkpoints being written
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.kill()
+        proc.wait()
+        ckpt = checkpoint.load_checkpoint(out / "ckpt.pt", "vae", flag="--resume")   # always loads
+        assert ckpt["step"] % 2 == 0 and ckpt["step"] >= 2
+    run("train_vae.py", *args, "--resume")
+    expect.same_weights(out / "ckpt.pt", runs["vae"])
+    assert not list(out.glob("*.tmp"))                     # leftovers of the kills are cleaned
+
+
+def test_ctrl_c_saves_exits_130_and_resume_continues(tmp_path, expect, tiny, run, start):
+    out = tmp_path / "vae"
+    args = ["--out", out, *tiny.vae_flags]
+    proc = start("train_vae.py", *args, "--steps", 1000, "--log-every", 1)
+    expect.wait_for_step(proc, 2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "resume with: python train_vae.py --resume" in err
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert step >= 2
+    done = run("train_vae.py", *args, "--steps", step + 2, "--resume")
+    assert f"at step {step}" in done.stdout and f"step {step + 2}/{step + 2}" in done.stdout
+
+
+def test_ctrl_c_before_the_training_loop_exits_130_without_traceback(cli, monkeypatch, tmp_path, tiny):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("data.load_dataset", interrupted)
+    rc, _, err = cli("train_vae.py", "--out", tmp_path, *tiny.cpu)
+    assert rc == 130 and "interrupted" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_long_tiny_run_does_not_grow_in_memory(tmp_path, expect, tiny, start):
+    steps = 1500
+    proc = start("train_vae.py", "--out", tmp_path, "--image-size", 16, "--batch-size", 2,
+                 "--n-builtin", 64, "--steps", steps, "--log-every", 50, "--ckpt-every", 500,
+                 "--eval-images", 8, *tiny.cpu)
+    expect.wait_for_step(proc, steps // 3)
+    early = vm_rss_mb(proc.pid)
+    expect.wait_for_step(proc, steps)
+    late = vm_rss_mb(proc.pid)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    assert late - early < 30, (early, late)
+
+
+def vm_rss_mb(pid):
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) / 1024
