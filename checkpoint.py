@@ -10,22 +10,25 @@ plus what each script adds (the VAE's beta, sigma and latent statistics; the flo
 image size and sample prompts).
 
 Writing is atomic (temporary file, fsync, rename), so a crash never leaves a torn file. Loading
-uses `torch.load(weights_only=True)`: a file that would run code is refused without running it.
+checks every CRC-32 of the zip file torch writes (bit rot is refused, not loaded) and uses
+`torch.load(weights_only=True)`: a file that would run code is refused without running it.
+A VAE checkpoint is `vae_finished` only once its training reached its target step and its latent
+statistics are stored; the periodic saves before that are resumed, never used.
 `load_vae` and `load_flow` rebuild the EMA models a checkpoint describes, with no flags needed.
 
 Offers: FORMAT, FORMAT_VERSION, save_checkpoint, load_checkpoint, safe_load, config_mismatch,
-flatten, rng_state, set_rng_state, training_state, restore_training, load_vae, load_flow
+flatten, rng_state, set_rng_state, training_state, restore_training, vae_finished, load_vae,
+load_flow
 """
-import os
 import pickle
 import re
-import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 
-from common import UserError
+from common import UserError, atomic_write
 from dit import DiT, DiTConfig
 from vae import VAE, VAEConfig
 
@@ -36,46 +39,14 @@ FORMAT_VERSION = 1
 # ---------------------------------------------------------------------------------------------
 # Writing and reading files
 
-def save_checkpoint(path, obj):
-    """Write atomically: temporary file in the same folder, flush, fsync, rename.
-
-    A crash or a full disk at any moment leaves either the old file or the new one, never a torn
-    one. Errors become a UserError that says the previous checkpoint is intact."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())         # mkstemp's 0600 -> like open()
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        for stale in path.parent.glob(f"{path.name}.*.tmp"):   # left by a killed earlier run
-            stale.unlink(missing_ok=True)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
-        raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint, "
-                        f"if any, is intact: free disk space or choose another --out")
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def save_checkpoint(path, obj, what="checkpoint"):
+    """torch.save, atomically (common.atomic_write): a crash, a signal or a full disk at any
+    moment leaves either the old file or the new one, never a torn one."""
+    atomic_write(path, lambda f: torch.save(obj, f), what)
 
 
 def load_checkpoint(path, kind, flag="--ckpt"):
-    """Load a checkpoint safely (weights_only: no code runs) and check its format and kind."""
+    """Load a checkpoint safely (weights_only: no code runs), verify it, check format and kind."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} {path}: {'is a folder, not a file' if path.is_dir() else 'file not found'}")
@@ -93,8 +64,26 @@ def load_checkpoint(path, kind, flag="--ckpt"):
 
 
 def safe_load(path, flag):
-    """torch.load(weights_only=True): tensors and plain data only, never code. Refusals and
-    unreadable files become a UserError; torch's warnings are silenced (one line, not ten)."""
+    """torch.load(weights_only=True): tensors and plain data only, never code, after checking
+    every stored CRC-32 (torch.load itself does not: a flipped bit would load silently).
+    Refusals, damaged and unreadable files become a UserError naming the file; torch's warnings
+    are silenced (one line, not ten)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()                   # reads every member, compares its CRC-32
+    except PermissionError:
+        raise UserError(f"{flag} {path}: cannot read it (permission denied); check its permissions")
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        with open(path, "rb") as f:
+            zip_start = f.read(4) == b"PK\x03\x04"
+        if not zip_start:                              # torch.save always writes a zip file
+            raise UserError(f"{flag} {path}: not a checkpoint (not a PyTorch file); use another "
+                            f"file or retrain")
+        raise UserError(f"{flag} {path}: not a readable checkpoint (truncated or corrupt: "
+                        f"{type(e).__name__}); use another file or retrain")
+    if bad is not None:
+        raise UserError(f"{flag} {path}: damaged file (checksum mismatch in {bad}): the disk or a "
+                        f"copy changed it; use another copy or retrain")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -175,9 +164,25 @@ def restore_training(ckpt, model, ema, opt, scaler, rng):
 # ---------------------------------------------------------------------------------------------
 # Models from checkpoints
 
+def vae_finished(ckpt):
+    """True for a VAE checkpoint whose training is complete and whose latent statistics are
+    stored. (Checkpoints from before the "finished" mark: the statistics tell, since periodic
+    saves carry the untouched mean 0 and std 1.)"""
+    if "finished" in ckpt:
+        return bool(ckpt["finished"])
+    mean, std = ckpt.get("latent_mean"), ckpt.get("latent_std")
+    return mean is not None and not (bool((mean == 0).all()) and bool((std == 1).all()))
+
+
 def load_vae(path, device, flag="--vae"):
-    """The EMA VAE of a checkpoint (with its latent statistics), in eval mode on `device`."""
+    """The EMA VAE of a finished checkpoint (with its latent statistics), in eval mode on
+    `device`. An unfinished one (a periodic save of a VAE still training) is refused."""
     ckpt = load_checkpoint(path, "vae", flag=flag)
+    if not vae_finished(ckpt):
+        raise UserError(f"{flag} {path}: this VAE is unfinished (step {ckpt.get('step')}"
+                        f"{' of ' + str(ckpt['target_steps']) if 'target_steps' in ckpt else ''}, "
+                        f"no latent statistics yet); finish it with python train_vae.py --resume "
+                        f"--out {Path(path).parent}")
     try:
         vae = VAE(VAEConfig.from_dict(ckpt["config"]))
         vae.load_state_dict(ckpt["ema"])

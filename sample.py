@@ -29,8 +29,8 @@ from PIL import Image
 
 import data as data_lib
 from checkpoint import load_flow
-from common import (HelpFormatter, UserError, maybe_compile, pick_amp, pick_device, positive,
-                    prepare_out, run_main, seed_value)
+from common import (HelpFormatter, UserError, available_memory, check_writable, finite,
+                    maybe_compile, pick_amp, pick_device, positive, run_main, seed_value)
 from embeddings import null_prompt, prompt_is_truncated, tokenize
 
 
@@ -112,7 +112,7 @@ def parse_args(argv=None):
                         "Default: the prompts the training run used for its sample grids")
     p.add_argument("--n", type=positive(int), default=8, help="images per prompt (one row)")
     p.add_argument("--steps", type=positive(int), default=50, help="Euler steps (model evaluations)")
-    p.add_argument("--cfg", dest="cfg_scale", metavar="W", type=float, default=4.0,
+    p.add_argument("--cfg", dest="cfg_scale", metavar="W", type=finite, default=4.0,
                    help="guidance weight w: (1 - w) u(x|empty) + w u(x|y); 1 = no guidance")
     p.add_argument("--seed", type=seed_value, default=0, help="noise seed: same seed, same images")
     p.add_argument("--out", default="samples.png", help="output PNG")
@@ -135,24 +135,35 @@ def main(argv=None):
     model, vae, ckpt = load_flow(args.ckpt, device, args.vae)
     prompts = args.prompt if args.prompt is not None else ckpt["sample_prompts"]
     _warn_truncated(prompts, model.config.max_prompt_len)
+    _check_memory(len(prompts) * args.n, model.config, ckpt["image_size"], args.n)
     model, _ = maybe_compile(model, device, args.compile)
     all_prompts = [p for p in prompts for _ in range(args.n)]
     images = generate(model, vae, all_prompts, args.steps, args.cfg_scale, args.seed,
                       args.batch_size, amp)
-    try:
-        data_lib.save_grid(out, images, nrow=args.n)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write ({e.strerror or e}); choose another path")
+    data_lib.save_grid(out, images, nrow=args.n)              # atomic: never a torn picture
     print(f"wrote {out}: {len(prompts)} prompts x {args.n} images, {args.steps} steps, cfg {args.cfg_scale}")
     return 0
 
 
 def _check_out(out):
-    """--out must name an image file (by its extension) in a writable folder."""
+    """--out must name an image file (by its extension) in a folder we can write or make."""
     if out.suffix.lower() not in Image.registered_extensions():
         raise UserError(f"--out {out}: not an image file name; use e.g. samples.png")
-    prepare_out(out.parent)
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; name an image file, e.g. {out / 'samples.png'}")
+    check_writable(out.parent)
     return out
+
+
+def _check_memory(count, config, image_size, n):
+    """Refuse, before any work, a grid whose images (noise, pixels, grid) would not fit in memory."""
+    latent = config.in_channels * config.height * config.width * 4      # float32 noise
+    pixels = 3 * image_size * image_size                                 # uint8, twice: + grid
+    need = count * (latent + 2 * pixels + 8 * config.max_prompt_len)
+    have = available_memory()
+    if need > 0.8 * have:
+        raise UserError(f"--n {n}: {count} images need about {need / 2 ** 30:.1f} GiB, more than "
+                        f"the {have / 2 ** 30:.1f} GiB available; lower --n or use fewer prompts")
 
 
 def _check_prompts(prompts):

@@ -35,10 +35,12 @@ import torch.distributed as dist
 import data as data_lib
 import train_vae
 from checkpoint import (config_mismatch, load_checkpoint, load_vae, restore_training, rng_state,
-                        save_checkpoint, training_state)
-from common import (EMA, HelpFormatter, Progress, StopFlag, UserError, add_training_flags,
-                    autocast, by_device, check_finite, fraction, is_oom, maybe_compile, oom_error,
-                    pick_amp, pick_device, positive, prepare_out, run_main, setup_backends)
+                        safe_load, save_checkpoint, training_state, vae_finished)
+from common import (EMA, HelpFormatter, LossGuard, Progress, RunFolder, StopFlag, UserError,
+                    add_training_flags, autocast, by_device, finite, fraction, is_oom,
+                    maybe_compile, oom_error, parse_with_given, pick_amp, pick_device, positive,
+                    restore_settings, run_files, run_main, settings_of, setup_backends,
+                    trim_log)
 from dit import PRESETS, DiT, DiTConfig, count_parameters, dit_config
 from embeddings import null_prompt, tokenize
 from flow import flow_matching_loss
@@ -51,16 +53,32 @@ DEFAULTS = {"cpu": {"steps": 1500, "batch_size": 64, "lr": 5e-4, "preset": "tiny
 N_SAMPLE_PROMPTS = 8
 
 
-def train(args, rank, world, device):
+def train(args, given, rank, world, device):
     """The recipe: latents (steps 1-3), then the DiT (step 4) with its sample grids (step 5)."""
     setup_backends(device)
+    folder = RunFolder(args.out, args.resume, args.overwrite) if rank == 0 else None
+    resume = None
+    if args.resume:
+        resume = load_checkpoint(Path(args.out) / "ckpt.pt", "flow", flag="--resume")
+        restore_settings(args, given, resume.get("args", {}), EXPERIMENT, args.allow_changes)
     resolve_defaults(args, device, world)
+    if resume is not None and resume["step"] >= args.steps:
+        if rank == 0:
+            print(f"{Path(args.out) / 'ckpt.pt'} is already at step {resume['step']} of "
+                  f"{args.steps}; nothing to do (a larger --steps trains on)")
+        return 0
     amp = pick_amp(args.amp, device)
-    out = prepare_out(args.out) if rank == 0 else Path(args.out)
-    resume = load_checkpoint(out / "ckpt.pt", "flow", flag="--resume") if args.resume else None
-    latents = prepare_latents(args, out, resume, rank, world, device)
-    train_dit(args, latents, out, resume, amp, rank, world, device)
+    try:
+        latents = prepare_latents(args, folder, resume, rank, world, device)
+        train_dit(args, latents, Path(args.out), resume, amp, rank, world, device)
+    finally:
+        if folder is not None:
+            folder.release()
     return 0
+
+
+# Settings whose change makes another experiment: --resume refuses them without --allow-changes.
+EXPERIMENT = {"data", "n_builtin", "seed", "image_size", "preset", "patch_size", "vae"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,8 +96,9 @@ class Latents:
     config: DiTConfig        # the DiT that fits these latents and prompts
 
 
-def prepare_latents(args, out, resume, rank, world, device):
-    """Steps 1-3: the data, its VAE, and the normalised latents of every training image."""
+def prepare_latents(args, folder, resume, rank, world, device):
+    """Steps 1-3: the data, its VAE, and the normalised latents of every training image. Rank 0
+    claims the run folder (`folder`) before it writes the latent cache there."""
     vae_path = ensure_vae(args, rank, world)
     vae, vae_ckpt = load_vae(vae_path, device)
     factor = vae.config.factor
@@ -98,12 +117,14 @@ def prepare_latents(args, out, resume, rank, world, device):
     C, h = vae.config.latent_channels, args.image_size // factor  # latent grid (C, h, h)
     config = dit_config(args.preset, input_size=h, in_channels=C, patch_size=args.patch_size,
                         max_prompt_len=max_len)
-    if resume is not None:
-        _check_resumable(resume, config, vae_sha1, world, out / "ckpt.pt")   # before the slow work
+    out = Path(args.out)
+    if resume is not None:                                           # before the slow work
+        _check_resumable(resume, config, vae_sha1, world, out / "ckpt.pt", args.allow_changes)
 
     data_key = data_lib.dataset_key(args.data, args.image_size, args.n_builtin, args.seed)
     key = hashlib.sha1(f"{vae_sha1}|{data_key}".encode()).hexdigest()
     if rank == 0:
+        folder.claim()
         mu = cached_latents(out / "latents.pt", key, vae, train_set.images, device, write=True)
     barrier(world)
     if rank != 0:
@@ -118,23 +139,36 @@ def prepare_latents(args, out, resume, rank, world, device):
 
 
 def ensure_vae(args, rank, world):
-    """Path of the VAE checkpoint; trains one with the defaults when none is given or found."""
+    """Path of a finished VAE checkpoint: --vae, or the automatic one (DEFAULT_VAE), which is
+    trained first with train_vae.py's defaults, or resumed to completion when a previous run was
+    stopped during it (an unfinished VAE is never used as it is)."""
     if args.vae is not None:
-        if not Path(args.vae).is_file():
-            raise UserError(f"--vae {args.vae}: file not found; train one with train_vae.py "
-                            f"or omit --vae to use/train {DEFAULT_VAE}")
+        path = Path(args.vae)
+        if not path.is_file():
+            what = "is a folder; pass its ckpt.pt" if path.is_dir() else "file not found"
+            raise UserError(f"--vae {args.vae}: {what}; train one with train_vae.py or omit --vae "
+                            f"to use/train {DEFAULT_VAE}")
         return args.vae
-    if not Path(DEFAULT_VAE).is_file():
-        if rank == 0:
+    if rank == 0:
+        path, flags = Path(DEFAULT_VAE), None
+        if not path.is_file():
             print(f"no --vae given and no {DEFAULT_VAE}: training the VAE first with train_vae.py's "
                   f"defaults (recipe: latent space first, then the flow model)", flush=True)
-            flags = ["--out", str(Path(DEFAULT_VAE).parent), "--image-size", str(args.image_size),
-                     "--device", args.device, "--seed", str(args.seed), "--amp", args.amp,
-                     "--n-builtin", str(args.n_builtin)]
+            flags = ["--overwrite"] if run_files(path.parent) else []
+        elif not vae_finished(load_checkpoint(path, "vae", flag="--vae")):
+            print(f"{DEFAULT_VAE} is unfinished (a run stopped while training it): resuming it "
+                  f"to completion first", flush=True)
+            flags = ["--resume"]
+        if flags is not None:
+            flags += ["--out", str(path.parent), "--image-size", str(args.image_size),
+                      "--device", args.device, "--seed", str(args.seed), "--amp", args.amp,
+                      "--n-builtin", str(args.n_builtin)]
             flags += ["--data", args.data] if args.data else []
             flags += [] if args.compile is None else ["--compile" if args.compile else "--no-compile"]
-            train_vae.main(flags)
-        barrier(world)
+            code = train_vae.main(flags)
+            if code:
+                sys.exit(code)
+    barrier(world)
     return DEFAULT_VAE
 
 
@@ -146,19 +180,25 @@ def cached_latents(cache_path, key, vae, images, device, write):
              images.shape[2] // vae_config.factor, images.shape[3] // vae_config.factor)
     if cache_path.exists():
         try:
-            cache = torch.load(cache_path, map_location="cpu", weights_only=True)
-            if cache.get("key") == key and tuple(cache["mu"].shape) == shape \
-                    and cache.get("count") == shape[0]:
-                return cache["mu"]
+            cache = safe_load(cache_path, "latent cache")     # CRCs checked, no code run
+            fits = (isinstance(cache, dict) and cache.get("key") == key
+                    and tuple(cache["mu"].shape) == shape and cache.get("count") == shape[0])
             reason = "stale (other VAE, data or size)"
-        except Exception as e:
-            reason = f"unreadable ({type(e).__name__})"
+            if fits and bool(torch.isfinite(cache["mu"]).all()):
+                return cache["mu"]
+            if fits:
+                reason = "damaged (it holds inf/NaN)"
+        except (UserError, KeyError, TypeError, AttributeError) as e:
+            reason = f"unreadable ({e if isinstance(e, UserError) else type(e).__name__})"
         print(f"latent cache {cache_path} is {reason}; rebuilding it")
     t0 = time.perf_counter()
     mu = train_vae.encode_means(vae, images, device)
     print(f"encoded {shape[0]} images to latents {tuple(shape[1:])} in {time.perf_counter() - t0:.1f}s")
+    if not torch.isfinite(mu).all():
+        raise UserError("the VAE gives inf/NaN latents for these images; retrain it (lower --lr) "
+                        "or pass another --vae")
     if write:
-        save_checkpoint(cache_path, {"key": key, "mu": mu, "count": shape[0]})
+        save_checkpoint(cache_path, {"key": key, "mu": mu, "count": shape[0]}, "latent cache")
     return mu
 
 
@@ -200,6 +240,7 @@ def train_dit(args, latents, out, resume, amp, rank, world, device):
     if resume is not None:
         step = restore_training(resume, model, ema, opt, scaler, resume["rng"][rank])
         if rank == 0:
+            trim_log(out / "log.jsonl", step)
             print(f"resumed {ckpt_path} at step {step}")
     else:
         torch.manual_seed(args.seed + rank)                       # per-rank data order and noise
@@ -215,8 +256,11 @@ def train_dit(args, latents, out, resume, amp, rank, world, device):
             model, device_ids=[device.index] if device.type == "cuda" else None)
     net, _ = maybe_compile(net, device, args.compile)
 
+    progress = Progress(out / "log.jsonl" if rank == 0 else None, args.steps, step, args.batch_size,
+                        resume.get("elapsed", 0.0) if resume is not None else 0.0)
+
     def save():                                    # collective under DDP: every rank takes part
-        state = run_state(args, latents, step, model, ema, opt, scaler, world)
+        state = run_state(args, latents, step, model, ema, opt, scaler, world, progress.elapsed())
         if rank == 0:
             save_checkpoint(ckpt_path, state)
 
@@ -224,9 +268,13 @@ def train_dit(args, latents, out, resume, amp, rank, world, device):
         if rank == 0:
             sample_grid(out / f"samples_{step:06d}.png", ema.model, latents, args, amp)
 
+    def mean_loss():                               # over every rank: all stop at the same step
+        return _all_ranks(loss_sum, world).item() / (pending * world) if pending else None
+
     stopper = StopFlag()
-    progress = Progress(out / "log.jsonl" if rank == 0 else None, args.steps, step, args.batch_size)
+    guard = LossGuard(ckpt_path)
     loss_sum = torch.zeros((), device=device)
+    pending, start = 0, step                       # steps summed in loss_sum
     t_start = time.perf_counter()
     try:
         while step < args.steps and not _any_rank(stopper.stop, world, device):
@@ -250,27 +298,30 @@ def train_dit(args, latents, out, resume, amp, rank, world, device):
             ema.update(model, step)
             step += 1
             loss_sum += loss.detach()
+            pending += 1
+            if step == start + 1:                  # the loss before any update: the reference
+                guard.reference(_all_ranks(loss.detach(), world).item() / world)
             if step % args.log_every == 0 or step == args.steps:
-                check_finite(_all_ranks(loss_sum, world), step, ckpt_path)
+                guard.check(mean_loss(), step)
                 if rank == 0:
-                    n = (step - 1) % args.log_every + 1
-                    progress.report(step, {"loss": loss_sum.item() / n,
+                    progress.report(step, {"loss": loss_sum.item() / pending,
                                            "lr": opt.param_groups[0]["lr"]})
                 loss_sum.zero_()
+                pending = 0
             if step % args.ckpt_every == 0 and step < args.steps:
-                check_finite(_all_ranks(loss_sum, world), step, ckpt_path, model)
+                guard.check(mean_loss(), step, model)
                 save()
             if step % args.sample_every == 0 and step < args.steps:
                 grid()
+        guard.check(mean_loss(), step, model)
+        save()
+        if stopper.stop:
+            if rank == 0:
+                print(f"saved {ckpt_path} at step {step}; resume with: python train_flow.py "
+                      f"--resume --out {args.out}", file=sys.stderr)
+            sys.exit(stopper.exit_code)
     finally:
         stopper.restore()
-    check_finite(_all_ranks(loss_sum, world), step, ckpt_path, model)
-    save()
-    if stopper.stop:
-        if rank == 0:
-            print(f"saved {ckpt_path} at step {step}; resume with: python train_flow.py --resume "
-                  f"--out {args.out} (plus your other flags)", file=sys.stderr)
-        sys.exit(130)
     grid()
     if world > 1:
         _check_ranks_agree(model, world, rank)
@@ -281,7 +332,7 @@ def train_dit(args, latents, out, resume, amp, rank, world, device):
         print(f"sample more with: python sample.py --ckpt {ckpt_path} --prompt \"...\"")
 
 
-def run_state(args, latents, step, model, ema, opt, scaler, world):
+def run_state(args, latents, step, model, ema, opt, scaler, world, elapsed):
     """The flow checkpoint: training state (every rank's RNG), plus what sampling needs."""
     rngs = [rng_state()]
     if world > 1:
@@ -290,7 +341,7 @@ def run_state(args, latents, step, model, ema, opt, scaler, world):
     return training_state("flow", step, latents.config.to_dict(), model, ema, opt, scaler, rngs,
                           image_size=args.image_size, data=latents.name,
                           sample_prompts=latents.prompts, vae=latents.vae_info,
-                          args=dict(vars(args)))
+                          args=settings_of(args), target_steps=args.steps, elapsed=elapsed)
 
 
 def sample_grid(path, model, latents, args, amp):
@@ -304,6 +355,7 @@ def sample_grid(path, model, latents, args, amp):
 # The command line
 
 def parse_args(argv=None):
+    """(args, given): the flags, and which of them the command line set."""
     p = argparse.ArgumentParser(
         description="Train a DiT flow model (CondOT flow matching, CFG) in a VAE's latent space.",
         formatter_class=HelpFormatter)
@@ -317,7 +369,8 @@ def parse_args(argv=None):
                    help=f"DiT size. Default: {by_device(DEFAULTS, 'preset')}")
     p.add_argument("--patch-size", type=positive(int), default=2,
                    help="DiT patch size p on the latent grid")
-    p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
+    p.add_argument("--warmup", type=positive(int, allow_zero=True), default=200,
+                   help="linear learning-rate warm-up steps")
     p.add_argument("--ema-decay", type=fraction, default=None,
                    help=f"EMA decay of the weights (with warm-up). Default: {by_device(DEFAULTS, 'ema')}")
     p.add_argument("--p-uncond", type=fraction, default=0.1,
@@ -329,9 +382,9 @@ def parse_args(argv=None):
                    help="steps between EMA sample grids samples_<step>.png (and one at the end)")
     p.add_argument("--sample-steps", type=positive(int), default=50,
                    help="Euler steps for the sample grids")
-    p.add_argument("--cfg", dest="cfg_scale", metavar="W", type=float, default=4.0,
+    p.add_argument("--cfg", dest="cfg_scale", metavar="W", type=finite, default=4.0,
                    help="guidance weight for the sample grids")
-    return p.parse_args(argv)
+    return parse_with_given(p, argv)
 
 
 def resolve_defaults(args, device, world):
@@ -347,10 +400,10 @@ def resolve_defaults(args, device, world):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, given = parse_args(argv)
     rank, world, device = init_distributed(args.device)
     try:
-        return train(args, rank, world, device)
+        return train(args, given, rank, world, device)
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -362,15 +415,17 @@ RESUME_FLAGS = {"patch_size": "--patch-size", "input_size": "--image-size or the
                 "max_prompt_len": "the captions of --data", "": "--preset"}
 
 
-def _check_resumable(ckpt, config, vae_sha1, world, ckpt_path):
-    """Refuse to resume a run whose model, VAE or number of processes differs from now."""
+def _check_resumable(ckpt, config, vae_sha1, world, ckpt_path, allow_changes):
+    """Refuse to resume a run whose model, VAE or number of processes differs from now (another
+    VAE only with --allow-changes)."""
     diff = config_mismatch(ckpt["config"], config.to_dict(), RESUME_FLAGS)
     if diff:
         raise UserError(f"--resume {ckpt_path}: model configuration differs ({diff}); use the "
                         f"same flags or another --out")
-    if ckpt["vae"]["sha1"] != vae_sha1:
+    if ckpt["vae"]["sha1"] != vae_sha1 and not allow_changes:
         raise UserError(f"--resume {ckpt_path}: the run was trained with another VAE "
-                        f"({ckpt['vae']['path']}); pass that one with --vae")
+                        f"({ckpt['vae']['path']}); pass that one with --vae (or --allow-changes "
+                        f"to go on with this one)")
     if len(ckpt["rng"]) != world:
         raise UserError(f"--resume {ckpt_path}: saved by {len(ckpt['rng'])} processes, now {world}; "
                         f"resume with the same number of processes")

@@ -15,16 +15,18 @@ and log.jsonl (one JSON line per progress report).
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 import torch
 
 import data as data_lib
 from checkpoint import (config_mismatch, flatten, load_checkpoint, restore_training, rng_state,
-                        save_checkpoint, training_state)
-from common import (EMA, HelpFormatter, Progress, StopFlag, UserError, add_training_flags,
-                    autocast, by_device, check_finite, fraction, is_oom, maybe_compile, oom_error,
-                    pick_amp, pick_device, positive, prepare_out, run_main, setup_backends)
+                        save_checkpoint, training_state, vae_finished)
+from common import (EMA, HelpFormatter, LossGuard, Progress, RunFolder, StopFlag, UserError,
+                    add_training_flags, autocast, by_device, fraction, is_oom, maybe_compile,
+                    oom_error, parse_with_given, pick_amp, pick_device, positive,
+                    restore_settings, run_main, settings_of, setup_backends, trim_log)
 from kl import kl_to_standard_normal
 from metrics import psnr
 from vae import DEFAULT_BETA, DEFAULT_SIGMA, VAE, VAE_PRESETS, latent_stats, vae_loss, vae_preset
@@ -33,15 +35,15 @@ DEFAULTS = {"cpu": {"steps": 2000, "batch_size": 32, "lr": 1e-3},
             "cuda": {"steps": 20000, "batch_size": 128, "lr": 4e-4}}
 
 
-def train_vae(args, device):
-    """Train (or resume) a VAE as configured by parsed args; returns the checkpoint path."""
+def train_vae(args, device, folder, resume=None):
+    """Train (or resume) a VAE as configured by parsed args into the RunFolder `folder`;
+    `resume`: the checkpoint to continue. Returns the checkpoint path."""
     torch.manual_seed(args.seed)
     config = vae_config_from_args(args)
-    out = prepare_out(args.out)
-    ckpt_path = out / "ckpt.pt"
+    ckpt_path = folder.path / "ckpt.pt"
     amp = pick_amp(args.amp, device)
-    settings = {"config": dataclasses.asdict(config), "beta": args.beta, "sigma": args.sigma}
-    resume = _resumable(ckpt_path, settings) if args.resume else None   # fail before the work
+    if resume is not None:
+        _check_config(resume, config, ckpt_path)               # fail before the work
 
     train = data_lib.load_dataset(args.data, args.image_size, "train", n_builtin=args.n_builtin,
                                   seed=args.seed)
@@ -53,11 +55,13 @@ def train_vae(args, device):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     ema = EMA(model, args.ema_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    out = folder.claim()                                       # from here on, this run's folder
     step = 0
     if resume is not None:
         step = restore_training(resume, model, ema, opt, scaler, resume["rng"])
         for group in opt.param_groups:                         # --lr applies to a resumed run too
             group["lr"] = args.lr
+        trim_log(out / "log.jsonl", step)
         print(f"resumed {ckpt_path} at step {step}")
 
     print(f"VAE {config.image_size}px -> {config.latent_channels}x{config.latent_size}x"
@@ -65,17 +69,22 @@ def train_vae(args, device):
           f"on {device}, amp {amp}, {len(train)} images ({train.name}), beta {args.beta}, "
           f"sigma {args.sigma}")
     train_model, _ = maybe_compile(model, device, args.compile)
+    progress = Progress(out / "log.jsonl", args.steps, step, args.batch_size,
+                        resume.get("elapsed", 0.0) if resume is not None else 0.0)
 
-    def checkpoint():
+    def checkpoint(finished=False):
         return training_state("vae", step, dataclasses.asdict(config), model, ema, opt, scaler,
                               rng_state(), {"beta": args.beta, "sigma": args.sigma}, data=train.name,
                               latent_mean=ema.model.latent_mean.cpu(),
-                              latent_std=ema.model.latent_std.cpu())
+                              latent_std=ema.model.latent_std.cpu(), finished=finished,
+                              target_steps=args.steps, elapsed=progress.elapsed(),
+                              args=settings_of(args))
 
     stopper = StopFlag()
-    progress = Progress(out / "log.jsonl", args.steps, step, args.batch_size)
+    guard = LossGuard(ckpt_path)
     stream = batches(images, args.batch_size)
     sums = torch.zeros(3, device=device)                       # loss terms since the last report
+    pending, start = 0, step                                   # steps summed in `sums`
     try:
         while step < args.steps and not stopper.stop:
             x = data_lib.to_model_range(next(stream))          # 1: a mini-batch in [-1, 1]
@@ -96,30 +105,35 @@ def train_vae(args, device):
             ema.update(model, step)
             step += 1
             sums += torch.stack([total.detach(), recon.detach(), kl.detach()])
+            pending += 1
+            if step == start + 1:
+                guard.reference(total.item())                  # the loss before any update
             if step % args.log_every == 0 or step == args.steps:
-                check_finite(sums.sum(), step, ckpt_path)
-                n = (step - 1) % args.log_every + 1
-                progress.report(step, dict(zip(("loss", "recon", "kl"), (sums / n).tolist())))
+                guard.check(sums[0].item() / pending, step)
+                progress.report(step, dict(zip(("loss", "recon", "kl"), (sums / pending).tolist())))
                 sums.zero_()
+                pending = 0
             if step % args.ckpt_every == 0 and step < args.steps:
-                check_finite(sums.sum(), step, ckpt_path, model)
+                guard.check(sums[0].item() / pending if pending else None, step, model)
                 save_checkpoint(ckpt_path, checkpoint())
+        guard.check(sums[0].item() / pending if pending else None, step, model)
+        if stopper.stop:
+            save_checkpoint(ckpt_path, checkpoint())
+            print(f"saved {ckpt_path} at step {step}; resume with: python train_vae.py --resume "
+                  f"--out {args.out}", file=sys.stderr)
+            sys.exit(stopper.exit_code)
     finally:
         stopper.restore()
-    check_finite(sums.sum(), step, ckpt_path, model)
-
-    if stopper.stop:
-        save_checkpoint(ckpt_path, checkpoint())
-        print(f"saved {ckpt_path} at step {step}; resume with: python train_vae.py --resume "
-              f"--out {args.out} (plus your other flags)", file=sys.stderr)
-        sys.exit(130)
 
     # Recipe step 2: statistics of the encoder means, with the EMA weights used for encoding.
     mus = encode_means(ema.model, train.images, device)
+    if not torch.isfinite(mus).all():
+        raise UserError(f"the VAE's encoder gives inf/NaN latents at step {step}; nothing saved "
+                        f"over {ckpt_path}; lower --lr or use --amp off")
     mean, std = latent_stats(mus.split(1024))
     ema.model.set_latent_stats(mean, std)
     model.set_latent_stats(mean, std)
-    save_checkpoint(ckpt_path, checkpoint())
+    save_checkpoint(ckpt_path, checkpoint(finished=True))
 
     heldout = test.images[:args.eval_images]
     psnr_db, kl_per_dim = heldout_report(ema.model, heldout, device)
@@ -127,12 +141,15 @@ def train_vae(args, device):
     with torch.no_grad():
         x_hat = ema.model.decode(ema.model.encode(x)[0]).clamp(-1, 1)
     data_lib.save_grid(out / "recon.png", torch.cat([x, x_hat]), nrow=8)
-    print(f"held-out PSNR {psnr_db:.2f} dB | KL {kl_per_dim:.3f} nats/dim | latent mean "
+    where = "held-out" if test.held_out else \
+        "training-image (the folder has under 20 images: none held out)"
+    print(f"{where} PSNR {psnr_db:.2f} dB | KL {kl_per_dim:.3f} nats/dim | latent mean "
           f"{[round(v, 3) for v in mean.tolist()]} std {[round(v, 3) for v in std.tolist()]}")
     print(f"wrote {ckpt_path}, {out / 'recon.png'}, {out / 'log.jsonl'}")
     with open(out / "log.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "heldout_psnr": psnr_db, "kl_nats_per_dim": kl_per_dim,
-                            "latent_mean": mean.tolist(), "latent_std": std.tolist()}) + "\n")
+                            "held_out": test.held_out, "latent_mean": mean.tolist(),
+                            "latent_std": std.tolist()}) + "\n")
     return ckpt_path
 
 
@@ -175,6 +192,7 @@ def heldout_report(vae, images, device, batch_size=64):
 # The command line
 
 def parse_args(argv=None):
+    """(args, given): the flags, and which of them the command line set."""
     p = argparse.ArgumentParser(
         description="Train the beta-VAE of Algorithm 7 (Lecture 04) and compute latent statistics.",
         formatter_class=HelpFormatter)
@@ -183,27 +201,45 @@ def parse_args(argv=None):
     p.add_argument("--preset", default=None,
                    help="VAE size: '32', '64' or 'large'. Default: the preset named by --image-size "
                         "('32' up to 32 px, '64' up to 64 px), 'large' above 64 px")
-    p.add_argument("--beta", type=float, default=DEFAULT_BETA,
+    p.add_argument("--beta", type=positive(float, allow_zero=True), default=DEFAULT_BETA,
                    help="KL weight beta of Algorithm 7 (>= 0)")
     p.add_argument("--sigma", type=positive(float), default=DEFAULT_SIGMA,
                    help="decoder std sigma of Algorithm 7 (recon = ||x - x_hat||^2 / (2 sigma^2))")
     p.add_argument("--ema-decay", type=fraction, default=0.999, help="EMA decay of the weights, in [0, 1)")
     p.add_argument("--eval-images", type=positive(int), default=512,
                    help="held-out images for the final PSNR / KL report")
-    return p.parse_args(argv)
+    return parse_with_given(p, argv)
+
+
+# Settings whose change makes another experiment: --resume refuses them without --allow-changes.
+EXPERIMENT = {"data", "n_builtin", "seed", "image_size", "preset", "beta", "sigma"}
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, given = parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("train_vae.py trains in one process (under torchrun every process would "
+                        "train the same VAE into the same files); run python train_vae.py")
     device = pick_device(args.device)
     setup_backends(device)
+    folder = RunFolder(args.out, args.resume, args.overwrite)      # nothing is made yet
+    resume = None
+    if args.resume:
+        resume = load_checkpoint(folder.path / "ckpt.pt", "vae", flag="--resume")
+        saved = resume.get("args") or {"beta": resume["beta"], "sigma": resume["sigma"]}
+        restore_settings(args, given, saved, EXPERIMENT, args.allow_changes)
     d = DEFAULTS[device.type]
     args.steps = args.steps or d["steps"]
     args.batch_size = args.batch_size or d["batch_size"]
     args.lr = args.lr or d["lr"]
-    if args.beta < 0:
-        raise UserError(f"--beta {args.beta}: must be >= 0")
-    train_vae(args, device)
+    if resume is not None and vae_finished(resume) and resume["step"] >= args.steps:
+        print(f"{folder.path / 'ckpt.pt'} is already finished at step {resume['step']}; nothing to "
+              f"do (a larger --steps trains on)")
+        return 0
+    try:
+        train_vae(args, device, folder, resume)
+    finally:
+        folder.release()
     return 0
 
 
@@ -220,20 +256,17 @@ def vae_config_from_args(args):
     return vae_preset(name, image_size=size)
 
 
-# Which flag sets each saved setting, for the --resume mismatch message ("" = the rest).
-RESUME_FLAGS = {"config.image_size": "--image-size", "beta": "--beta", "sigma": "--sigma",
-                "": "--preset"}
+# Which flag sets each config field, for the --resume mismatch message ("" = the rest).
+RESUME_FLAGS = {"image_size": "--image-size", "": "--preset"}
 
 
-def _resumable(ckpt_path, settings):
-    """The checkpoint to resume, after checking it was trained with the same settings."""
-    ckpt = load_checkpoint(ckpt_path, "vae", flag="--resume")
-    saved = {key: ckpt.get(key) for key in settings}
-    diff = config_mismatch(flatten(saved), flatten(settings), RESUME_FLAGS)
+def _check_config(ckpt, config, ckpt_path):
+    """Refuse to resume a run whose VAE architecture differs from the current flags'."""
+    saved = flatten(ckpt["config"])
+    diff = config_mismatch(saved, flatten(dataclasses.asdict(config)), RESUME_FLAGS)
     if diff:
         raise UserError(f"--resume {ckpt_path}: settings differ ({diff}); use the same flags "
                         f"or another --out")
-    return ckpt
 
 
 if __name__ == "__main__":

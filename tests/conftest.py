@@ -163,3 +163,19 @@ def flow_args(runs):
         return ["train_flow.py", "--vae", runs["vae"], "--out", out, "--steps", 1,
                 "--sample-steps", 1, "--n-builtin", 64, "--batch-size", 8, *CPU, *extra]
     return args
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real, nearly full filesystem: a 512 KiB tmpfs mounted at a temporary folder (needs root
+    and a kernel that allows it; skipped with the reason otherwise)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip() or proc.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

@@ -6,6 +6,8 @@ import errno
 import os
 import pickle
 import random
+import shutil
+import zipfile
 
 import pytest
 import torch
@@ -44,7 +46,7 @@ def bad_files(tmp_path, runs):
             "folder": (tmp_path, "is a folder"),
             "truncated": (trunc, "truncated or corrupt"),
             "random": (rand, "not a checkpoint"),
-            "text": (text, "truncated or corrupt")}
+            "text": (text, "not a checkpoint (not a PyTorch file)")}
 
 
 def test_bad_vae_files_for_train_flow(cli, runs, tmp_path, expect, tiny, flow_args):
@@ -69,7 +71,7 @@ def test_bad_ckpt_as_a_real_subprocess(runs, tmp_path, expect, run):
     text = tmp_path / "text.pt"
     text.write_text("hello\n")
     proc = run("sample.py", "--ckpt", text, "--device", "cpu", check=False)
-    expect.one_line_error((proc.returncode, proc.stdout, proc.stderr), "not a readable checkpoint")
+    expect.one_line_error((proc.returncode, proc.stdout, proc.stderr), "not a checkpoint")
 
 
 def vae_checkpoint_like(runs, path, config=None, **changes):
@@ -177,3 +179,38 @@ def test_config_mismatch_names_the_first_differing_field_and_its_flag():
     assert checkpoint.config_mismatch({"c": 3}, {"c": 4}, {"": "--preset"}).endswith("--preset")
     assert checkpoint.flatten({"config": {"size": 32, "mults": (1, 2)}, "beta": 1}) == \
         {"config.size": 32, "config.mults": [1, 2], "beta": 1}
+
+
+def test_a_real_full_disk_is_one_line_and_keeps_the_previous_checkpoint(small_disk):
+    path = small_disk / "ckpt.pt"
+    checkpoint.save_checkpoint(path, {"step": 1, "w": torch.zeros(1000)})
+    before = path.read_bytes()
+    with pytest.raises(common.UserError, match="No space left on device.*previous checkpoint, if "
+                                               "any, is intact"):
+        checkpoint.save_checkpoint(path, {"step": 2, "w": torch.zeros(200_000)})   # 800 kB
+    assert path.read_bytes() == before and sorted(os.listdir(small_disk)) == ["ckpt.pt"]
+
+
+def test_torch_saves_own_full_disk_error_is_one_line_too(monkeypatch, tmp_path):
+    """torch.save reports a full disk as a RuntimeError from its zip writer, not an OSError."""
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save_checkpoint(path, {"step": 1})
+    before = path.read_bytes()
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 0))
+
+    def full(obj, f):
+        f.write(b"PK partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(common.UserError, match="could not write .*No space left on device"):
+        checkpoint.save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+
+
+def test_an_unreadable_checkpoint_says_permission_denied_not_corrupt(monkeypatch, runs):
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied", str(runs["vae"]))
+    monkeypatch.setattr(zipfile, "ZipFile", denied)
+    with pytest.raises(common.UserError, match="cannot read it \\(permission denied\\)"):
+        checkpoint.load_checkpoint(runs["vae"], "vae")

@@ -287,6 +287,18 @@ def test_load_inception_missing_path_names_the_flag():
         ev.load_inception("/nonexistent/default_1.pt")
 
 
+class _NotInception(torch.nn.Module):
+    def forward(self, x):
+        return x.flatten(1)[:, :10]                               # (N, 10), not (N, 2048)
+
+
+def test_another_torchscript_model_as_inception_is_one_line(ckpts, tmp_path, cli, expect):
+    path = tmp_path / "other.pt"
+    torch.jit.save(torch.jit.script(_NotInception()), str(path))
+    expect.one_line_error(cli("evaluate.py", "--vae", ckpts["vae"], "--inception", path, *FAST),
+                          "not the FID Inception-v3 (it returns (2, 10) for 2 images")
+
+
 def test_format_table_aligns_columns():
     rows = [{"model": "dit-s", "fd": 12.3456, "kid": 0.00123},
             {"model": "dit-b", "fd": 7.5}]

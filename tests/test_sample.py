@@ -1,6 +1,8 @@
 """Tests for sample.py: the Euler solver against closed forms, its call pattern, classifier-free
 guidance (the formula and the single batched 2B forward pass), and the command line."""
 
+import os
+
 import pytest
 import torch
 from PIL import Image
@@ -138,3 +140,25 @@ def test_unicode_empty_and_overlong_prompts(cli, runs, tmp_path):
 def test_a_prompt_that_is_not_utf8_is_one_line(runs, expect, run):
     proc = run("sample.py", "--ckpt", runs["flow"], "--prompt", b"caf\xe9", check=False)
     expect.one_line_error((proc.returncode, proc.stdout, proc.stderr), "not valid UTF-8")
+
+
+def test_sample_on_a_full_disk_is_one_line_and_keeps_the_old_picture(cli, runs, small_disk, expect):
+    png = small_disk / "samples.png"
+    png.write_bytes(b"old picture")
+    (small_disk / "filler").write_bytes(b"\0" * (512 * 1024 - 8192))    # the disk is now full
+    rc, out, err = cli("sample.py", "--ckpt", runs["flow"], "--n", 8, "--steps", 1, "--out", png)
+    expect.one_line_error((rc, out, err), f"could not write {png} (No space left on device")
+    assert png.read_bytes() == b"old picture"
+    assert sorted(os.listdir(small_disk)) == ["filler", "samples.png"]
+
+
+def test_a_huge_n_is_refused_before_any_work(cli, runs, tmp_path, expect):
+    expect.one_line_error(cli("sample.py", "--ckpt", runs["flow"], "--n", 10 ** 9, "--out",
+                              tmp_path / "x.png"), "--n 1000000000: ")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_failing_sample_command_makes_no_folder(cli, tmp_path, expect):
+    expect.one_line_error(cli("sample.py", "--ckpt", tmp_path / "nope.pt", "--out",
+                              tmp_path / "new" / "x.png"), "file not found")
+    assert not (tmp_path / "new").exists()

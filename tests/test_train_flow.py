@@ -3,6 +3,7 @@ the files of a run and its falling loss, a folder of the user's images, a resume
 straight one, two processes (gloo) with identical weights, mistakes as one line, and the latent
 cache rebuilt when it is stale or damaged."""
 
+import re
 import socket
 
 import torch
@@ -74,9 +75,13 @@ def test_flow_resumed_after_half_the_steps_equals_the_straight_run(runs, tmp_pat
     out = tmp_path / "flow"
     args = ["--vae", runs["vae"], "--out", out, *tiny.flow_flags]
     run("train_flow.py", *args, "--steps", tiny.flow_steps // 2)
-    proc = run("train_flow.py", *args, "--steps", tiny.flow_steps, "--resume")
+    # The bare resume command the run prints: every other setting comes from the checkpoint.
+    proc = run("train_flow.py", "--resume", "--out", out, "--steps", tiny.flow_steps)
     assert f"resumed {out / 'ckpt.pt'} at step {tiny.flow_steps // 2}" in proc.stdout
+    assert f"resuming with changed settings: --steps {tiny.flow_steps} (was 3)" in proc.stdout
     expect.same_weights(out / "ckpt.pt", runs["flow"])
+    steps = [line["step"] for line in expect.log_lines(out)]
+    assert steps == sorted(set(steps))                          # no step logged twice
 
 
 def free_port():
@@ -118,15 +123,20 @@ def test_resume_with_another_model_configuration_names_the_field_and_flag(
     out.mkdir()
     (out / "ckpt.pt").write_bytes(runs["flow"].read_bytes())
     rc, _, err = cli(*flow_args(out, "--resume", "--patch-size", 1))
+    expect.one_line_error((rc, _, err), "--patch-size 1 (was 2)")
+    assert "--patch-size would make another experiment" in err and "--allow-changes" in err
+    rc, _, err = cli(*flow_args(out, "--resume", "--patch-size", 1, "--allow-changes", "--steps", 10))
     expect.one_line_error((rc, _, err), "patch_size: checkpoint has 2, now 1; set by --patch-size")
-    rc, _, err = cli(*flow_args(out, "--resume", "--preset", "S"))
+    rc, _, err = cli(*flow_args(out, "--resume", "--preset", "S", "--allow-changes", "--steps", 10))
     expect.one_line_error((rc, _, err), "set by --preset")
     expect.one_line_error(cli(*flow_args(tmp_path / "none", "--resume")), "file not found")
     vae_out = tmp_path / "vae"
     vae_out.mkdir()
     (vae_out / "ckpt.pt").write_bytes(runs["vae"].read_bytes())
-    expect.one_line_error(cli("train_vae.py", "--out", vae_out, "--resume", "--image-size", 64, *tiny.cpu),
-                          "set by --image-size")
+    expect.one_line_error(cli("train_vae.py", "--out", vae_out, "--resume", "--image-size", 64,
+                              *tiny.cpu), "--image-size 64 (was 32)")
+    expect.one_line_error(cli("train_vae.py", "--out", vae_out, "--resume", "--image-size", 64,
+                              "--allow-changes", "--steps", 20, *tiny.cpu), "set by --image-size")
 
 
 def test_latent_cache_is_rebuilt_when_corrupt_or_stale(cli, runs, tmp_path, capsys, flow_args):
@@ -148,3 +158,95 @@ def test_latent_cache_is_rebuilt_when_corrupt_or_stale(cli, runs, tmp_path, caps
     mu3 = train_flow.cached_latents(cache, "key-b", vae, images[:3], cpu, write=True)
     assert "stale" in capsys.readouterr().out and mu3.shape[0] == 3
     assert torch.load(cache, weights_only=True)["count"] == 3
+
+
+# -----------------------------------------------------------------------------
+# a run folder belongs to one run; an unfinished VAE is finished, never used
+
+
+def _unfinished_copy(runs, path):
+    """The session's VAE checkpoint as a periodic save at half its steps would look."""
+    ckpt = torch.load(runs["vae"], weights_only=True)
+    ckpt.update(step=8, finished=False, latent_mean=torch.zeros(4), latent_std=torch.ones(4))
+    for key in ("model", "ema"):
+        ckpt[key]["latent_mean"], ckpt[key]["latent_std"] = torch.zeros(4), torch.ones(4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+def test_an_interrupted_automatic_vae_is_resumed_to_completion_not_used(cli, runs, tmp_path, tiny):
+    vae = _unfinished_copy(runs, tmp_path / "runs" / "vae" / "ckpt.pt")    # cli runs in tmp_path
+    rc, out, err = cli("train_flow.py", "--out", tmp_path / "flow", "--steps", 1, "--n-builtin", 64,
+                       "--batch-size", 8, "--sample-every", 100, "--sample-steps", 1, *tiny.cpu)
+    assert rc == 0, err
+    assert "runs/vae/ckpt.pt is unfinished" in out and "resumed" in out
+    finished = torch.load(vae, weights_only=True)
+    assert finished["finished"] and finished["step"] == tiny.vae_steps
+    assert not bool((finished["latent_std"] == 1).all())
+    flow = torch.load(tmp_path / "flow" / "ckpt.pt", weights_only=True)
+    assert torch.equal(flow["vae"]["latent_std"], finished["latent_std"])
+
+
+def test_an_unfinished_or_folder_vae_is_refused_in_one_line(cli, runs, tmp_path, expect, flow_args):
+    args = flow_args(tmp_path / "f")
+    args[args.index("--vae") + 1] = _unfinished_copy(runs, tmp_path / "v" / "ckpt.pt")
+    expect.one_line_error(cli(*args), "this VAE is unfinished (step 8 of 16")
+    args[args.index("--vae") + 1] = tmp_path / "v"
+    expect.one_line_error(cli(*args), "is a folder; pass its ckpt.pt")
+    assert not (tmp_path / "f").exists()                      # a failed command makes no folder
+
+
+def test_a_finished_flow_run_is_not_overwritten_and_its_resume_draws_nothing(
+        cli, runs, tmp_path, expect, flow_args):
+    out = tmp_path / "flow"
+    assert cli(*flow_args(out, "--sample-every", 100))[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".pt", ".png")}
+    expect.one_line_error(cli(*flow_args(out)), f"--out {out} already holds a run")
+    rc, stdout, err = cli("train_flow.py", "--out", out, "--resume")
+    assert rc == 0 and "is already at step 1 of 1; nothing to do" in stdout, err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".pt", ".png")} == before
+
+
+def test_resume_refuses_another_experiment_and_lists_other_changes(cli, runs, tmp_path, expect,
+                                                                   flow_args):
+    out = tmp_path / "flow"
+    assert cli(*flow_args(out, "--sample-every", 100))[0] == 0
+    expect.one_line_error(cli("train_flow.py", "--out", out, "--resume", "--steps", 2, "--seed", 1),
+                          "--seed 1 (was 0); --seed would make another experiment")
+    expect.one_line_error(cli("train_flow.py", "--out", out, "--resume", "--steps", 2,
+                              "--n-builtin", 32), "--n-builtin would make another experiment")
+    rc, stdout, err = cli("train_flow.py", "--out", out, "--resume", "--steps", 2, "--lr", "1e-4")
+    assert rc == 0, err
+    assert "resuming with changed settings: --steps 2 (was 1), --lr 0.0001 (was 0.0005)" in stdout
+    assert "64 images" in stdout and "batch 8" in stdout       # the stored data and batch size
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file(cli, runs, tmp_path, expect):
+    data = bytearray(runs["flow"].read_bytes())
+    for k in range(32):                                        # 32 flipped bits inside the weights
+        data[len(data) // 2 + 997 * k] ^= 1 << (k % 8)
+    (tmp_path / "flow").mkdir()
+    bad = tmp_path / "flow" / "ckpt.pt"
+    bad.write_bytes(bytes(data))
+    expect.one_line_error(cli("sample.py", "--ckpt", bad), f"--ckpt {bad}: damaged file (checksum")
+    expect.one_line_error(cli("train_flow.py", "--out", tmp_path / "flow", "--resume"),
+                          "damaged file (checksum mismatch")
+
+
+def test_a_latent_cache_holding_nan_is_rebuilt(cli, runs, tmp_path, flow_args):
+    out = tmp_path / "flow"
+    assert cli(*flow_args(out, "--sample-every", 100))[0] == 0
+    cache = torch.load(out / "latents.pt", weights_only=True)
+    cache["mu"][0, 0, 0, 0] = float("nan")
+    torch.save(cache, out / "latents.pt")
+    rc, stdout, err = cli(*flow_args(out, "--sample-every", 100, "--overwrite"))
+    assert rc == 0 and "is damaged (it holds inf/NaN); rebuilding it" in stdout, err
+    assert torch.isfinite(torch.load(out / "latents.pt", weights_only=True)["mu"]).all()
+
+
+def test_a_diverging_flow_run_stops_naming_the_step(cli, runs, tmp_path, flow_args):
+    rc, _, err = cli(*flow_args(tmp_path / "f", "--lr", "1e9", "--steps", 30, "--warmup", 0,
+                                "--log-every", 10, "--sample-every", 100))
+    assert rc == 2 and "Traceback" not in err
+    assert re.search(r"(diverging\)|loss became (nan|inf)|weights became inf/NaN) by step \d+", err), err

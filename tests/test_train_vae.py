@@ -125,19 +125,132 @@ def test_sigkill_at_random_moments_then_resume_equals_the_straight_run(
     assert not list(out.glob("*.tmp"))                     # leftovers of the kills are cleaned
 
 
-def test_ctrl_c_saves_exits_130_and_resume_continues(tmp_path, expect, tiny, run, start):
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_saves_an_unfinished_checkpoint_and_a_bare_resume_continues(
+        tmp_path, expect, tiny, run, start, signum, code):
     out = tmp_path / "vae"
-    args = ["--out", out, *tiny.vae_flags]
-    proc = start("train_vae.py", *args, "--steps", 1000, "--log-every", 1)
+    proc = start("train_vae.py", "--out", out, *tiny.vae_flags, "--steps", 1000, "--log-every", 1)
     expect.wait_for_step(proc, 2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err, err
-    assert "resume with: python train_vae.py --resume" in err
-    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
-    assert step >= 2
-    done = run("train_vae.py", *args, "--steps", step + 2, "--resume")
+    assert proc.returncode == code and "Traceback" not in err, err
+    assert f"resume with: python train_vae.py --resume --out {out}" in err
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    step = ckpt["step"]
+    assert step >= 2 and ckpt["finished"] is False and ckpt["target_steps"] == 1000
+    with pytest.raises(common.UserError, match="this VAE is unfinished .* train_vae.py --resume"):
+        checkpoint.load_vae(out / "ckpt.pt", "cpu")                 # never used as it is
+    done = run("train_vae.py", "--resume", "--out", out, "--steps", step + 2)   # settings stored
     assert f"at step {step}" in done.stdout and f"step {step + 2}/{step + 2}" in done.stdout
+    assert "64 images" in done.stdout and "--steps 1002" not in done.stdout
+    assert "resuming with changed settings: --steps " + str(step + 2) in done.stdout
+    assert checkpoint.vae_finished(torch.load(out / "ckpt.pt", weights_only=True))
+
+
+def test_a_second_signal_during_a_save_never_tears_the_file_or_prints_a_traceback(
+        cli, tmp_path, tiny, monkeypatch):
+    """Both signals land while torch.save is writing (from inside the file's write()): the file
+    is finished first, then the second signal stops the run, with one line and exit 130."""
+    real_save = torch.save
+
+    def save_while_signalled(obj, f):
+        class Interrupting:
+            def __init__(self):
+                self.sent = 0
+
+            def write(self, data):
+                if self.sent < 2:
+                    self.sent += 1
+                    os.kill(os.getpid(), signal.SIGINT)
+                return f.write(data)
+
+            def flush(self):
+                f.flush()
+        real_save(obj, Interrupting())
+    monkeypatch.setattr(torch, "save", save_while_signalled)
+    out = tmp_path / "vae"
+    rc, _, err = cli("train_vae.py", "--out", out, *tiny.vae_flags, "--steps", 6)
+    assert rc == 130 and "Traceback" not in err, err
+    ckpt = checkpoint.load_checkpoint(out / "ckpt.pt", "vae")        # complete: every CRC right
+    assert ckpt["step"] == 2 and not list(out.glob("*.tmp"))
+
+
+def test_torchrun_is_refused_for_the_vae(cli, tmp_path, monkeypatch, expect, tiny):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    expect.one_line_error(cli("train_vae.py", "--out", tmp_path / "v", *tiny.cpu),
+                          "train_vae.py trains in one process")
+    assert not (tmp_path / "v").exists()
+
+
+def test_a_folder_of_under_20_images_says_its_psnr_is_on_training_images(cli, tmp_path, tiny):
+    data = tmp_path / "imgs"
+    data.mkdir()
+    for i in range(5):
+        Image.new("RGB", (32, 32), (40 * i, 100, 200)).save(data / f"{i}.png")
+    rc, out, err = cli("train_vae.py", "--data", data, "--out", tmp_path / "v", "--steps", 2,
+                       "--batch-size", 2, *tiny.cpu)
+    assert rc == 0, err
+    assert "training-image (the folder has under 20 images: none held out) PSNR" in out
+    assert "held-out PSNR" not in out
+
+
+def test_a_finished_run_is_not_overwritten_and_resume_says_it_is_done(cli, runs, tmp_path, expect,
+                                                                      tiny):
+    out = tmp_path / "vae"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(runs["vae"].read_bytes())
+    (out / "log.jsonl").write_text('{"step": 16, "loss": 1.0}\n')
+    before = (out / "ckpt.pt").read_bytes()
+    rc, _, err = cli("train_vae.py", "--out", out, *tiny.vae_flags, "--steps", 2)
+    expect.one_line_error((rc, _, err), "already holds a run (ckpt.pt, log.jsonl)")
+    assert "--resume" in err and "--overwrite" in err
+    rc, stdout, err = cli("train_vae.py", "--out", out, "--resume")
+    assert rc == 0 and "already finished at step 16; nothing to do" in stdout, err
+    assert (out / "ckpt.pt").read_bytes() == before
+    rc, stdout, err = cli("train_vae.py", "--out", out, *tiny.vae_flags, "--steps", 2, "--overwrite")
+    assert rc == 0, err
+    assert [line["step"] for line in expect.log_lines(out)] == [2, 2]   # progress + final report
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_a_second_writer_is_locked_out_while_the_first_runs_on(cli, tmp_path, expect, tiny, start):
+    out = tmp_path / "vae"
+    first = start("train_vae.py", "--out", out, *tiny.vae_flags, "--steps", 400, "--log-every", 1,
+                  "--ckpt-every", 1)
+    try:
+        expect.wait_for_step(first, 3)
+        rc, _, err = cli("train_vae.py", "--out", out, "--resume", *tiny.cpu)
+        expect.one_line_error((rc, _, err), f"is in use by another run (pid {first.pid})")
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=120)
+        assert first.returncode == 130, err                 # the first run was not disturbed
+    finally:
+        first.kill()
+    assert checkpoint.load_checkpoint(out / "ckpt.pt", "vae")["step"] >= 3
+    assert not (out / ".lock").exists()
+
+
+def test_resume_keeps_the_log_free_of_repeated_steps_and_its_clock_running(cli, tmp_path, expect,
+                                                                          tiny):
+    out = tmp_path / "vae"
+    flags = ["--out", out, *tiny.vae_flags, "--log-every", 2]
+    assert cli("train_vae.py", *flags, "--steps", 4)[0] == 0
+    with open(out / "log.jsonl", "a") as f:                 # logged after the last checkpoint
+        f.write('{"step": 6, "loss": 1.0, "time": 99.0}\n')
+    rc, _, err = cli("train_vae.py", "--out", out, "--resume", "--steps", 8)
+    assert rc == 0, err
+    progress = [line for line in expect.log_lines(out) if "loss" in line]
+    assert [line["step"] for line in progress] == [2, 4, 6, 8]
+    times = [line["time"] for line in progress]
+    assert times == sorted(times) and times[2] != 99.0
+
+
+def test_diverging_loss_stops_like_a_nan_naming_the_step_and_checkpoint(cli, tmp_path, tiny):
+    rc, _, err = cli("train_vae.py", "--out", tmp_path / "v", *tiny.vae_flags, "--steps", 40,
+                     "--lr", "1e9", "--log-every", 20)
+    assert rc == 2 and "Traceback" not in err
+    assert re.search(r"(diverging\)|loss became (nan|inf)|weights became inf/NaN) by step \d+; "
+                     r"stopped without saving", err), err
 
 
 def test_ctrl_c_before_the_training_loop_exits_130_without_traceback(cli, monkeypatch, tmp_path, tiny):
