@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from attention import attention
-from common import autocast, pick_amp, pick_device, positive, run_main
+from common import HelpFormatter, autocast, pick_amp, pick_device, positive, run_main, write_json
 from dit import PRESETS, DiT, dit_config
 from embeddings import null_prompt, tokenize
 from flow import flow_matching_loss
@@ -324,7 +324,12 @@ def parse_args(argv=None):
         description="Throughput, FLOPs, MFU and peak memory of the DiT and VAE training steps, "
                     "the sampler and attention, against this machine's measured matmul peak. "
                     "Modes: --amp and --compile pin one value each; --matrix sweeps every axis "
-                    "they leave free, i.e. {eager, compile} x {fp32, bf16}.")
+                    "they leave free, i.e. {eager, compile} x {fp32, bf16}.",
+        epilog="""examples:
+  python bench.py                                   # DiT-tiny training step, eager fp32
+  python bench.py --what all --matrix               # everything, {eager, compile} x {fp32, bf16}
+  python bench.py --what dit --preset B --latent-size 32 --batch-size 256 --amp bf16 --compile --json b.json
+""", formatter_class=HelpFormatter)
     p.add_argument("--what", choices=["dit", "vae", "sample", "attention", "peak", "all"],
                    default="dit", help="what to measure; peak = matmul GFLOP/s and copy GB/s "
                                        "only; all = every one. Default: dit")
@@ -333,14 +338,14 @@ def parse_args(argv=None):
                    help="override the preset's width (e.g. 384 with --depth 6 --heads 6)")
     p.add_argument("--depth", type=positive(int), default=None, help="override the preset's depth")
     p.add_argument("--heads", type=positive(int), default=None, help="override the preset's heads")
-    p.add_argument("--batch", type=positive(int), default=None,
+    p.add_argument("--batch-size", "--batch", dest="batch", type=positive(int), default=None,
                    help="images per step (attention: its B). Default: 16 on CPU, 64 on CUDA")
     p.add_argument("--latent-size", type=positive(int), default=8,
                    help="DiT latent height = width (4 channels, patch 2). Default: 8")
     p.add_argument("--image-size", type=positive(int), default=32,
                    help="VAE image size; 32 and 64 use those presets, other sizes the 'large' "
                         "one. Default: 32")
-    p.add_argument("--steps", type=positive(int), default=50,
+    p.add_argument("--sample-steps", "--steps", dest="steps", type=positive(int), default=50,
                    help="Euler steps (each a 2B forward, CFG) for sample. Default: 50")
     p.add_argument("--amp", choices=["off", "bf16"], default=None,
                    help="plain fp32 (TF32 matmuls on CUDA) or bf16 autocast. Default: off, "
@@ -350,15 +355,15 @@ def parse_args(argv=None):
                         "both with --matrix")
     p.add_argument("--matrix", action="store_true",
                    help="sweep {eager, compile} x {fp32, bf16}, except the axes --amp/--compile pin")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N. Default: auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps. Default: auto")
     p.add_argument("--repeats", type=positive(int), default=10,
                    help="timed steps; the median is reported. Default: 10")
     p.add_argument("--warmup", type=int, default=3,
                    help="untimed steps first; torch.compile compiles here, so keep >= 1 with it. "
                         "Default: 3")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object (rows, device, torch, threads, peaks) instead of "
-                        "the table")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="write one JSON object (rows, device, torch, threads, peaks) to PATH; "
+                        "--json alone or --json - prints it instead of the table")
     return p.parse_args(argv)
 
 
@@ -415,7 +420,7 @@ def main(argv=None):
               "peaks": peaks, "rows": rows, "args": vars(args),
               "memory": ("torch.cuda.max_memory_allocated" if device.type == "cuda"
                          else "process peak RSS (VmHWM); mem_reset says if reset per row")}
-    if args.json:
+    if args.json == "-":
         print(json.dumps(report))
     else:
         print(f"device {report['device']}, torch {report['torch']}")
@@ -425,6 +430,9 @@ def main(argv=None):
               + f" ({peaks['matmul_n']}^2 matmuls)")
         if rows:
             print(format_table(rows))
+        if args.json is not None:
+            write_json(args.json, report, "results")
+            print(f"wrote {args.json}")
     return 1 if any("error" in row for row in rows) else 0
 
 

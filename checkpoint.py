@@ -14,12 +14,15 @@ checks every CRC-32 of the zip file torch writes (bit rot is refused, not loaded
 `torch.load(weights_only=True)`: a file that would run code is refused without running it.
 A VAE checkpoint is `vae_finished` only once its training reached its target step and its latent
 statistics are stored; the periodic saves before that are resumed, never used.
-`load_vae` and `load_flow` rebuild the EMA models a checkpoint describes, with no flags needed.
+`load_vae` and `load_flow` rebuild the EMA models a checkpoint describes, with no flags needed;
+`export_flow` writes the EMA DiT and its VAE alone into one small file (kind "export", fp32 or
+bf16 weights) that load_flow reads the same way.
 
 Offers: FORMAT, FORMAT_VERSION, save_checkpoint, load_checkpoint, safe_load, config_mismatch,
 flatten, rng_state, set_rng_state, training_state, restore_training, vae_finished, load_vae,
-load_flow
+load_flow, export_flow
 """
+import dataclasses
 import pickle
 import re
 import warnings
@@ -46,7 +49,8 @@ def save_checkpoint(path, obj, what="checkpoint"):
 
 
 def load_checkpoint(path, kind, flag="--ckpt"):
-    """Load a checkpoint safely (weights_only: no code runs), verify it, check format and kind."""
+    """Load a checkpoint safely (weights_only: no code runs), verify it, check format and kind
+    (`kind`: one kind, or a tuple of the kinds accepted)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} {path}: {'is a folder, not a file' if path.is_dir() else 'file not found'}")
@@ -56,10 +60,13 @@ def load_checkpoint(path, kind, flag="--ckpt"):
     if ckpt.get("version") != FORMAT_VERSION:
         raise UserError(f"{flag} {path}: checkpoint format version {ckpt.get('version')} is not "
                         f"supported by this code (version {FORMAT_VERSION}); use the matching code")
-    if ckpt.get("kind") != kind:
-        other = {"vae": "train_vae.py (pass it as --vae)", "flow": "train_flow.py (pass it as --ckpt)"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if ckpt.get("kind") not in kinds:
+        other = {"vae": "train_vae.py (pass it as --vae)", "flow": "train_flow.py (pass it as --ckpt)",
+                 "export": "sample.py --export (pass it as --ckpt)"}
         raise UserError(f"{flag} {path}: this is a {ckpt.get('kind')} checkpoint from "
-                        f"{other.get(ckpt.get('kind'), 'elsewhere')}; a {kind} checkpoint is needed here")
+                        f"{other.get(ckpt.get('kind'), 'elsewhere')}; a {kinds[0]} checkpoint is "
+                        f"needed here")
     return ckpt
 
 
@@ -192,27 +199,69 @@ def load_vae(path, device, flag="--vae"):
     return vae.to(device).eval().requires_grad_(False), ckpt
 
 
-def load_flow(path, device, vae_path=None, flag="--ckpt"):
-    """(EMA DiT, VAE, checkpoint) from a flow checkpoint; the VAE is the one it names (or
-    vae_path), and must match the latent shape and statistics the flow model was trained on."""
-    ckpt = load_checkpoint(path, "flow", flag=flag)
+def load_flow(path, device="cpu", vae_path=None, flag="--ckpt"):
+    """(EMA DiT, VAE, checkpoint) from a flow checkpoint or an `export_flow` file; the VAE is the
+    one it names or holds (or vae_path), and must match the latent shape and statistics the flow
+    model was trained on."""
+    ckpt = load_checkpoint(path, ("flow", "export"), flag=flag)
     try:
         info, image_size = ckpt["vae"], ckpt["image_size"]
         model = DiT(DiTConfig.from_dict(ckpt["config"]))
-        model.load_state_dict(ckpt["ema"])
+        model.load_state_dict(_float32(ckpt["ema"]))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{flag} {path}: damaged checkpoint: its weights do not fit its "
                         f"configuration ({type(e).__name__}); use another file or retrain")
-    if vae_path is None and not Path(info["path"]).is_file():
-        raise UserError(f"{flag} {path} was trained with the VAE {info['path']}, which is not "
-                        f"there any more; pass that VAE with --vae")
-    vae_file = vae_path or info["path"]
-    vae, _ = load_vae(vae_file, device, flag="--vae")
+    if vae_path is None and ckpt["kind"] == "export":
+        vae = _vae_from(info, path, flag)
+        vae_file = path
+    else:
+        if vae_path is None and not Path(info["path"]).is_file():
+            raise UserError(f"{flag} {path} was trained with the VAE {info['path']}, which is not "
+                            f"there any more; pass that VAE with --vae")
+        vae_file = vae_path or info["path"]
+        vae, _ = load_vae(vae_file, device, flag="--vae")
     problems = _vae_mismatch(vae, model.config, image_size, info)
     if problems:
         raise UserError(f"--vae {vae_file} does not match the flow checkpoint {path} "
                         f"({'; '.join(problems)}); pass the VAE it was trained with via --vae")
-    return model.to(device).eval().requires_grad_(False), vae, ckpt
+    return model.to(device).eval().requires_grad_(False), vae.to(device), ckpt
+
+
+def export_flow(path, out, dtype="fp32", vae_path=None):
+    """Write the EMA DiT of a flow checkpoint and its VAE into one file for sampling only (no
+    optimizer, no training weights), its floating weights in float32 or bfloat16 ("bf16": half
+    the size; the latent statistics stay float32). load_flow reads it like a flow checkpoint."""
+    model, vae, ckpt = load_flow(path, "cpu", vae_path)
+    cast = torch.bfloat16 if dtype == "bf16" else torch.float32
+
+    def weights(module, keep=()):
+        return {k: v.to(cast) if v.is_floating_point() and k not in keep else v
+                for k, v in module.state_dict().items()}
+    info = dict(ckpt["vae"], config=dataclasses.asdict(vae.config),
+                ema=weights(vae, keep=("latent_mean", "latent_std")))
+    export = {"format": FORMAT, "version": FORMAT_VERSION, "kind": "export", "dtype": dtype,
+              "step": ckpt["step"], "config": model.config.to_dict(), "ema": weights(model),
+              "image_size": ckpt["image_size"], "data": ckpt.get("data"),
+              "sample_prompts": ckpt["sample_prompts"], "vae": info,
+              "args": ckpt.get("args", {})}
+    save_checkpoint(out, export, "export")
+    return Path(out)
+
+
+def _vae_from(info, path, flag):
+    """The VAE stored inside an export file."""
+    try:
+        vae = VAE(VAEConfig.from_dict(info["config"]))
+        vae.load_state_dict(_float32(info["ema"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{flag} {path}: damaged export: its VAE does not fit its configuration "
+                        f"({type(e).__name__}); export it again")
+    return vae.eval().requires_grad_(False)
+
+
+def _float32(state):
+    """A state_dict with bf16 tensors (an export) back in float32, the dtype the models run in."""
+    return {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
 
 
 def _vae_mismatch(vae, config, image_size, info):

@@ -10,22 +10,25 @@ script reads as its recipe step. They fall in five groups:
   training scripts share (`add_training_flags`), `by_device` for their per-device defaults,
   `parse_with_given` (which flags the command line set) and `restore_settings` (--resume takes
   the run's stored settings as defaults);
-- device and precision: `pick_device`, `pick_amp` (the autocast dtype), `autocast`,
-  `setup_backends`, `cpu_has_native_bf16`, and `maybe_compile` with its `EagerFallback`;
+- device and precision: `pick_device` (cpu, cuda, mps), `device_defaults`, `pick_amp` (the
+  autocast dtype), `autocast`, `setup_backends`, `cpu_has_native_bf16`, and `maybe_compile` with
+  its `EagerFallback`;
 - training: the weight average `EMA`, `StopFlag` (Ctrl-C and SIGTERM save, then exit),
   `signals_deferred` (no signal lands inside a save), the progress line `Progress`, the guard
   against NaN and divergence `LossGuard`/`weights_finite`, out-of-memory detection
-  `is_oom`/`oom_error`, `available_memory`;
-- files and run folders: `atomic_write` (never a torn file), `RunFolder` (one run per folder: a
-  pid lock, no silent overwrite or reuse) and `check_writable`.
+  `is_oom`/`oom_error`, `available_memory`, and `Phase` (progress and ETA of long non-training
+  work);
+- files and run folders: `atomic_write` (never a torn file), `write_json` (args.json),
+  `plot_loss` (loss.png from log.jsonl), `RunFolder` (one run per folder: a pid lock, no silent
+  overwrite or reuse), `run_files`, `trim_log` and `check_writable`.
 
 Imports no project module.
 
 Offers: UserError, run_main, HelpFormatter, positive, finite, fraction, seed_value,
-add_training_flags, by_device, parse_with_given, NOT_SETTINGS, settings_of, restore_settings, pick_device,
+add_training_flags, by_device, device_defaults, parse_with_given, NOT_SETTINGS, settings_of, restore_settings, pick_device,
 cpu_has_native_bf16, pick_amp, autocast, setup_backends, maybe_compile, EagerFallback, EMA,
-StopFlag, signals_deferred, Progress, LossGuard, weights_finite, is_oom, oom_error,
-available_memory, atomic_write, RUN_FILES, RunFolder, run_files, trim_log, check_writable
+StopFlag, signals_deferred, Progress, Phase, LossGuard, weights_finite, is_oom, oom_error,
+available_memory, atomic_write, write_json, plot_loss, RUN_FILES, RunFolder, run_files, trim_log, check_writable
 """
 import argparse
 import copy
@@ -42,6 +45,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +80,13 @@ def run_main(main_fn):
 # Command-line flags
 
 class HelpFormatter(argparse.HelpFormatter):
-    """argparse help that ends each flag's text with its default, unless the text gives it."""
+    """argparse help that ends each flag's text with its default, unless the text gives it, and
+    keeps the lines of the examples (an epilog starting with "example") as written."""
+
+    def _fill_text(self, text, width, indent):
+        if text.startswith("example"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -154,7 +164,8 @@ def add_training_flags(p, out_default, steps_default, batch_default, lr_default)
     p.add_argument("--lr", type=positive(float), default=None,
                    help=f"AdamW learning rate. Default: {lr_default}")
     p.add_argument("--device", default="auto",
-                   help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N. Default: auto")
+                   help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps (Apple "
+                        "GPUs). Default: auto")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (--no-compile to turn off). Default: on for CUDA, "
                         "off for CPU (compiling costs more than it saves in short CPU runs)")
@@ -225,18 +236,28 @@ def restore_settings(args, given, saved, experiment, allow_changes, flag="--resu
 # Device and precision
 
 def pick_device(name):
-    """torch.device from --device; asking for CUDA without CUDA is a user error."""
+    """torch.device from --device: auto (CUDA, else CPU), cpu, cuda[:N] or mps (Apple GPUs; the
+    CPU, with one line, where MPS is missing). Asking for CUDA without CUDA is a user error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N")
+        raise UserError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        print("warning: --device mps: MPS is not available on this machine; using the CPU",
+              file=sys.stderr)
+        return torch.device("cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: only cpu, cuda and mps are supported")
     return device
+
+
+def device_defaults(defaults, device):
+    """A script's DEFAULTS for this device: the CUDA ones on CUDA, the CPU ones elsewhere."""
+    return defaults["cuda" if device.type == "cuda" else "cpu"]
 
 
 def cpu_has_native_bf16():
@@ -257,6 +278,8 @@ def pick_amp(amp, device):
             if amp == "bf16":
                 raise UserError("--amp bf16: this GPU has no bf16; use --amp fp16 or off")
         return torch.float16
+    if device.type == "mps":                            # Apple GPUs: autocast only when asked
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     if amp == "fp16":
         raise UserError("--amp fp16 needs CUDA (float16 autocast is slow and lossy on CPUs); "
                         "use --amp bf16 or --amp off")
@@ -419,6 +442,26 @@ class Progress:
                                     "time": round(self.elapsed(), 2)}) + "\n")
 
 
+class Phase:
+    """Progress of a long phase that is not a training loop (encoding the dataset, sampling many
+    images, an evaluation): a line with the count, the time so far and an ETA, at most every
+    `every` seconds and once at the end; silent for phases that end within `every` seconds."""
+
+    def __init__(self, what, total, every=5.0):
+        self.what, self.total, self.every = what, total, every
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, done):
+        now = time.perf_counter()
+        if now - self.last < self.every and (done < self.total or now - self.t0 < self.every):
+            return
+        self.last = now
+        seconds = now - self.t0
+        eta = (self.total - done) * seconds / max(done, 1)
+        end = "done" if done >= self.total else f"ETA {eta:.0f} s"
+        print(f"{self.what}: {done}/{self.total} in {seconds:.0f} s, {end}", flush=True)
+
+
 class LossGuard:
     """Stops a run whose loss is not finite, or has grown by orders of magnitude (more than
     DIVERGED times) over the lowest value seen, before anything is saved over the last good
@@ -540,7 +583,50 @@ def _umask():
     return mask
 
 
-RUN_FILES = ("ckpt.pt", "log.jsonl", "args.json", "loss.png", "recon.png", "samples_*.png")
+RUN_FILES = ("ckpt.pt", "log.jsonl", "args.json", "loss.png", "recon.png", "samples_*.png",
+             "prompts.txt")
+
+
+def write_json(path, obj, what="file"):
+    """obj as indented JSON, atomically (args.json, evaluation results)."""
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()), what)
+
+
+def plot_loss(log_path, png_path, key="loss", size=(640, 400)):
+    """Draw log.jsonl's `key` against the step (log-scale step axis, log-scale loss) with Pillow:
+    the logged values (light) and their running mean (dark), with the step and loss ranges
+    written on the axes. Written atomically; nothing is drawn before two logged points."""
+    points = []
+    for line in Path(log_path).read_text().splitlines():
+        entry = json.loads(line)
+        if key in entry and entry.get("step", 0) > 0 and entry[key] > 0 and math.isfinite(entry[key]):
+            points.append((entry["step"], entry[key]))
+    if len(points) < 2:
+        return
+    smooth, mean = [], None
+    for _, y in points:
+        mean = y if mean is None else 0.8 * mean + 0.2 * y
+        smooth.append(mean)
+    W, H, left, bottom, pad = size[0], size[1], 60, 30, 12
+    lx = [math.log10(x) for x, _ in points]
+    ly = [math.log10(y) for _, y in points]
+    x0, x1 = min(lx), max(lx) + 1e-9
+    y0, y1 = min(ly), max(ly) + 1e-9
+
+    def xy(x, y):
+        return (left + (math.log10(x) - x0) / (x1 - x0) * (W - left - pad),
+                pad + (y1 - math.log10(y)) / (y1 - y0) * (H - bottom - pad))
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([left, pad, W - pad, H - bottom], outline=(160, 160, 160))
+    draw.line([xy(x, y) for x, y in points], fill=(170, 200, 240), width=1)
+    draw.line([xy(x, y) for (x, _), y in zip(points, smooth)], fill=(20, 60, 160), width=2)
+    draw.text((left, H - bottom + 6), f"step {points[0][0]}", fill="black")
+    draw.text((W - pad - 90, H - bottom + 6), f"step {points[-1][0]} (log)", fill="black")
+    draw.text((4, pad), f"{10 ** y1:.3g}", fill="black")
+    draw.text((4, H - bottom - 12), f"{10 ** y0:.3g}", fill="black")
+    draw.text((left + 8, pad + 4), f"{key} (log scale): logged, running mean", fill="black")
+    atomic_write(png_path, lambda f: image.save(f, format="PNG"), "picture")
 
 
 class RunFolder:

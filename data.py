@@ -18,6 +18,7 @@ dataset_key
 """
 
 import hashlib
+import json
 import sys
 import zlib
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 import shapes
 from common import UserError, atomic_write
@@ -114,14 +116,66 @@ def images_to_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2,
     return Image.fromarray(grid.permute(1, 2, 0).numpy())  # (H', W', 3)
 
 
-def save_grid(path, images: torch.Tensor, nrow: int = 8):
-    """Write images_to_grid(images, nrow) to `path` (the format from its extension, e.g. png),
-    atomically: a full disk or a crash never leaves a torn or empty picture over an old one."""
-    path = Path(path)
-    grid = images_to_grid(images, nrow)
-    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
-    atomic_write(path, lambda f: grid.save(f, format=fmt), "picture")
+def save_grid(path, images: torch.Tensor, nrow: int = 8, row_labels=None, col_labels=None,
+              scale: int = 1, info: dict | None = None):
+    """Write a grid of images (nrow per row) to `path`, its format from the extension, atomically
+    (a full disk or a crash never leaves a torn or empty picture over an old one).
 
+    scale: nearest-neighbour upscaling of every image. row_labels: one text per row, drawn in a
+    strip above it (e.g. its prompt). col_labels: texts for equal blocks of columns, drawn in a
+    strip at the top (e.g. "cfg 4"). info: written as PNG text chunks (prompts, seed, ...)."""
+    path = Path(path)
+    images = images if images.dtype == torch.uint8 else from_model_range(images)
+    if scale > 1:
+        images = images.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
+    grid = images_to_grid(images, nrow)
+    if row_labels is not None or col_labels is not None:
+        grid = _label_grid(grid, images.shape[-2], row_labels, col_labels)
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    options = {}
+    if fmt == "PNG" and info:
+        options["pnginfo"] = PngInfo()
+        for key, value in info.items():
+            options["pnginfo"].add_text(key, value if isinstance(value, str) else json.dumps(value))
+    atomic_write(path, lambda f: grid.save(f, format=fmt, **options), "picture")
+
+
+def _label_grid(grid: Image.Image, cell: int, row_labels, col_labels, pad: int = 2) -> Image.Image:
+    """The grid with a text strip above each row (row_labels) and one above all (col_labels, one
+    per equal block of columns), in Pillow's default font, wrapped to the grid's width."""
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(grid)
+    line_h = measure.textbbox((0, 0), "Hg", font=font)[3] + 3
+    n_rows = (grid.height + pad) // (cell + pad)
+
+    def wrap(text):
+        lines, line = [], ""
+        for word in text.split() or [""]:
+            trial = f"{line} {word}".strip()
+            if line and measure.textlength(trial, font=font) > grid.width - 4:
+                lines.append(line)
+                trial = word
+            line = trial
+        return lines + [line]
+    rows = [wrap(row_labels[r]) if row_labels is not None else [] for r in range(n_rows)]
+    top = line_h + 2 if col_labels else 0
+    height = top + grid.height + sum(len(lines) * line_h for lines in rows)
+    out = Image.new("RGB", (grid.width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    if col_labels:
+        block = grid.width / len(col_labels)
+        for i, text in enumerate(col_labels):
+            width = draw.textlength(text, font=font)
+            draw.text((i * block + (block - width) / 2, 1), text, fill=(0, 0, 0), font=font)
+    y = top
+    for r, lines in enumerate(rows):
+        for line in lines:
+            draw.text((2, y), line, fill=(0, 0, 0), font=font)
+            y += line_h
+        row = grid.crop((0, r * (cell + pad), grid.width, min(grid.height, r * (cell + pad) + cell)))
+        out.paste(row, (0, y))
+        y += cell + pad
+    return out
 
 
 def build_shapes(n: int, seed: int = 0, image_size: int = 32) -> ImageSet:

@@ -27,8 +27,9 @@ noise. The first Linear of the time MLP is initialised with std 1, so its output
 variance for every t, and c differs materially between t = 0 and t = 1 at initialisation.
 
 Offers: DiTConfig, PRESETS, dit_config, modulate, DiTBlock, FinalLayer, DiT, count_parameters,
-preset_table
+preset_table, main
 """
+import argparse
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -207,7 +208,22 @@ def preset_table(input_size=32, in_channels=4, patch_size=2):
     return rows
 
 
-if __name__ == "__main__":
-    print(f"{'preset':>6} {'dim':>5} {'depth':>5} {'heads':>5} {'params':>12}  (32x32x4 latents, patch 2)")
-    for name, dim, depth, heads, n in preset_table():
+def main(argv=None):
+    """python dit.py: the presets' widths, depths, heads and parameter counts."""
+    p = argparse.ArgumentParser(description="Print the DiT presets and their parameter counts.",
+                                epilog="examples:\n  python dit.py                   # 32x32x4 latents (256 px "
+                                       "images)\n  python dit.py --latent-size 8   # the CPU "
+                                       "default's 8x8x4 latents",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--latent-size", type=int, default=32, help="latent height = width (default 32)")
+    p.add_argument("--channels", type=int, default=4, help="latent channels (default 4)")
+    p.add_argument("--patch-size", type=int, default=2, help="patch size (default 2)")
+    args = p.parse_args(argv)
+    print(f"{'preset':>6} {'dim':>5} {'depth':>5} {'heads':>5} {'params':>12}  "
+          f"({args.latent_size}x{args.latent_size}x{args.channels} latents, patch {args.patch_size})")
+    for name, dim, depth, heads, n in preset_table(args.latent_size, args.channels, args.patch_size):
         print(f"{name:>6} {dim:>5} {depth:>5} {heads:>5} {n / 1e6:>11.1f}M")
+
+
+if __name__ == "__main__":
+    main()

@@ -32,7 +32,6 @@ Nothing imports this file: it stands on top of the others.
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 import re
@@ -49,7 +48,8 @@ import torch.nn.functional as F
 import data as data_lib
 import shapes
 from checkpoint import load_flow, load_vae
-from common import HelpFormatter, UserError, finite, pick_amp, pick_device, positive, run_main
+from common import (HelpFormatter, Phase, UserError, finite, pick_amp, pick_device, positive,
+                    run_main, write_json)
 from kl import kl_to_standard_normal
 from metrics import distribution_metrics, frechet_distance, psnr, ssim
 from sample import generate
@@ -69,10 +69,11 @@ class FeatureExtractor:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        out = []
+        out, phase = [], Phase(f"features of {len(images)} images", len(images))
         for i in range(0, len(images), self.batch_size):
             batch = images[i:i + self.batch_size].to(self.device)
             out.append(self.fn(batch).float().cpu())
+            phase.update(i + len(batch))
         return torch.cat(out)  # (N, D)
 
     def __repr__(self):
@@ -221,7 +222,8 @@ def train_feature_net(train_images: torch.Tensor, train_labels: torch.Tensor,
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, cosine decay
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     net.train()
-    for _ in range(steps):
+    phase = Phase("training the feature network", steps)
+    for step in range(steps):
         idx = torch.randint(len(train_images), (batch_size,), generator=g)
         x, y = train_images[idx].to(device), train_labels[idx].to(device)
         loss = F.cross_entropy(net(x), y)
@@ -229,6 +231,7 @@ def train_feature_net(train_images: torch.Tensor, train_labels: torch.Tensor,
         loss.backward()
         opt.step()
         sched.step()
+        phase.update(step + 1)
     net.eval()
     extractor = TrainedFeatureNet(net, device=device)
     if test_images is not None and test_labels is not None:
@@ -286,7 +289,11 @@ def parse_args(argv=None):
         description="Evaluate a latent flow model: prompt accuracy and distribution distance "
                     "(beside the real-vs-real floor) for each (cfg, steps) setting, plus the "
                     "VAE's held-out reconstruction quality. Prints a table; --json writes JSON.",
-        formatter_class=HelpFormatter)
+        epilog="""examples:
+  python evaluate.py --ckpt runs/flow/ckpt.pt --n 1000 --cfg 1 2 4 --sample-steps 50
+  python evaluate.py --ckpt runs/flow/ckpt.pt --n 500 --cfg 4 --json results.json
+  python evaluate.py --vae runs/vae-shapes-32px-seed0-n20000/ckpt.pt     # the VAE section only
+""", formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default=None,
                    help=f"flow checkpoint from train_flow.py. None: {DEFAULT_CKPT}, unless --vae "
                         f"is given alone (then only the VAE is evaluated)")
@@ -302,7 +309,8 @@ def parse_args(argv=None):
     p.add_argument("--cfg", dest="cfg_scales", metavar="W", type=finite, nargs="+",
                    default=[1.0, 2.0, 4.0],
                    help="guidance weights w to evaluate (1 = no guidance)")
-    p.add_argument("--steps", type=positive(int), nargs="+", default=[50],
+    p.add_argument("--sample-steps", "--steps", dest="sample_steps", metavar="N",
+                   type=positive(int), nargs="+", default=[50],
                    help="Euler step counts to evaluate")
     p.add_argument("--batch-size", type=positive(int), default=250, help="images per sampler batch")
     p.add_argument("--inception", default=None,
@@ -315,7 +323,7 @@ def parse_args(argv=None):
                    help="built-in training images the fallback CNN learns from. None: the "
                         "checkpoint's --n-builtin, else 20000")
     p.add_argument("--json", default=None, help="also write the results as JSON to this file")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="off",
                    help="autocast for the DiT forward passes while sampling")
     p.add_argument("--seed", type=int, default=0,
@@ -576,7 +584,7 @@ def evaluate_settings(model, vae, real_a, real_b, real_feats, features, task, cl
     floor = {f"floor_{k}": v for k, v in floor.items() if not k.startswith("n_")}
     rows = []
     for cfg_scale in args.cfg_scales:
-        for steps in args.steps:
+        for steps in args.sample_steps:
             t = time.perf_counter()
             fake = generate(model, vae, real_a.captions, steps, cfg_scale, args.seed,
                             args.batch_size, amp)
@@ -655,16 +663,6 @@ def report(results: dict) -> str:
         lines += ["prompt accuracy of the reconstructions (roughly the ceiling for generated images)",
                   format_table([v["recon_acc"]], list(v["recon_acc"]))]
     return "\n".join(lines)
-
-
-def write_json(path, results):
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
-    except OSError as e:
-        raise UserError(f"--json {path}: cannot write ({e.strerror or e})")
 
 
 if __name__ == "__main__":

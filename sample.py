@@ -17,7 +17,8 @@ The three sampler functions come first and need only torch: any model(x, t, cond
 condition tensors will do, so they can be copied into another project alone. Then `generate`
 (prompts -> images with our DiT and VAE) and the command line.
 
-Offers: euler_sample, cfg_velocity, guided_field, generate, parse_args, main
+Offers: euler_sample, cfg_velocity, guided_field, generate, grid_scale, to_pil, EXAMPLES,
+parse_args, main
 """
 import argparse
 import sys
@@ -28,9 +29,10 @@ import torch
 from PIL import Image
 
 import data as data_lib
-from checkpoint import load_flow
-from common import (HelpFormatter, UserError, available_memory, check_writable, finite,
-                    maybe_compile, pick_amp, pick_device, positive, run_main, seed_value)
+from checkpoint import export_flow, load_flow
+from common import (HelpFormatter, Phase, UserError, atomic_write, available_memory,
+                    check_writable, finite, maybe_compile, pick_amp, pick_device, positive,
+                    run_main, seed_value)
 from embeddings import null_prompt, prompt_is_truncated, tokenize
 
 
@@ -90,7 +92,7 @@ def generate(model, vae, prompts, steps=50, cfg_scale=4.0, seed=0, batch_size=64
                         generator=gen, device=device)      # (N, C, h, w), X_0 ~ N(0, I)
     tokens = tokenize(prompts, config.max_prompt_len).to(device)    # (N, S)
     null = null_prompt(config.max_prompt_len).to(device)             # (1, S)
-    images = []
+    images, phase = [], Phase(f"sampling {len(prompts)} images", len(prompts))
     for i in range(0, len(prompts), batch_size):
         ctx = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
         with ctx:
@@ -98,36 +100,77 @@ def generate(model, vae, prompts, steps=50, cfg_scale=4.0, seed=0, batch_size=64
             z = euler_sample(lambda x, t: u(x, t).float(), noise[i:i + batch_size], steps)
         x = vae.decode(vae.denormalize_latents(z))           # (b, 3, H, W) in [-1, 1]
         images.append(data_lib.from_model_range(x.float()).cpu())
+        phase.update(i + len(images[-1]))
     return torch.cat(images)
+
+
+def grid_scale(image_size):
+    """The default enlargement of sample grids: small images drawn at about 64 pixels."""
+    return max(1, 64 // image_size)
+
+
+def to_pil(images):
+    """uint8 images (N, 3, H, W), as `generate` returns them -> a list of N PIL RGB images."""
+    return [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in images.cpu()]
+
+
+EXAMPLES = """examples:
+  python sample.py --ckpt runs/flow/ckpt.pt --prompt "a large red circle on a white background"
+  python sample.py --prompt "a small blue square on a black background" --n 4 --cfg 1 2 4 7
+  python sample.py --ckpt runs/flow/ckpt.pt --export model.pt --export-dtype bf16
+"""
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Sample a grid of images from a trained flow model (Euler + classifier-free "
-                    "guidance), one row per prompt.",
-        formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", default="runs/flow/ckpt.pt", help="flow checkpoint from train_flow.py")
+                    "guidance): one row per prompt, a block of columns per guidance weight and "
+                    "step count. Writes the PNG (prompts, seed and settings in its text chunks) "
+                    "and the prompts beside it, one per row, in OUT.prompts.txt.",
+        epilog=EXAMPLES, formatter_class=HelpFormatter)
+    p.add_argument("--ckpt", default="runs/flow/ckpt.pt",
+                   help="flow checkpoint from train_flow.py, or a file written by --export")
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt (repeat for several rows; \"\" = unconditional). "
                         "Default: the prompts the training run used for its sample grids")
-    p.add_argument("--n", type=positive(int), default=8, help="images per prompt (one row)")
-    p.add_argument("--steps", type=positive(int), default=50, help="Euler steps (model evaluations)")
-    p.add_argument("--cfg", dest="cfg_scale", metavar="W", type=finite, default=4.0,
-                   help="guidance weight w: (1 - w) u(x|empty) + w u(x|y); 1 = no guidance")
+    p.add_argument("--n", type=positive(int), default=8, help="images per prompt and setting")
+    p.add_argument("--sample-steps", "--steps", dest="sample_steps", metavar="N", nargs="+",
+                   type=positive(int), default=[50],
+                   help="Euler steps (model evaluations); several give a sweep (--steps is the "
+                        "old spelling)")
+    p.add_argument("--cfg", dest="cfg_scales", metavar="W", nargs="+", type=finite, default=[4.0],
+                   help="guidance weight w: (1 - w) u(x|empty) + w u(x|y); 1 = no guidance; "
+                        "several give a sweep")
     p.add_argument("--seed", type=seed_value, default=0, help="noise seed: same seed, same images")
-    p.add_argument("--out", default="samples.png", help="output PNG")
+    p.add_argument("--out", default="samples.png", help="output picture (png)")
+    p.add_argument("--scale", type=positive(int), default=None,
+                   help="enlarge every image this many times (nearest neighbour). Default: "
+                        "enough for 64-pixel images (2 for 32 px)")
+    p.add_argument("--labels", action=argparse.BooleanOptionalAction, default=True,
+                   help="write each row's prompt above it and each block's setting on top")
     p.add_argument("--vae", default=None, help="VAE checkpoint. Default: the one the flow checkpoint names")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="off",
                    help="autocast for the DiT forward passes (auto = bf16 on CUDA/bf16 CPUs)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model call")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model call")
     p.add_argument("--batch-size", type=positive(int), default=64, help="images per sampler batch")
+    p.add_argument("--export", default=None, metavar="PATH",
+                   help="instead of sampling, write the EMA DiT and its VAE to PATH as one small "
+                        "file that sample.py and sample.load_flow read")
+    p.add_argument("--export-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="weights' dtype in the --export file (bf16: half the size)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)                # flag mistakes first, before any loading
+    if args.export is not None:
+        path = export_flow(args.ckpt, args.export, args.export_dtype, args.vae)
+        print(f"wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MiB, {args.export_dtype}); "
+              f"sample from it with: python sample.py --ckpt {path}")
+        return 0
     amp = pick_amp(args.amp, device)
     out = _check_out(Path(args.out))
     if args.prompt is not None:
@@ -135,14 +178,42 @@ def main(argv=None):
     model, vae, ckpt = load_flow(args.ckpt, device, args.vae)
     prompts = args.prompt if args.prompt is not None else ckpt["sample_prompts"]
     _warn_truncated(prompts, model.config.max_prompt_len)
-    _check_memory(len(prompts) * args.n, model.config, ckpt["image_size"], args.n)
+    settings = [(w, s) for s in args.sample_steps for w in args.cfg_scales]
+    _check_memory(len(prompts) * args.n * len(settings), model.config, ckpt["image_size"],
+                  args.n, args.scale or grid_scale(ckpt["image_size"]))
     model, _ = maybe_compile(model, device, args.compile)
     all_prompts = [p for p in prompts for _ in range(args.n)]
-    images = generate(model, vae, all_prompts, args.steps, args.cfg_scale, args.seed,
-                      args.batch_size, amp)
-    data_lib.save_grid(out, images, nrow=args.n)              # atomic: never a torn picture
-    print(f"wrote {out}: {len(prompts)} prompts x {args.n} images, {args.steps} steps, cfg {args.cfg_scale}")
+    blocks = []
+    for cfg_scale, steps in settings:
+        images = generate(model, vae, all_prompts, steps, cfg_scale, args.seed, args.batch_size, amp)
+        blocks.append(images.view(len(prompts), args.n, *images.shape[1:]))   # (P, n, 3, H, W)
+    grid = torch.cat(blocks, dim=1).flatten(0, 1)     # row p: n images of each setting in turn
+    info = {"prompts": prompts, "seed": args.seed, "cfg": args.cfg_scales,
+            "steps": args.sample_steps, "n": args.n, "checkpoint": str(args.ckpt)}
+    data_lib.save_grid(out, grid, nrow=args.n * len(settings),
+                       row_labels=[p or "(empty prompt: unconditional)" for p in prompts]
+                       if args.labels else None,
+                       col_labels=_setting_labels(args) if args.labels else None,
+                       scale=args.scale or grid_scale(ckpt["image_size"]), info=info)
+    text = out.with_suffix(".prompts.txt")
+    atomic_write(text, lambda f: f.write("".join(p + "\n" for p in prompts).encode()), "file")
+    print(f"wrote {out} and {text}: {len(prompts)} prompts x {args.n} images for cfg "
+          f"{' '.join(f'{w:g}' for w in args.cfg_scales)} and "
+          f"{' '.join(map(str, args.sample_steps))} steps")
     return 0
+
+
+def _setting_labels(args):
+    """The top labels of a sweep's column blocks (None for a single setting)."""
+    if len(args.cfg_scales) * len(args.sample_steps) == 1:
+        return None
+    labels = []
+    for steps in args.sample_steps:
+        for w in args.cfg_scales:
+            parts = ([f"cfg {w:g}"] if len(args.cfg_scales) > 1 else []) + \
+                    ([f"{steps} steps"] if len(args.sample_steps) > 1 else [])
+            labels.append(", ".join(parts))
+    return labels
 
 
 def _check_out(out):
@@ -155,10 +226,10 @@ def _check_out(out):
     return out
 
 
-def _check_memory(count, config, image_size, n):
+def _check_memory(count, config, image_size, n, scale=1):
     """Refuse, before any work, a grid whose images (noise, pixels, grid) would not fit in memory."""
     latent = config.in_channels * config.height * config.width * 4      # float32 noise
-    pixels = 3 * image_size * image_size                                 # uint8, twice: + grid
+    pixels = 3 * (image_size * scale) ** 2                               # uint8, twice: + grid
     need = count * (latent + 2 * pixels + 8 * config.max_prompt_len)
     have = available_memory()
     if need > 0.8 * have:

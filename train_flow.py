@@ -24,6 +24,7 @@ samples_<step>.png, log.jsonl, latents.pt (cache).
 import argparse
 import hashlib
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -37,17 +38,16 @@ import train_vae
 from checkpoint import (config_mismatch, load_checkpoint, load_vae, restore_training, rng_state,
                         safe_load, save_checkpoint, training_state, vae_finished)
 from common import (EMA, HelpFormatter, LossGuard, Progress, RunFolder, StopFlag, UserError,
-                    add_training_flags, autocast, by_device, finite, fraction, is_oom,
+                    add_training_flags, atomic_write, device_defaults, plot_loss, write_json, autocast, by_device, finite, fraction, is_oom,
                     maybe_compile, oom_error, parse_with_given, pick_amp, pick_device, positive,
                     restore_settings, run_files, run_main, settings_of, setup_backends,
                     trim_log)
 from dit import PRESETS, DiT, DiTConfig, count_parameters, dit_config
 from embeddings import null_prompt, tokenize
 from flow import flow_matching_loss
-from sample import generate
+from sample import generate, grid_scale
 from vae import VAE
 
-DEFAULT_VAE = "runs/vae/ckpt.pt"
 DEFAULTS = {"cpu": {"steps": 1500, "batch_size": 64, "lr": 5e-4, "preset": "tiny", "ema": 0.995},
             "cuda": {"steps": 50000, "batch_size": 256, "lr": 1e-4, "preset": "B", "ema": 0.9999}}
 N_SAMPLE_PROMPTS = 8
@@ -78,7 +78,8 @@ def train(args, given, rank, world, device):
 
 
 # Settings whose change makes another experiment: --resume refuses them without --allow-changes.
-EXPERIMENT = {"data", "n_builtin", "seed", "image_size", "preset", "patch_size", "vae"}
+EXPERIMENT = {"data", "n_builtin", "seed", "image_size", "preset", "patch_size", "vae",
+              "vae_steps"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,25 +139,40 @@ def prepare_latents(args, folder, resume, rank, world, device):
                    vae_info=vae_info, config=config)
 
 
+def auto_vae_path(args):
+    """Where the automatic VAE of this data lives: one per dataset and image size (and per
+    --vae-steps, when given), e.g. runs/vae-shapes-32px-seed0-n20000/ckpt.pt."""
+    if args.data is None:
+        tag = f"shapes-{args.image_size}px-seed{args.seed}-n{args.n_builtin}"
+    else:
+        folder = Path(args.data).expanduser().resolve()
+        digest = hashlib.sha1(str(folder).encode()).hexdigest()[:8]
+        tag = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', folder.name)}-{digest}-{args.image_size}px"
+    if args.vae_steps is not None:
+        tag += f"-{args.vae_steps}steps"
+    return Path("runs") / f"vae-{tag}" / "ckpt.pt"
+
+
 def ensure_vae(args, rank, world):
-    """Path of a finished VAE checkpoint: --vae, or the automatic one (DEFAULT_VAE), which is
-    trained first with train_vae.py's defaults, or resumed to completion when a previous run was
-    stopped during it (an unfinished VAE is never used as it is)."""
+    """Path of a finished VAE checkpoint: --vae, or the automatic one of this data
+    (`auto_vae_path`), which is trained first with train_vae.py's defaults, or resumed to
+    completion when a previous run was stopped during it (an unfinished VAE is never used)."""
     if args.vae is not None:
         path = Path(args.vae)
         if not path.is_file():
             what = "is a folder; pass its ckpt.pt" if path.is_dir() else "file not found"
             raise UserError(f"--vae {args.vae}: {what}; train one with train_vae.py or omit --vae "
-                            f"to use/train {DEFAULT_VAE}")
-        return args.vae
+                            f"to use/train the automatic VAE ({auto_vae_path(args)})")
+        return str(path)
+    path = auto_vae_path(args)
     if rank == 0:
-        path, flags = Path(DEFAULT_VAE), None
+        flags = None
         if not path.is_file():
-            print(f"no --vae given and no {DEFAULT_VAE}: training the VAE first with train_vae.py's "
-                  f"defaults (recipe: latent space first, then the flow model)", flush=True)
+            print(f"no --vae given and no {path}: training the VAE first with train_vae.py "
+                  f"(recipe: latent space first, then the flow model)", flush=True)
             flags = ["--overwrite"] if run_files(path.parent) else []
         elif not vae_finished(load_checkpoint(path, "vae", flag="--vae")):
-            print(f"{DEFAULT_VAE} is unfinished (a run stopped while training it): resuming it "
+            print(f"{path} is unfinished (a run stopped while training it): resuming it "
                   f"to completion first", flush=True)
             flags = ["--resume"]
         if flags is not None:
@@ -164,12 +180,13 @@ def ensure_vae(args, rank, world):
                       "--device", args.device, "--seed", str(args.seed), "--amp", args.amp,
                       "--n-builtin", str(args.n_builtin)]
             flags += ["--data", args.data] if args.data else []
+            flags += ["--steps", str(args.vae_steps)] if args.vae_steps is not None else []
             flags += [] if args.compile is None else ["--compile" if args.compile else "--no-compile"]
             code = train_vae.main(flags)
             if code:
                 sys.exit(code)
     barrier(world)
-    return DEFAULT_VAE
+    return str(path)
 
 
 def cached_latents(cache_path, key, vae, images, device, write):
@@ -242,6 +259,8 @@ def train_dit(args, latents, out, resume, amp, rank, world, device):
         if rank == 0:
             trim_log(out / "log.jsonl", step)
             print(f"resumed {ckpt_path} at step {step}")
+    if rank == 0:
+        write_json(out / "args.json", settings_of(args), "settings")
     else:
         torch.manual_seed(args.seed + rank)                       # per-rank data order and noise
 
@@ -306,6 +325,7 @@ def train_dit(args, latents, out, resume, amp, rank, world, device):
                 if rank == 0:
                     progress.report(step, {"loss": loss_sum.item() / pending,
                                            "lr": opt.param_groups[0]["lr"]})
+                    plot_loss(out / "log.jsonl", out / "loss.png")
                 loss_sum.zero_()
                 pending = 0
             if step % args.ckpt_every == 0 and step < args.steps:
@@ -345,10 +365,17 @@ def run_state(args, latents, step, model, ema, opt, scaler, world, elapsed):
 
 
 def sample_grid(path, model, latents, args, amp):
-    """Step 5: 8 EMA samples per fixed prompt, one row each, decoded by the VAE."""
+    """Step 5: 8 EMA samples per fixed prompt, one row each under its prompt, decoded by the VAE
+    (prompts.txt beside lists the rows; the PNG's text chunks hold prompts and settings)."""
     rows = [p for p in latents.prompts for _ in range(8)]
     images = generate(model, latents.vae, rows, args.sample_steps, args.cfg_scale, seed=0, amp=amp)
-    data_lib.save_grid(path, images, nrow=8)
+    info = {"prompts": latents.prompts, "seed": 0, "cfg": args.cfg_scale,
+            "steps": args.sample_steps, "checkpoint": str(path.parent / "ckpt.pt")}
+    data_lib.save_grid(path, images, nrow=8, scale=grid_scale(args.image_size), info=info,
+                       row_labels=[p or "(empty prompt: unconditional)" for p in latents.prompts])
+    prompts = path.parent / "prompts.txt"
+    if not prompts.exists():
+        atomic_write(prompts, lambda f: f.write("".join(p + "\n" for p in latents.prompts).encode()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,13 +385,21 @@ def parse_args(argv=None):
     """(args, given): the flags, and which of them the command line set."""
     p = argparse.ArgumentParser(
         description="Train a DiT flow model (CondOT flow matching, CFG) in a VAE's latent space.",
-        formatter_class=HelpFormatter)
+        epilog="""examples:
+  python train_flow.py                      # the whole recipe on the built-in shapes -> runs/flow
+  python train_flow.py --data ~/photos --image-size 64 --out runs/photos
+  python train_flow.py --steps 20 --vae-steps 20 --n-builtin 500 --out runs/smoke   # a quick test
+""", formatter_class=HelpFormatter)
     add_training_flags(p, "runs/flow", by_device(DEFAULTS, "steps"),
                        by_device(DEFAULTS, "batch_size") + " (global, split over ranks)",
                        by_device(DEFAULTS, "lr"))
     p.add_argument("--vae", default=None,
-                   help=f"VAE checkpoint from train_vae.py. Default: {DEFAULT_VAE}, trained first "
-                        f"(with train_vae.py's defaults) when it does not exist")
+                   help="VAE checkpoint from train_vae.py. Default: the automatic VAE of this data, "
+                        "runs/vae-<data>-<size>px.../ckpt.pt, trained first (train_vae.py's "
+                        "defaults) when it does not exist")
+    p.add_argument("--vae-steps", type=positive(int), default=None,
+                   help="training steps of the automatic VAE (e.g. 3 for a smoke test; its folder "
+                        "name says so). Default: train_vae.py's")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help=f"DiT size. Default: {by_device(DEFAULTS, 'preset')}")
     p.add_argument("--patch-size", type=positive(int), default=2,
@@ -389,7 +424,7 @@ def parse_args(argv=None):
 
 def resolve_defaults(args, device, world):
     """Fill the per-device defaults of the flags left unset."""
-    d = DEFAULTS[device.type]
+    d = device_defaults(DEFAULTS, device)
     args.steps = args.steps or d["steps"]
     args.batch_size = args.batch_size or d["batch_size"]
     args.lr = args.lr or d["lr"]

@@ -23,10 +23,11 @@ import torch
 import data as data_lib
 from checkpoint import (config_mismatch, flatten, load_checkpoint, restore_training, rng_state,
                         save_checkpoint, training_state, vae_finished)
-from common import (EMA, HelpFormatter, LossGuard, Progress, RunFolder, StopFlag, UserError,
-                    add_training_flags, autocast, by_device, fraction, is_oom, maybe_compile,
-                    oom_error, parse_with_given, pick_amp, pick_device, positive,
-                    restore_settings, run_main, settings_of, setup_backends, trim_log)
+from common import (EMA, HelpFormatter, LossGuard, Phase, Progress, RunFolder, StopFlag,
+                    UserError, add_training_flags, autocast, by_device, device_defaults, fraction,
+                    is_oom, maybe_compile, oom_error, parse_with_given, pick_amp, pick_device,
+                    plot_loss, positive, restore_settings, run_main, settings_of, setup_backends,
+                    trim_log, write_json)
 from kl import kl_to_standard_normal
 from metrics import psnr
 from vae import DEFAULT_BETA, DEFAULT_SIGMA, VAE, VAE_PRESETS, latent_stats, vae_loss, vae_preset
@@ -63,6 +64,7 @@ def train_vae(args, device, folder, resume=None):
             group["lr"] = args.lr
         trim_log(out / "log.jsonl", step)
         print(f"resumed {ckpt_path} at step {step}")
+    write_json(out / "args.json", settings_of(args), "settings")
 
     print(f"VAE {config.image_size}px -> {config.latent_channels}x{config.latent_size}x"
           f"{config.latent_size} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) "
@@ -111,6 +113,7 @@ def train_vae(args, device, folder, resume=None):
             if step % args.log_every == 0 or step == args.steps:
                 guard.check(sums[0].item() / pending, step)
                 progress.report(step, dict(zip(("loss", "recon", "kl"), (sums / pending).tolist())))
+                plot_loss(out / "log.jsonl", out / "loss.png")
                 sums.zero_()
                 pending = 0
             if step % args.ckpt_every == 0 and step < args.steps:
@@ -164,12 +167,13 @@ def batches(images, batch_size, generator=None):
 @torch.no_grad()
 def encode_means(vae, images, device, batch_size=256, dtype=None):
     """Encoder means mu(x) of all images (Recipe step 2), float32 on the CPU: (N, C, h, w)."""
-    out = []
+    out, phase = [], Phase(f"encoding {images.shape[0]} images", images.shape[0])
     for i in range(0, images.shape[0], batch_size):
         x = data_lib.to_model_range(images[i:i + batch_size].to(device))
         with autocast(device, dtype):
             mu, _ = vae.encode(x)
         out.append(mu.float().cpu())
+        phase.update(i + len(x))
     return torch.cat(out)
 
 
@@ -195,7 +199,11 @@ def parse_args(argv=None):
     """(args, given): the flags, and which of them the command line set."""
     p = argparse.ArgumentParser(
         description="Train the beta-VAE of Algorithm 7 (Lecture 04) and compute latent statistics.",
-        formatter_class=HelpFormatter)
+        epilog="""examples:
+  python train_vae.py                                   # built-in shapes, 32 px -> runs/vae
+  python train_vae.py --data ~/photos --image-size 64 --out runs/vae64
+  python train_vae.py --resume --out runs/vae --steps 4000    # continue a run further
+""", formatter_class=HelpFormatter)
     add_training_flags(p, "runs/vae", by_device(DEFAULTS, "steps"),
                        by_device(DEFAULTS, "batch_size"), by_device(DEFAULTS, "lr"))
     p.add_argument("--preset", default=None,
@@ -228,7 +236,7 @@ def main(argv=None):
         resume = load_checkpoint(folder.path / "ckpt.pt", "vae", flag="--resume")
         saved = resume.get("args") or {"beta": resume["beta"], "sigma": resume["sigma"]}
         restore_settings(args, given, saved, EXPERIMENT, args.allow_changes)
-    d = DEFAULTS[device.type]
+    d = device_defaults(DEFAULTS, device)
     args.steps = args.steps or d["steps"]
     args.batch_size = args.batch_size or d["batch_size"]
     args.lr = args.lr or d["lr"]

@@ -9,8 +9,10 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import common
 from data import DataError
@@ -287,3 +289,45 @@ def test_a_signal_during_a_deferred_block_arrives_after_it(monkeypatch):
         assert seen == ["block done", ("handler", signal.SIGTERM)]
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def test_mps_falls_back_to_the_cpu_with_one_line_where_it_is_missing(capsys, monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert common.pick_device("mps") == torch.device("cpu")
+    assert capsys.readouterr().err.strip() == \
+        "warning: --device mps: MPS is not available on this machine; using the CPU"
+    assert common.pick_amp("auto", torch.device("mps")) is None       # autocast only when asked
+    assert common.device_defaults({"cpu": 1, "cuda": 2}, torch.device("mps")) == 1
+
+
+def test_phase_prints_progress_with_an_eta_and_a_last_line(capsys, monkeypatch):
+    clock = iter([0.0, 6.0, 7.0, 12.0, 13.0])                # seconds at each update
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+    phase = common.Phase("encoding 100 images", 100)         # every 5 s
+    phase.update(50)                                         # 6 s: half done -> ETA 6 s
+    phase.update(60)                                         # 7 s: too soon for another line
+    phase.update(100)                                        # 12 s: the end
+    assert capsys.readouterr().out.splitlines() == ["encoding 100 images: 50/100 in 6 s, ETA 6 s",
+                                                    "encoding 100 images: 100/100 in 12 s, done"]
+
+
+def test_plot_loss_draws_the_logged_curve_and_redraws_it_with_more_points(tmp_path):
+    log, png = tmp_path / "log.jsonl", tmp_path / "loss.png"
+    log.write_text("".join(json.dumps({"step": s, "loss": 2.0 / s}) + "\n" for s in (1, 2, 4)))
+    common.plot_loss(log, png)
+    first = png.read_bytes()
+    image = np.asarray(Image.open(png))
+    assert image.shape == (400, 640, 3) and (image != 255).any(axis=2).sum() > 500   # ink
+    with open(log, "a") as f:
+        f.write(json.dumps({"step": 8, "loss": 0.1}) + "\n")
+    common.plot_loss(log, png)
+    assert png.read_bytes() != first
+
+
+@pytest.mark.parametrize("script", ["train_vae.py", "train_flow.py", "sample.py", "evaluate.py",
+                                    "bench.py", "dit.py"])
+def test_every_help_ends_with_examples(cli, script):
+    rc, out, _ = cli(script, "--help")
+    examples = out[out.rindex("example"):].splitlines()
+    assert rc == 0 and 3 <= len(examples) <= 4 and all(f"python {script}" in line
+                                                        for line in examples[1:])

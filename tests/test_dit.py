@@ -4,6 +4,7 @@ conditioning, non-square latents, the presets, torch.compile, and the config rou
 import pytest
 import torch
 
+import dit
 from dit import DiT, DiTConfig, PRESETS, dit_config, preset_table
 from embeddings import tokenize
 
@@ -162,3 +163,13 @@ def test_tiny_dit_compiles_fullgraph_and_matches_eager():
         out = compiled(x, t, tokens)
     assert eager.abs().max() > 0.1
     torch.testing.assert_close(out, eager, rtol=0, atol=1e-4)
+
+
+def test_dit_command_line_prints_the_table_and_refuses_unknown_flags(capsys):
+    dit.main(["--latent-size", "8"])
+    out = capsys.readouterr().out.splitlines()
+    assert "(8x8x4 latents, patch 2)" in out[0] and [line.split()[0] for line in out[1:]] == \
+        list(PRESETS)
+    with pytest.raises(SystemExit) as e:
+        dit.main(["--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

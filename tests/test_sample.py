@@ -1,8 +1,13 @@
 """Tests for sample.py: the Euler solver against closed forms, its call pattern, classifier-free
 guidance (the formula and the single batched 2B forward pass), and the command line."""
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -10,6 +15,8 @@ from PIL import Image
 import sample
 from embeddings import BOS_ID, PAD_ID, null_prompt, tokenize
 from sample import cfg_velocity, euler_sample, guided_field
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_euler_integrates_a_constant_field_exactly():
@@ -114,8 +121,8 @@ def test_guided_field_equals_cfg_of_two_separate_calls():
 # the command line
 
 def test_sample_grid_has_a_row_per_prompt_and_same_seed_gives_same_png(runs, tmp_path, expect, run):
-    args = ["--ckpt", runs["flow"], "--n", 3, "--steps", 2, "--seed", 7, "--prompt", "a red circle",
-            "--prompt", "", "--device", "cpu"]
+    args = ["--ckpt", runs["flow"], "--n", 3, "--sample-steps", 2, "--seed", 7, "--prompt",
+            "a red circle", "--prompt", "", "--device", "cpu", "--scale", 1, "--no-labels"]
     run("sample.py", *args, "--out", tmp_path / "a.png")
     assert Image.open(tmp_path / "a.png").size == expect.grid_size(2, 3)
     assert sample.main([str(a) for a in args] + ["--out", str(tmp_path / "b.png")]) == 0
@@ -123,6 +130,87 @@ def test_sample_grid_has_a_row_per_prompt_and_same_seed_gives_same_png(runs, tmp
     assert sample.main([str(a) for a in args] + ["--cfg", "1", "--out", str(tmp_path / "c.png")]) == 0
     assert Image.open(tmp_path / "c.png").size == expect.grid_size(2, 3)
     assert (tmp_path / "c.png").read_bytes() != (tmp_path / "a.png").read_bytes()
+    # --steps, the old spelling of --sample-steps, still works
+    old = [str(a) for a in args if a != "--sample-steps"]
+    old.insert(old.index("2"), "--steps")
+    assert sample.main(old + ["--out", str(tmp_path / "d.png")]) == 0
+    assert (tmp_path / "d.png").read_bytes() == (tmp_path / "a.png").read_bytes()
+
+
+def test_labelled_grid_carries_prompts_and_settings_in_png_text_and_a_prompts_file(runs, tmp_path,
+                                                                                  expect, run):
+    prompts = ["a red circle", "a small blue square on a black background"]
+    args = ["--ckpt", runs["flow"], "--n", 2, "--sample-steps", 2, "--seed", 3, "--device", "cpu"]
+    for p in prompts:
+        args += ["--prompt", p]
+    run("sample.py", *args, "--out", tmp_path / "l.png")
+    run("sample.py", *args, "--out", tmp_path / "u.png", "--no-labels")
+    labelled, plain = Image.open(tmp_path / "l.png"), Image.open(tmp_path / "u.png")
+    assert plain.size == expect.grid_size(2, 2, px=64, pad=2)        # 32 px drawn 2x by default
+    assert labelled.width == plain.width and labelled.height > plain.height   # a strip per row
+    assert json.loads(labelled.text["prompts"]) == prompts
+    assert (labelled.text["seed"], json.loads(labelled.text["cfg"]), json.loads(labelled.text["steps"])) \
+        == ("3", [4.0], [2])
+    assert labelled.text["checkpoint"] == str(runs["flow"])
+    assert (tmp_path / "l.prompts.txt").read_text().splitlines() == prompts
+    # the labels are text over the picture: the rows of images themselves are unchanged
+    assert np.asarray(labelled)[-64:].tolist() == np.asarray(plain)[-64:].tolist()
+
+
+def test_a_sweep_grid_has_a_block_of_columns_per_guidance_weight_and_step_count(runs, tmp_path,
+                                                                               expect):
+    args = ["--ckpt", runs["flow"], "--n", 2, "--seed", 1, "--prompt", "a red circle", "--prompt",
+            "a blue square", "--device", "cpu", "--scale", 1, "--no-labels"]
+
+    def draw(*extra, out="s.png"):
+        assert sample.main([str(a) for a in (*args, *extra, "--out", tmp_path / out)]) == 0
+        return np.asarray(Image.open(tmp_path / out))
+    sweep = draw("--cfg", 1, 2, 4, "--sample-steps", 1, 3)
+    assert sweep.shape[:2][::-1] == expect.grid_size(2, 2 * 3 * 2)   # rows: prompts; 6 blocks of 2
+    for block, (steps, w) in enumerate([(1, 1), (1, 2), (1, 4), (3, 1), (3, 2), (3, 4)]):
+        one = draw("--cfg", w, "--sample-steps", steps, out="one.png")   # the same images, alone
+        width = one.shape[1] + 2
+        assert np.array_equal(sweep[:, block * width: block * width + width - 2], one), block
+    args.remove("--no-labels")
+    assert draw("--cfg", 1, 4, out="l.png").shape[0] > expect.grid_size(2, 4)[1]   # labels on top
+
+
+def test_export_fp32_samples_the_same_images_and_bf16_within_two_grey_levels(runs, tmp_path, run):
+    args = ["--n", 3, "--sample-steps", 4, "--seed", 5, "--prompt", "a red circle", "--prompt", "",
+            "--device", "cpu", "--no-labels"]
+    pictures = {}
+    for name, extra in [("ckpt", []), ("fp32", ["--export-dtype", "fp32"]),
+                        ("bf16", ["--export-dtype", "bf16"])]:
+        ckpt = runs["flow"]
+        if extra:
+            ckpt = tmp_path / f"{name}.pt"
+            run("sample.py", "--ckpt", runs["flow"], "--export", ckpt, *extra)
+        run("sample.py", "--ckpt", ckpt, *args, "--out", tmp_path / f"{name}.png")
+        pictures[name] = np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int)
+    assert np.array_equal(pictures["fp32"], pictures["ckpt"])
+    diff = np.abs(pictures["bf16"] - pictures["ckpt"])
+    assert diff.max() <= 8 and diff.mean() < 1.0, (diff.max(), diff.mean())
+    sizes = {n: (tmp_path / f"{n}.pt").stat().st_size for n in ("fp32", "bf16")}
+    assert sizes["bf16"] < 0.55 * sizes["fp32"] < runs["flow"].stat().st_size
+    model, vae, ckpt = sample.load_flow(tmp_path / "bf16.pt")      # the Python API reads it too
+    assert ckpt["kind"] == "export" and next(model.parameters()).dtype == torch.float32
+
+
+def test_readme_python_snippet_runs_from_another_folder_beside_a_data_py_of_its_own(runs, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Use it from Python"):]
+    start = section.index("```python") + len("```python")
+    code = section[start:section.index("```", start)]
+    code = code.replace("/path/to/latent-flow/runs/flow/ckpt.pt", str(runs["flow"]))
+    code = code.replace("/path/to/latent-flow", str(ROOT))
+    code += "\nimport data\nassert data.WHOSE == 'mine', data\nprint('ok', images.shape)\n"
+    (tmp_path / "data.py").write_text("WHOSE = 'mine'\n")             # the user's own data.py
+    (tmp_path / "snippet.py").write_text(code)
+    proc = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "ok torch.Size([3, 3, 32, 32])" in proc.stdout
+    assert sorted(p.name for p in tmp_path.glob("sample_*.png")) == [f"sample_{i}.png" for i in range(3)]
 
 
 def test_unicode_empty_and_overlong_prompts(cli, runs, tmp_path):
@@ -134,7 +222,7 @@ def test_unicode_empty_and_overlong_prompts(cli, runs, tmp_path):
     assert rc == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("warning")]
     assert len(warnings) == 1 and "truncated" in warnings[0] and "xxxx" in warnings[0]
-    assert Image.open(tmp_path / "p.png").size == (32, 5 * 34 - 2)
+    assert Image.open(tmp_path / "p.png").size[0] == 64                 # one 32 px image, drawn 2x
 
 
 def test_a_prompt_that_is_not_utf8_is_one_line(runs, expect, run):

@@ -3,6 +3,7 @@ the files of a run and its falling loss, a folder of the user's images, a resume
 straight one, two processes (gloo) with identical weights, mistakes as one line, and the latent
 cache rebuilt when it is stale or damaged."""
 
+import json
 import re
 import socket
 
@@ -20,11 +21,16 @@ from flow import flow_matching_loss
 def test_flow_run_writes_checkpoint_sample_grids_and_log_and_its_loss_falls(runs, expect):
     d = runs["flow_dir"]
     names = sorted(p.name for p in d.iterdir())
-    assert names == ["ckpt.pt", "latents.pt", "log.jsonl", "samples_000004.png",
-                     "samples_000006.png"]
+    assert names == ["args.json", "ckpt.pt", "latents.pt", "log.jsonl", "loss.png", "prompts.txt",
+                     "samples_000004.png", "samples_000006.png"]
     ckpt = torch.load(runs["flow"], weights_only=True)
-    n_prompts = len(ckpt["sample_prompts"])
-    assert Image.open(d / "samples_000006.png").size == expect.grid_size(n_prompts, 8)
+    prompts = ckpt["sample_prompts"]
+    grid = Image.open(d / "samples_000006.png")
+    assert grid.width == expect.grid_size(len(prompts), 8, px=64)[0]   # 32 px drawn 2x
+    assert grid.height > expect.grid_size(len(prompts), 8, px=64)[1]   # + a label per row
+    assert json.loads(grid.text["prompts"]) == prompts and grid.text["steps"] == "2"
+    assert (d / "prompts.txt").read_text().splitlines() == prompts
+    assert json.loads((d / "args.json").read_text()) == ckpt["args"]
     assert [line["step"] for line in expect.log_lines(d)] == [3, 6]
     # Six noisy steps are too few for the logged batch losses to fall reliably; on fixed noise
     # the trained weights must beat the initial ones.
@@ -100,7 +106,8 @@ def test_two_process_gloo_run_and_its_resume_keep_ranks_identical_and_rank0_writ
                    "train_flow.py", *flags, "--steps", steps, *resume, module=True, timeout=300)
         assert "weights identical on all 2 ranks: yes" in proc.stdout, proc.stdout + proc.stderr
     assert "resumed" in proc.stdout and proc.stdout.count("done: 3 steps") == 1
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "latents.pt", "log.jsonl",
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "ckpt.pt", "latents.pt",
+                                                     "log.jsonl", "loss.png", "prompts.txt",
                                                      "samples_000002.png", "samples_000003.png"]
     assert [line["step"] for line in expect.log_lines(out)] == [1, 2, 3]    # one writer, no duplicates
     assert len(torch.load(out / "ckpt.pt", weights_only=True)["rng"]) == 2
@@ -176,11 +183,11 @@ def _unfinished_copy(runs, path):
 
 
 def test_an_interrupted_automatic_vae_is_resumed_to_completion_not_used(cli, runs, tmp_path, tiny):
-    vae = _unfinished_copy(runs, tmp_path / "runs" / "vae" / "ckpt.pt")    # cli runs in tmp_path
+    vae = _unfinished_copy(runs, tmp_path / "runs" / "vae-shapes-32px-seed0-n64" / "ckpt.pt")
     rc, out, err = cli("train_flow.py", "--out", tmp_path / "flow", "--steps", 1, "--n-builtin", 64,
                        "--batch-size", 8, "--sample-every", 100, "--sample-steps", 1, *tiny.cpu)
     assert rc == 0, err
-    assert "runs/vae/ckpt.pt is unfinished" in out and "resumed" in out
+    assert "runs/vae-shapes-32px-seed0-n64/ckpt.pt is unfinished" in out and "resumed" in out
     finished = torch.load(vae, weights_only=True)
     assert finished["finished"] and finished["step"] == tiny.vae_steps
     assert not bool((finished["latent_std"] == 1).all())
@@ -250,3 +257,36 @@ def test_a_diverging_flow_run_stops_naming_the_step(cli, runs, tmp_path, flow_ar
                                 "--log-every", 10, "--sample-every", 100))
     assert rc == 2 and "Traceback" not in err
     assert re.search(r"(diverging\)|loss became (nan|inf)|weights became inf/NaN) by step \d+", err), err
+
+
+def test_the_automatic_vae_is_one_per_dataset_and_vae_steps_makes_a_smoke_test_fast(
+        cli, tmp_path, tiny):
+    flags = ["--steps", 1, "--n-builtin", 32, "--batch-size", 8, "--sample-every", 100,
+             "--sample-steps", 1, "--vae-steps", 2, *tiny.cpu]
+    data = tmp_path / "my photos"
+    data.mkdir()
+    for i in range(24):
+        Image.new("RGB", (32, 32), (10 * i, 90, 200)).save(data / f"{i}.png")
+    assert cli("train_flow.py", "--out", tmp_path / "a", *flags)[0] == 0
+    rc, out, err = cli("train_flow.py", "--out", tmp_path / "b", "--data", data, *flags)
+    assert rc == 0, err
+    builtin, folder = sorted(p.parent.name for p in (tmp_path / "runs").glob("*/ckpt.pt"))[::-1]
+    assert builtin == "vae-shapes-32px-seed0-n32-2steps"
+    assert folder.startswith("vae-my_photos-") and folder.endswith("-32px-2steps")
+    folder_vae = torch.load(tmp_path / "runs" / folder / "ckpt.pt", weights_only=True)
+    assert folder_vae["step"] == 2 and folder_vae["data"] == str(data)
+    assert "was trained on" not in err                           # its own VAE: no mismatch warning
+
+
+def test_args_json_round_trips_into_a_resumed_run_and_loss_png_is_redrawn(cli, runs, tmp_path,
+                                                                         flow_args):
+    out = tmp_path / "flow"
+    assert cli(*flow_args(out, "--steps", 4, "--log-every", 2, "--lr", "3e-4"))[0] == 0
+    settings = json.loads((out / "args.json").read_text())
+    first = (out / "loss.png").read_bytes()
+    assert Image.open(out / "loss.png").size == (640, 400)
+    rc, stdout, err = cli("train_flow.py", "--out", out, "--resume", "--steps", 6)
+    assert rc == 0 and "resuming with changed settings: --steps 6 (was 4)" in stdout, err
+    resumed = json.loads((out / "args.json").read_text())
+    assert resumed == dict(settings, steps=6)                     # lr 3e-4 and the rest restored
+    assert (out / "loss.png").read_bytes() != first               # two more points drawn

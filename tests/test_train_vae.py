@@ -2,6 +2,7 @@
 run, its falling loss; user mistakes as one line with exit status 2; NaN, out of memory,
 SIGKILL at random moments and Ctrl-C lose nothing, and a resumed run equals a straight one."""
 
+import json
 import os
 import random
 import re
@@ -20,7 +21,10 @@ import train_vae
 
 def test_vae_run_writes_checkpoint_recon_grid_and_log_and_its_loss_falls(runs, expect, tiny):
     d = runs["vae_dir"]
-    assert sorted(p.name for p in d.iterdir()) == ["ckpt.pt", "log.jsonl", "recon.png"]
+    assert sorted(p.name for p in d.iterdir()) == ["args.json", "ckpt.pt", "log.jsonl", "loss.png",
+                                                   "recon.png"]
+    assert json.loads((d / "args.json").read_text()) == checkpoint.load_checkpoint(
+        runs["vae"], "vae")["args"]                                 # the settings it ran with
     ckpt = checkpoint.load_checkpoint(runs["vae"], "vae")
     assert ckpt["step"] == tiny.vae_steps and ckpt["version"] == checkpoint.FORMAT_VERSION
     assert Image.open(d / "recon.png").size == expect.grid_size(2, 8)     # originals over reconstructions
