@@ -16,8 +16,8 @@ script reads as its recipe step. They fall in five groups:
 - training: the weight average `EMA`, `StopFlag` (Ctrl-C and SIGTERM save, then exit),
   `signals_deferred` (no signal lands inside a save), the progress line `Progress`, the guard
   against NaN and divergence `LossGuard`/`weights_finite`, out-of-memory detection
-  `is_oom`/`oom_error`, `available_memory`, and `Phase` (progress and ETA of long non-training
-  work);
+  `is_oom`/`oom_error`, `available_memory`, `Phase` (progress and ETA of long non-training
+  work) and `Stopwatch` (where a command's time went);
 - files and run folders: `atomic_write` (never a torn file), `write_json` (args.json),
   `plot_loss` (loss.png from log.jsonl), `RunFolder` (one run per folder: a pid lock, no silent
   overwrite or reuse), `run_files`, `trim_log` and `check_writable`.
@@ -27,7 +27,7 @@ Imports no project module.
 Offers: UserError, run_main, HelpFormatter, positive, finite, fraction, seed_value,
 add_training_flags, by_device, device_defaults, parse_with_given, NOT_SETTINGS, settings_of, restore_settings, pick_device,
 cpu_has_native_bf16, pick_amp, autocast, setup_backends, maybe_compile, EagerFallback, EMA,
-StopFlag, signals_deferred, Progress, Phase, LossGuard, weights_finite, is_oom, oom_error,
+StopFlag, signals_deferred, Progress, Phase, Stopwatch, LossGuard, weights_finite, is_oom, oom_error,
 available_memory, atomic_write, write_json, plot_loss, RUN_FILES, RunFolder, run_files, trim_log, check_writable
 """
 import argparse
@@ -460,6 +460,40 @@ class Phase:
         eta = (self.total - done) * seconds / max(done, 1)
         end = "done" if done >= self.total else f"ETA {eta:.0f} s"
         print(f"{self.what}: {done}/{self.total} in {seconds:.0f} s, {end}", flush=True)
+
+
+class Stopwatch:
+    """Wall-clock seconds of a command's phases: `with watch("DiT training"):` charges the time to
+    that phase; a phase inside another pauses the outer one, so the shares add up to 100%."""
+
+    def __init__(self):
+        self.seconds, self.stack = {}, []
+        self.t0 = self.mark = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name):
+        self._charge()
+        self.stack.append(name)
+        try:
+            yield
+        finally:
+            self._charge()
+            self.stack.pop()
+
+    def _charge(self):
+        now = time.perf_counter()
+        name = self.stack[-1] if self.stack else "other"
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.mark
+        self.mark = now
+
+    def report(self):
+        """Lines 'phase  minutes  share' for every phase, then the total."""
+        self._charge()
+        total = max(time.perf_counter() - self.t0, 1e-9)
+        width = max(len(name) for name in self.seconds)
+        lines = [f"  {name:<{width}}  {s / 60:5.1f} min  {100 * s / total:3.0f}%"
+                 for name, s in self.seconds.items() if s >= 0.05]
+        return "\n".join([f"time: {total / 60:.1f} min in all"] + lines)
 
 
 class LossGuard:

@@ -77,9 +77,12 @@ class DiTConfig:
         return asdict(self)
 
 
-# The DiT family's widths / depths / heads, plus "tiny" for CPUs.
+# The DiT family's widths / depths / heads, plus "tiny" for CPUs. "tiny" normalises each head's
+# queries and keys (QK-norm), which keeps its attention logits bounded at the CPU default's
+# higher learning rate.
 PRESETS = {
-    "tiny": DiTConfig(dim=256, depth=6, heads=4, prompt_dim=128, prompt_depth=2, prompt_heads=4),
+    "tiny": DiTConfig(dim=256, depth=6, heads=4, prompt_dim=128, prompt_depth=2, prompt_heads=4,
+                      qk_norm=True),
     "S": DiTConfig(dim=384, depth=12, heads=6, prompt_dim=384, prompt_depth=2, prompt_heads=6),
     "B": DiTConfig(dim=768, depth=12, heads=12, prompt_dim=512, prompt_depth=4, prompt_heads=8),
     "L": DiTConfig(dim=1024, depth=24, heads=16, prompt_dim=768, prompt_depth=4, prompt_heads=12),

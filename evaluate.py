@@ -26,6 +26,7 @@ table and as JSON.
     feature_task(images, task)           the labels the fallback feature net learns
     real_sets(...)                       the held-out real set and the disjoint second real set
     evaluate_settings(...), evaluate_vae_section(...), format_table(rows, columns), main(argv)
+    summarize(runs)                      several trainings (--ckpt a b c): median, min, max
 
 Nothing imports this file: it stands on top of the others.
 """
@@ -35,6 +36,7 @@ import importlib.util
 import math
 import os
 import re
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -291,12 +293,14 @@ def parse_args(argv=None):
                     "VAE's held-out reconstruction quality. Prints a table; --json writes JSON.",
         epilog="""examples:
   python evaluate.py --ckpt runs/flow/ckpt.pt --n 1000 --cfg 1 2 4 --sample-steps 50
-  python evaluate.py --ckpt runs/flow/ckpt.pt --n 500 --cfg 4 --json results.json
+  python evaluate.py --ckpt runs/s0/ckpt.pt runs/s1/ckpt.pt runs/s2/ckpt.pt --n 500 --cfg 4
   python evaluate.py --vae runs/vae-shapes-32px-seed0-n20000/ckpt.pt     # the VAE section only
 """, formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", default=None,
-                   help=f"flow checkpoint from train_flow.py. None: {DEFAULT_CKPT}, unless --vae "
-                        f"is given alone (then only the VAE is evaluated)")
+    p.add_argument("--ckpt", nargs="+", default=None,
+                   help=f"flow checkpoint from train_flow.py; several (trainings with different "
+                        f"--seed) add a summary: the median and range of every number. None: "
+                        f"{DEFAULT_CKPT}, unless --vae is given alone (then only the VAE is "
+                        f"evaluated)")
     p.add_argument("--vae", default=None,
                    help="VAE checkpoint: with --ckpt it replaces the VAE the flow checkpoint names; "
                         "alone, the VAE evaluated")
@@ -334,7 +338,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.ckpt is None and args.vae is None:
-        args.ckpt = DEFAULT_CKPT
+        args.ckpt = [DEFAULT_CKPT]
     if args.n < MIN_N:
         raise UserError(f"--n {args.n}: the metrics need at least {MIN_N} images per set")
     try:
@@ -342,8 +346,23 @@ def main(argv=None):
     except FileNotFoundError as e:
         raise UserError(str(e))
     device = pick_device(args.device)
+    runs = [evaluate_checkpoint(args, ckpt, device) for ckpt in (args.ckpt or [None])]
+    if len(runs) == 1:
+        results = runs[0]
+    else:
+        results = {"runs": runs, "summary": summarize(runs)}
+        print(summary_report(results["summary"], len(runs)))
+    if args.json is not None:
+        write_json(args.json, results, "results")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def evaluate_checkpoint(args, ckpt, device):
+    """The whole evaluation of one flow checkpoint (or, with ckpt None, of --vae alone): its
+    data, features, real sets, VAE section and one row per (cfg, steps); printed and returned."""
     t0 = time.perf_counter()
-    model, vae, source = load_models(args, device)
+    model, vae, source = load_models(args, ckpt, device)
     train = data_lib.load_dataset(source.data, source.image_size, "train", source.n_builtin,
                                   source.seed)
     test = data_lib.load_dataset(source.data, source.image_size, "test", source.n_builtin,
@@ -354,7 +373,7 @@ def main(argv=None):
           f"{_accuracy_note(features)}; prompt accuracy: {task.note} "
           f"({time.perf_counter() - t0:.1f}s elapsed)", flush=True)
 
-    results = {"checkpoint": args.ckpt, "vae_checkpoint": source.vae_path, "data": test.name,
+    results = {"checkpoint": ckpt, "vae_checkpoint": source.vae_path, "data": test.name,
                "features": features.name,
                "feature_test_accuracy": getattr(features, "test_accuracy", None),
                "prompt_accuracy": task.note, "n": None, "settings": []}
@@ -382,10 +401,45 @@ def main(argv=None):
         results["settings"] = evaluate_settings(model, vae, real_a, real_b, real_feats, features,
                                                 task, classifier, args, device, t0)
     print(report(results))
-    if args.json is not None:
-        write_json(args.json, results)
-        print(f"wrote {args.json}")
-    return 0
+    return results
+
+
+def summarize(runs):
+    """Median, min and max over several trainings (one checkpoint each) of every number of
+    each (cfg, steps) row and of the VAE section: the spread says how much one training moves."""
+    def spread(values):
+        values = sorted(v for v in values if isinstance(v, (int, float)))
+        return {"median": statistics.median(values), "min": values[0], "max": values[-1]} \
+            if values else None
+
+    rows = []
+    for i, first in enumerate(runs[0]["settings"]):
+        row = {"cfg": first["cfg"], "steps": first["steps"]}
+        for key in first:
+            if key not in row:
+                row[key] = spread([run["settings"][i].get(key) for run in runs])
+        rows.append(row)
+    vae = {key: spread([run["vae"].get(key) for run in runs])
+           for key in ("psnr", "ssim", "kl_nats_per_dim", "rfid")}
+    for key in runs[0]["vae"].get("recon_acc", {}):
+        vae[f"recon_{key}"] = spread([run["vae"]["recon_acc"][key] for run in runs])
+    return {"settings": rows, "vae": vae}
+
+
+def summary_report(summary, n_runs):
+    """The summary as tables of "median (min-max)" cells."""
+    def cell(s):
+        if not isinstance(s, dict):
+            return s
+        return f"{s['median']:.4g} ({s['min']:.4g}-{s['max']:.4g})"
+    lines = [f"median (min-max) over {n_runs} trainings"]
+    if summary["settings"]:
+        columns = [k for k in summary["settings"][0] if k not in ("seconds", "n_real", "n_fake")]
+        lines.append(format_table([{k: cell(v) for k, v in row.items()}
+                                   for row in summary["settings"]], columns))
+    vae = {k: cell(v) for k, v in summary["vae"].items() if v is not None}
+    lines += ["VAE", format_table([vae], list(vae))]
+    return "\n".join(lines)
 
 
 # --- what is evaluated: checkpoints and their data ---
@@ -402,14 +456,15 @@ class Source:
     vae_path: str
 
 
-def load_models(args, device):
-    """(EMA DiT or None, VAE, Source) from --ckpt / --vae; --data overrides the checkpoint's."""
-    if args.ckpt is not None:
-        model, vae, ckpt = load_flow(args.ckpt, device, args.vae)
+def load_models(args, path, device):
+    """(EMA DiT or None, VAE, Source) from a flow checkpoint `path`, or --vae alone when path is
+    None; --data overrides the checkpoint's data."""
+    if path is not None:
+        model, vae, ckpt = load_flow(path, device, args.vae)
         saved = ckpt.get("args", {})
         data = args.data if args.data is not None else saved.get("data")
         source = Source(data, int(ckpt["image_size"]), args.n_builtin or saved.get("n_builtin", 20000),
-                        int(saved.get("seed", 0)), args.vae or ckpt["vae"]["path"])
+                        int(saved.get("seed", 0)), args.vae or ckpt["vae"].get("path", str(path)))
         return model, vae, source
     vae, vckpt = load_vae(args.vae, device, flag="--vae")
     data, seed = args.data, 0

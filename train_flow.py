@@ -23,6 +23,7 @@ samples_<step>.png, log.jsonl, latents.pt (cache).
 """
 import argparse
 import hashlib
+import json
 import os
 import re
 import sys
@@ -37,19 +38,22 @@ import data as data_lib
 import train_vae
 from checkpoint import (config_mismatch, load_checkpoint, load_vae, restore_training, rng_state,
                         safe_load, save_checkpoint, training_state, vae_finished)
-from common import (EMA, HelpFormatter, LossGuard, Progress, RunFolder, StopFlag, UserError,
-                    add_training_flags, atomic_write, device_defaults, plot_loss, write_json, autocast, by_device, finite, fraction, is_oom,
-                    maybe_compile, oom_error, parse_with_given, pick_amp, pick_device, positive,
-                    restore_settings, run_files, run_main, settings_of, setup_backends,
-                    trim_log)
+from common import (EMA, HelpFormatter, LossGuard, Progress, RunFolder, StopFlag, Stopwatch,
+                    UserError, add_training_flags, atomic_write, autocast, by_device,
+                    device_defaults, finite, fraction, is_oom, maybe_compile, oom_error,
+                    parse_with_given, pick_amp, pick_device, plot_loss, positive,
+                    restore_settings, run_files, run_main, settings_of, setup_backends, trim_log,
+                    write_json)
 from dit import PRESETS, DiT, DiTConfig, count_parameters, dit_config
 from embeddings import null_prompt, tokenize
 from flow import flow_matching_loss
 from sample import generate, grid_scale
 from vae import VAE
 
-DEFAULTS = {"cpu": {"steps": 1500, "batch_size": 64, "lr": 5e-4, "preset": "tiny", "ema": 0.995},
-            "cuda": {"steps": 50000, "batch_size": 256, "lr": 1e-4, "preset": "B", "ema": 0.9999}}
+DEFAULTS = {"cpu": {"steps": 3600, "batch_size": 64, "lr": 1e-3, "preset": "tiny", "ema": 0.995,
+                    "adam_betas": [0.9, 0.95]},
+            "cuda": {"steps": 50000, "batch_size": 256, "lr": 1e-4, "preset": "B", "ema": 0.9999,
+                     "adam_betas": [0.9, 0.999]}}
 N_SAMPLE_PROMPTS = 8
 
 
@@ -68,12 +72,17 @@ def train(args, given, rank, world, device):
                   f"{args.steps}; nothing to do (a larger --steps trains on)")
         return 0
     amp = pick_amp(args.amp, device)
+    watch = Stopwatch()
     try:
-        latents = prepare_latents(args, folder, resume, rank, world, device)
-        train_dit(args, latents, Path(args.out), resume, amp, rank, world, device)
+        latents = prepare_latents(args, folder, resume, rank, world, device, watch)
+        train_dit(args, latents, Path(args.out), resume, amp, rank, world, device, watch)
     finally:
         if folder is not None:
             folder.release()
+    if rank == 0:
+        print(watch.report())                                      # where the time went
+        with open(Path(args.out) / "log.jsonl", "a") as f:
+            f.write(json.dumps({"step": args.steps, "seconds": watch.seconds}) + "\n")
     return 0
 
 
@@ -97,17 +106,20 @@ class Latents:
     config: DiTConfig        # the DiT that fits these latents and prompts
 
 
-def prepare_latents(args, folder, resume, rank, world, device):
+def prepare_latents(args, folder, resume, rank, world, device, watch):
     """Steps 1-3: the data, its VAE, and the normalised latents of every training image. Rank 0
     claims the run folder (`folder`) before it writes the latent cache there."""
-    vae_path = ensure_vae(args, rank, world)
-    vae, vae_ckpt = load_vae(vae_path, device)
+    with watch("VAE (train_vae.py)"):
+        vae_path = ensure_vae(args, rank, world)
+    with watch("data and checkpoints"):
+        vae, vae_ckpt = load_vae(vae_path, device)
     factor = vae.config.factor
     if args.image_size % factor or (args.image_size // factor) % args.patch_size:
         raise UserError(f"--image-size {args.image_size} must be divisible by the VAE factor "
                         f"{factor} x patch size {args.patch_size} = {factor * args.patch_size}")
-    train_set = data_lib.load_dataset(args.data, args.image_size, "train",
-                                      n_builtin=args.n_builtin, seed=args.seed)
+    with watch("data and checkpoints"):
+        train_set = data_lib.load_dataset(args.data, args.image_size, "train",
+                                          n_builtin=args.n_builtin, seed=args.seed)
     if rank == 0 and vae_ckpt.get("data") != train_set.name:
         print(f"warning: the VAE {vae_path} was trained on {vae_ckpt.get('data')}, this run uses "
               f"{train_set.name}; pass --vae with a VAE trained on these images if the samples "
@@ -124,12 +136,13 @@ def prepare_latents(args, folder, resume, rank, world, device):
 
     data_key = data_lib.dataset_key(args.data, args.image_size, args.n_builtin, args.seed)
     key = hashlib.sha1(f"{vae_sha1}|{data_key}".encode()).hexdigest()
-    if rank == 0:
-        folder.claim()
-        mu = cached_latents(out / "latents.pt", key, vae, train_set.images, device, write=True)
-    barrier(world)
-    if rank != 0:
-        mu = cached_latents(out / "latents.pt", key, vae, train_set.images, device, write=False)
+    with watch("encoding the latent cache"):
+        if rank == 0:
+            folder.claim()
+            mu = cached_latents(out / "latents.pt", key, vae, train_set.images, device, write=True)
+        barrier(world)
+        if rank != 0:
+            mu = cached_latents(out / "latents.pt", key, vae, train_set.images, device, write=False)
     vae_info = {"path": str(Path(vae_path).resolve()), "sha1": vae_sha1,
                 "config": vae_ckpt["config"], "latent_mean": vae.latent_mean.cpu(),
                 "latent_std": vae.latent_std.cpu()}
@@ -241,7 +254,7 @@ def sample_prompts(captions):
 # ---------------------------------------------------------------------------------------------
 # Step 4: the DiT, trained with the CondOT flow matching loss (step 5's grids on the way)
 
-def train_dit(args, latents, out, resume, amp, rank, world, device):
+def train_dit(args, latents, out, resume, amp, rank, world, device, watch):
     """Train (or resume) the DiT on the latents; writes ckpt.pt, log.jsonl and sample grids."""
     ckpt_path = out / "ckpt.pt"
     local_batch = args.batch_size // world
@@ -251,11 +264,14 @@ def train_dit(args, latents, out, resume, amp, rank, world, device):
     torch.manual_seed(args.seed)
     model = DiT(latents.config).to(device)
     ema = EMA(model, args.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.adam_betas),
+                            weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     step = 0
     if resume is not None:
         step = restore_training(resume, model, ema, opt, scaler, resume["rng"][rank])
+        for group in opt.param_groups:                 # a changed --adam-betas applies too
+            group["betas"] = tuple(args.adam_betas)
         if rank == 0:
             trim_log(out / "log.jsonl", step)
             print(f"resumed {ckpt_path} at step {step}")
@@ -279,13 +295,15 @@ def train_dit(args, latents, out, resume, amp, rank, world, device):
                         resume.get("elapsed", 0.0) if resume is not None else 0.0)
 
     def save():                                    # collective under DDP: every rank takes part
-        state = run_state(args, latents, step, model, ema, opt, scaler, world, progress.elapsed())
-        if rank == 0:
-            save_checkpoint(ckpt_path, state)
+        with watch("data and checkpoints"):
+            state = run_state(args, latents, step, model, ema, opt, scaler, world, progress.elapsed())
+            if rank == 0:
+                save_checkpoint(ckpt_path, state)
 
     def grid():
         if rank == 0:
-            sample_grid(out / f"samples_{step:06d}.png", ema.model, latents, args, amp)
+            with watch("sample grids"):
+                sample_grid(out / f"samples_{step:06d}.png", ema.model, latents, args, amp)
 
     def mean_loss():                               # over every rank: all stop at the same step
         return _all_ranks(loss_sum, world).item() / (pending * world) if pending else None
@@ -296,43 +314,44 @@ def train_dit(args, latents, out, resume, amp, rank, world, device):
     pending, start = 0, step                       # steps summed in loss_sum
     t_start = time.perf_counter()
     try:
-        while step < args.steps and not _any_rank(stopper.stop, world, device):
-            for group in opt.param_groups:                     # linear warm-up, then constant
-                group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
-            idx = shard[torch.randint(len(shard), (local_batch,), device=device)]
-            try:
-                with autocast(device, amp):
-                    loss = flow_matching_loss(net, latents.z[idx], latents.tokens[idx], null,
-                                              args.p_uncond, args.t_dist)
-                scaler.scale(loss).backward()
-            except (RuntimeError, MemoryError) as e:
-                if is_oom(e):
-                    raise oom_error(args.batch_size)
-                raise
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            ema.update(model, step)
-            step += 1
-            loss_sum += loss.detach()
-            pending += 1
-            if step == start + 1:                  # the loss before any update: the reference
-                guard.reference(_all_ranks(loss.detach(), world).item() / world)
-            if step % args.log_every == 0 or step == args.steps:
-                guard.check(mean_loss(), step)
-                if rank == 0:
-                    progress.report(step, {"loss": loss_sum.item() / pending,
-                                           "lr": opt.param_groups[0]["lr"]})
-                    plot_loss(out / "log.jsonl", out / "loss.png")
-                loss_sum.zero_()
-                pending = 0
-            if step % args.ckpt_every == 0 and step < args.steps:
-                guard.check(mean_loss(), step, model)
-                save()
-            if step % args.sample_every == 0 and step < args.steps:
-                grid()
+        with watch("DiT training"):
+            while step < args.steps and not _any_rank(stopper.stop, world, device):
+                for group in opt.param_groups:                     # linear warm-up, then constant
+                    group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+                idx = shard[torch.randint(len(shard), (local_batch,), device=device)]
+                try:
+                    with autocast(device, amp):
+                        loss = flow_matching_loss(net, latents.z[idx], latents.tokens[idx], null,
+                                                  args.p_uncond, args.t_dist)
+                    scaler.scale(loss).backward()
+                except (RuntimeError, MemoryError) as e:
+                    if is_oom(e):
+                        raise oom_error(args.batch_size)
+                    raise
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                ema.update(model, step)
+                step += 1
+                loss_sum += loss.detach()
+                pending += 1
+                if step == start + 1:                  # the loss before any update: the reference
+                    guard.reference(_all_ranks(loss.detach(), world).item() / world)
+                if step % args.log_every == 0 or step == args.steps:
+                    guard.check(mean_loss(), step)
+                    if rank == 0:
+                        progress.report(step, {"loss": loss_sum.item() / pending,
+                                               "lr": opt.param_groups[0]["lr"]})
+                        plot_loss(out / "log.jsonl", out / "loss.png")
+                    loss_sum.zero_()
+                    pending = 0
+                if step % args.ckpt_every == 0 and step < args.steps:
+                    guard.check(mean_loss(), step, model)
+                    save()
+                if step % args.sample_every == 0 and step < args.steps:
+                    grid()
         guard.check(mean_loss(), step, model)
         save()
         if stopper.stop:
@@ -406,6 +425,8 @@ def parse_args(argv=None):
                    help="DiT patch size p on the latent grid")
     p.add_argument("--warmup", type=positive(int, allow_zero=True), default=200,
                    help="linear learning-rate warm-up steps")
+    p.add_argument("--adam-betas", type=fraction, nargs=2, metavar=("B1", "B2"), default=None,
+                   help=f"AdamW's beta1 and beta2. Default: {by_device(DEFAULTS, 'adam_betas')}")
     p.add_argument("--ema-decay", type=fraction, default=None,
                    help=f"EMA decay of the weights (with warm-up). Default: {by_device(DEFAULTS, 'ema')}")
     p.add_argument("--p-uncond", type=fraction, default=0.1,
@@ -430,6 +451,7 @@ def resolve_defaults(args, device, world):
     args.lr = args.lr or d["lr"]
     args.preset = args.preset or d["preset"]
     args.ema_decay = d["ema"] if args.ema_decay is None else args.ema_decay
+    args.adam_betas = list(args.adam_betas or d["adam_betas"])
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
 

@@ -72,6 +72,25 @@ def test_cli_json_has_documented_keys_one_row_per_setting_and_accuracies_in_0_1(
     assert "floor_fd" in printed and "psnr" in printed  # the tables
 
 
+def test_several_trainings_are_summarized_by_median_and_range(ckpts, capsys):
+    out = ckpts["tmp"] / "three.json"
+    flow = str(ckpts["flow"])
+    assert ev.main(["--ckpt", flow, flow, "--n", "8", "--cfg", "4", "--sample-steps", "2",
+                    "--json", str(out)] + FAST) == 0
+    r = json.loads(out.read_text())
+    one = r["runs"][0]["settings"][0]
+    (row,) = r["summary"]["settings"]
+    assert len(r["runs"]) == 2 and (row["cfg"], row["steps"]) == (4.0, 2)
+    for key in ("shape_acc", "color_acc", "fd"):                  # the same model twice: no spread
+        assert row[key] == {"median": one[key], "min": one[key], "max": one[key]}
+    assert "median (min-max) over 2 trainings" in capsys.readouterr().out
+    runs = [{"settings": [{"cfg": 4.0, "steps": 50, "shape_acc": a}], "vae": {"psnr": p}}
+            for a, p in [(0.9, 30.0), (0.5, 32.0), (0.7, 31.0)]]
+    summary = ev.summarize(runs)
+    assert summary["settings"][0]["shape_acc"] == {"median": 0.7, "min": 0.5, "max": 0.9}
+    assert summary["vae"]["psnr"] == {"median": 31.0, "min": 30.0, "max": 32.0}
+
+
 def test_vae_only_cli_psnr_equals_independent_computation(ckpts):
     out = ckpts["tmp"] / "vae.json"
     assert ev.main(["--vae", str(ckpts["vae"]), "--n", "12", "--json", str(out)] + FAST) == 0

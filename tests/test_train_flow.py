@@ -31,7 +31,10 @@ def test_flow_run_writes_checkpoint_sample_grids_and_log_and_its_loss_falls(runs
     assert json.loads(grid.text["prompts"]) == prompts and grid.text["steps"] == "2"
     assert (d / "prompts.txt").read_text().splitlines() == prompts
     assert json.loads((d / "args.json").read_text()) == ckpt["args"]
-    assert [line["step"] for line in expect.log_lines(d)] == [3, 6]
+    lines = expect.log_lines(d)
+    assert [line["step"] for line in lines if "loss" in line] == [3, 6]
+    assert {"VAE (train_vae.py)", "encoding the latent cache", "DiT training",
+            "sample grids"} <= set(lines[-1]["seconds"])            # where the time went
     # Six noisy steps are too few for the logged batch losses to fall reliably; on fixed noise
     # the trained weights must beat the initial ones.
     latents = d / "latents.pt"
@@ -86,7 +89,7 @@ def test_flow_resumed_after_half_the_steps_equals_the_straight_run(runs, tmp_pat
     assert f"resumed {out / 'ckpt.pt'} at step {tiny.flow_steps // 2}" in proc.stdout
     assert f"resuming with changed settings: --steps {tiny.flow_steps} (was 3)" in proc.stdout
     expect.same_weights(out / "ckpt.pt", runs["flow"])
-    steps = [line["step"] for line in expect.log_lines(out)]
+    steps = [line["step"] for line in expect.log_lines(out) if "loss" in line]
     assert steps == sorted(set(steps))                          # no step logged twice
 
 
@@ -109,7 +112,7 @@ def test_two_process_gloo_run_and_its_resume_keep_ranks_identical_and_rank0_writ
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "ckpt.pt", "latents.pt",
                                                      "log.jsonl", "loss.png", "prompts.txt",
                                                      "samples_000002.png", "samples_000003.png"]
-    assert [line["step"] for line in expect.log_lines(out)] == [1, 2, 3]    # one writer, no duplicates
+    assert [line["step"] for line in expect.log_lines(out) if "loss" in line] == [1, 2, 3]
     assert len(torch.load(out / "ckpt.pt", weights_only=True)["rng"]) == 2
 
 
@@ -225,7 +228,7 @@ def test_resume_refuses_another_experiment_and_lists_other_changes(cli, runs, tm
                               "--n-builtin", 32), "--n-builtin would make another experiment")
     rc, stdout, err = cli("train_flow.py", "--out", out, "--resume", "--steps", 2, "--lr", "1e-4")
     assert rc == 0, err
-    assert "resuming with changed settings: --steps 2 (was 1), --lr 0.0001 (was 0.0005)" in stdout
+    assert "resuming with changed settings: --steps 2 (was 1), --lr 0.0001 (was 0.001)" in stdout
     assert "64 images" in stdout and "batch 8" in stdout       # the stored data and batch size
 
 
