@@ -275,10 +275,10 @@ def train_dit(args, latents, out, resume, amp, rank, world, device, watch):
         if rank == 0:
             trim_log(out / "log.jsonl", step)
             print(f"resumed {ckpt_path} at step {step}")
-    if rank == 0:
-        write_json(out / "args.json", settings_of(args), "settings")
     else:
         torch.manual_seed(args.seed + rank)                       # per-rank data order and noise
+    if rank == 0:
+        write_json(out / "args.json", settings_of(args), "settings")
 
     if rank == 0:
         C, h, w = latents.z.shape[1:]
