@@ -12,9 +12,9 @@ Both arrive as an `ImageSet` (uint8 images + captions); `load_dataset` is the on
 of the scripts, `dataset_key` names the data for cache keys, and the grid helpers write the
 sample and reconstruction pictures.
 
-Offers: DataError, ImageSet, to_model_range, from_model_range, images_to_grid, save_grid,
-build_shapes, IMAGE_EXTENSIONS, load_folder, N_TEST_BUILTIN, TEST_SEED_OFFSET, load_dataset,
-dataset_key
+Offers: DataError, ImageSet, to_model_range, from_model_range, images_to_grid, grid_scale,
+save_grid, build_shapes, IMAGE_EXTENSIONS, load_folder, N_TEST_BUILTIN, TEST_SEED_OFFSET,
+load_dataset, dataset_key
 """
 
 import hashlib
@@ -114,6 +114,11 @@ def images_to_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2,
         r, c = divmod(i, ncol)
         grid[:, r * (H + pad): r * (H + pad) + H, c * (W + pad): c * (W + pad) + W] = images[i]
     return Image.fromarray(grid.permute(1, 2, 0).numpy())  # (H', W', 3)
+
+
+def grid_scale(image_size):
+    """The default enlargement of pictures: small images drawn at about 64 pixels."""
+    return max(1, 64 // image_size)
 
 
 def save_grid(path, images: torch.Tensor, nrow: int = 8, row_labels=None, col_labels=None,

@@ -17,7 +17,7 @@ The three sampler functions come first and need only torch: any model(x, t, cond
 condition tensors will do, so they can be copied into another project alone. Then `generate`
 (prompts -> images with our DiT and VAE) and the command line.
 
-Offers: euler_sample, cfg_velocity, guided_field, generate, grid_scale, to_pil, EXAMPLES,
+Offers: euler_sample, cfg_velocity, guided_field, generate, to_pil, EXAMPLES,
 parse_args, main
 """
 import argparse
@@ -104,11 +104,6 @@ def generate(model, vae, prompts, steps=50, cfg_scale=4.0, seed=0, batch_size=64
     return torch.cat(images)
 
 
-def grid_scale(image_size):
-    """The default enlargement of sample grids: small images drawn at about 64 pixels."""
-    return max(1, 64 // image_size)
-
-
 def to_pil(images):
     """uint8 images (N, 3, H, W), as `generate` returns them -> a list of N PIL RGB images."""
     return [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in images.cpu()]
@@ -180,7 +175,7 @@ def main(argv=None):
     _warn_truncated(prompts, model.config.max_prompt_len)
     settings = [(w, s) for s in args.sample_steps for w in args.cfg_scales]
     _check_memory(len(prompts) * args.n * len(settings), model.config, ckpt["image_size"],
-                  args.n, args.scale or grid_scale(ckpt["image_size"]))
+                  args.n, args.scale or data_lib.grid_scale(ckpt["image_size"]))
     model, _ = maybe_compile(model, device, args.compile)
     all_prompts = [p for p in prompts for _ in range(args.n)]
     blocks = []
@@ -194,7 +189,7 @@ def main(argv=None):
                        row_labels=[p or "(empty prompt: unconditional)" for p in prompts]
                        if args.labels else None,
                        col_labels=_setting_labels(args) if args.labels else None,
-                       scale=args.scale or grid_scale(ckpt["image_size"]), info=info)
+                       scale=args.scale or data_lib.grid_scale(ckpt["image_size"]), info=info)
     text = out.with_suffix(".prompts.txt")
     atomic_write(text, lambda f: f.write("".join(p + "\n" for p in prompts).encode()), "file")
     print(f"wrote {out} and {text}: {len(prompts)} prompts x {args.n} images for cfg "

@@ -47,7 +47,7 @@ from common import (EMA, HelpFormatter, LossGuard, Progress, RunFolder, StopFlag
 from dit import PRESETS, DiT, DiTConfig, count_parameters, dit_config
 from embeddings import null_prompt, tokenize
 from flow import flow_matching_loss
-from sample import generate, grid_scale
+from sample import generate
 from vae import VAE
 
 DEFAULTS = {"cpu": {"steps": 3600, "batch_size": 64, "lr": 1e-3, "preset": "tiny", "ema": 0.995,
@@ -390,8 +390,9 @@ def sample_grid(path, model, latents, args, amp):
     images = generate(model, latents.vae, rows, args.sample_steps, args.cfg_scale, seed=0, amp=amp)
     info = {"prompts": latents.prompts, "seed": 0, "cfg": args.cfg_scale,
             "steps": args.sample_steps, "checkpoint": str(path.parent / "ckpt.pt")}
-    data_lib.save_grid(path, images, nrow=8, scale=grid_scale(args.image_size), info=info,
-                       row_labels=[p or "(empty prompt: unconditional)" for p in latents.prompts])
+    labels = [p or "(empty prompt: unconditional)" for p in latents.prompts]
+    data_lib.save_grid(path, images, nrow=8, scale=data_lib.grid_scale(args.image_size),
+                       info=info, row_labels=labels)
     prompts = path.parent / "prompts.txt"
     if not prompts.exists():
         atomic_write(prompts, lambda f: f.write("".join(p + "\n" for p in latents.prompts).encode()))

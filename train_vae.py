@@ -32,7 +32,7 @@ from kl import kl_to_standard_normal
 from metrics import psnr
 from vae import DEFAULT_BETA, DEFAULT_SIGMA, VAE, VAE_PRESETS, latent_stats, vae_loss, vae_preset
 
-DEFAULTS = {"cpu": {"steps": 2000, "batch_size": 32, "lr": 1e-3},
+DEFAULTS = {"cpu": {"steps": 3000, "batch_size": 32, "lr": 1e-3},
             "cuda": {"steps": 20000, "batch_size": 128, "lr": 4e-4}}
 
 
@@ -143,7 +143,8 @@ def train_vae(args, device, folder, resume=None):
     x = data_lib.to_model_range(test.images[:8].to(device))
     with torch.no_grad():
         x_hat = ema.model.decode(ema.model.encode(x)[0]).clamp(-1, 1)
-    data_lib.save_grid(out / "recon.png", torch.cat([x, x_hat]), nrow=8)
+    data_lib.save_grid(out / "recon.png", torch.cat([x, x_hat]), nrow=8,
+                       scale=data_lib.grid_scale(args.image_size))
     where = "held-out" if test.held_out else \
         "training-image (the folder has under 20 images: none held out)"
     print(f"{where} PSNR {psnr_db:.2f} dB | KL {kl_per_dim:.3f} nats/dim | latent mean "

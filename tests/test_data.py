@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (DataError, build_shapes, dataset_key, from_model_range, images_to_grid,
-                  load_dataset, load_folder, save_grid, to_model_range)
+from data import (DataError, build_shapes, dataset_key, from_model_range, grid_scale,
+                  images_to_grid, load_dataset, load_folder, save_grid, to_model_range)
 from shapes import render_shape_image
 
 
@@ -45,6 +45,16 @@ def test_grid_has_two_pixel_padding_and_accepts_float(tmp_path):
     assert images_to_grid(s.to_float(), nrow=3).size == grid.size
     save_grid(tmp_path / "out" / "grid.png", s.images, nrow=5)
     assert Image.open(tmp_path / "out" / "grid.png").size == (5 * 32 + 4 * 2, 32)
+
+
+def test_grid_scale_draws_small_images_at_about_64_pixels_each_pixel_a_block(tmp_path):
+    assert [grid_scale(n) for n in (16, 32, 48, 64, 256)] == [4, 2, 1, 1, 1]
+    s = build_shapes(2, seed=1)
+    save_grid(tmp_path / "g.png", s.images, nrow=2, scale=grid_scale(32))
+    big = np.asarray(Image.open(tmp_path / "g.png"))                    # (64, 130, 3)
+    assert big.shape == (64, 2 * 64 + 2, 3)
+    first = s.images[0].permute(1, 2, 0).numpy()
+    assert np.array_equal(big[:64:2, :64:2], first) and np.array_equal(big[1:64:2, 1:64:2], first)
 
 
 def _save(img: Image.Image, path: Path, **kw):

@@ -27,7 +27,8 @@ def test_vae_run_writes_checkpoint_recon_grid_and_log_and_its_loss_falls(runs, e
         runs["vae"], "vae")["args"]                                 # the settings it ran with
     ckpt = checkpoint.load_checkpoint(runs["vae"], "vae")
     assert ckpt["step"] == tiny.vae_steps and ckpt["version"] == checkpoint.FORMAT_VERSION
-    assert Image.open(d / "recon.png").size == expect.grid_size(2, 8)     # originals over reconstructions
+    # originals over reconstructions, 32 px drawn 2x like the sample grids
+    assert Image.open(d / "recon.png").size == expect.grid_size(2, 8, px=64)
     lines = expect.log_lines(d)
     progress = [line for line in lines if "loss" in line]
     assert [line["step"] for line in progress] == list(range(4, tiny.vae_steps + 1, 4))
