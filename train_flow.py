@@ -110,7 +110,7 @@ def prepare_latents(args, folder, resume, rank, world, device, watch):
     """Steps 1-3: the data, its VAE, and the normalised latents of every training image. Rank 0
     claims the run folder (`folder`) before it writes the latent cache there."""
     with watch("VAE (train_vae.py)"):
-        vae_path = ensure_vae(args, rank, world)
+        vae_path = ensure_vae(args, rank, world, device)
     with watch("data and checkpoints"):
         vae, vae_ckpt = load_vae(vae_path, device)
     factor = vae.config.factor
@@ -166,10 +166,11 @@ def auto_vae_path(args):
     return Path("runs") / f"vae-{tag}" / "ckpt.pt"
 
 
-def ensure_vae(args, rank, world):
+def ensure_vae(args, rank, world, device):
     """Path of a finished VAE checkpoint: --vae, or the automatic one of this data
     (`auto_vae_path`), which is trained first with train_vae.py's defaults, or resumed to
-    completion when a previous run was stopped during it (an unfinished VAE is never used)."""
+    completion when a previous run was stopped during it (an unfinished VAE is never used). A
+    finished one trained for fewer steps than today's default is used as is, with a note."""
     if args.vae is not None:
         path = Path(args.vae)
         if not path.is_file():
@@ -180,14 +181,20 @@ def ensure_vae(args, rank, world):
     path = auto_vae_path(args)
     if rank == 0:
         flags = None
-        if not path.is_file():
+        ckpt = load_checkpoint(path, "vae", flag="--vae") if path.is_file() else None
+        default_steps = device_defaults(train_vae.DEFAULTS, device)["steps"]
+        if ckpt is None:
             print(f"no --vae given and no {path}: training the VAE first with train_vae.py "
                   f"(recipe: latent space first, then the flow model)", flush=True)
             flags = ["--overwrite"] if run_files(path.parent) else []
-        elif not vae_finished(load_checkpoint(path, "vae", flag="--vae")):
+        elif not vae_finished(ckpt):
             print(f"{path} is unfinished (a run stopped while training it): resuming it "
                   f"to completion first", flush=True)
             flags = ["--resume"]
+        elif args.vae_steps is None and ckpt["step"] < default_steps:
+            print(f"note: {path} was trained for {ckpt['step']} steps, fewer than train_vae.py's "
+                  f"default of {default_steps} now; using it as is (--vae-steps {default_steps} "
+                  f"trains a new one beside it)", flush=True)
         if flags is not None:
             flags += ["--out", str(path.parent), "--image-size", str(args.image_size),
                       "--device", args.device, "--seed", str(args.seed), "--amp", args.amp,

@@ -13,6 +13,7 @@ from PIL import Image
 import checkpoint
 import data as data_lib
 import train_flow
+import train_vae
 from dit import DiT, DiTConfig
 from embeddings import null_prompt, tokenize
 from flow import flow_matching_loss
@@ -196,6 +197,21 @@ def test_an_interrupted_automatic_vae_is_resumed_to_completion_not_used(cli, run
     assert not bool((finished["latent_std"] == 1).all())
     flow = torch.load(tmp_path / "flow" / "ckpt.pt", weights_only=True)
     assert torch.equal(flow["vae"]["latent_std"], finished["latent_std"])
+
+
+def test_an_older_finished_automatic_vae_is_used_as_is_with_a_note(cli, runs, tmp_path, tiny):
+    vae = tmp_path / "runs" / "vae-shapes-32px-seed0-n64" / "ckpt.pt"   # finished, 16 steps
+    vae.parent.mkdir(parents=True)
+    vae.write_bytes(runs["vae"].read_bytes())
+    rc, out, err = cli("train_flow.py", "--out", tmp_path / "flow", "--steps", 1, "--n-builtin", 64,
+                       "--batch-size", 8, "--sample-every", 100, "--sample-steps", 1, *tiny.cpu)
+    assert rc == 0, err
+    assert (f"note: runs/vae-shapes-32px-seed0-n64/ckpt.pt was trained for {tiny.vae_steps} "
+            f"steps, fewer than train_vae.py's default of {train_vae.DEFAULTS['cpu']['steps']} "
+            f"now; using it as is") in out
+    assert vae.read_bytes() == runs["vae"].read_bytes()               # not retrained or resumed
+    flow = torch.load(tmp_path / "flow" / "ckpt.pt", weights_only=True)
+    assert flow["vae"]["path"] == str(vae.resolve())
 
 
 def test_an_unfinished_or_folder_vae_is_refused_in_one_line(cli, runs, tmp_path, expect, flow_args):
