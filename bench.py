@@ -43,10 +43,11 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from attention import attention
-from common import HelpFormatter, autocast, pick_amp, pick_device, positive, run_main, write_json
+from common import HelpFormatter, autocast, pick_amp, pick_device, positive, run_main
 from dit import PRESETS, DiT, dit_config
 from embeddings import null_prompt, tokenize
 from flow import flow_matching_loss
+from runs import write_json
 from sample import euler_sample, guided_field
 from vae import VAE, vae_loss, vae_preset
 

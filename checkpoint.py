@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from common import UserError, atomic_write
+from common import UserError
+from runs import atomic_write
 from dit import DiT, DiTConfig
 from vae import VAE, VAEConfig
 
@@ -43,7 +44,7 @@ FORMAT_VERSION = 1
 # Writing and reading files
 
 def save_checkpoint(path, obj, what="checkpoint"):
-    """torch.save, atomically (common.atomic_write): a crash, a signal or a full disk at any
+    """torch.save, atomically (runs.atomic_write): a crash, a signal or a full disk at any
     moment leaves either the old file or the new one, never a torn one."""
     atomic_write(path, lambda f: torch.save(obj, f), what)
 

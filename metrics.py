@@ -27,15 +27,14 @@ import torch.nn.functional as F
 # Reconstruction: PSNR and SSIM
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+def psnr(x, y, data_range=1.0):
     """Peak signal-to-noise ratio per image, in dB: 10 log10(L^2 / mean (x - y)^2).
     x, y: (B, C, H, W) in [0, data_range]. Identical images give +inf."""
     mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)  # (B,)
     return 10.0 * torch.log10(data_range**2 / mse)  # mse = 0 -> inf
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0,
-         window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def ssim(x, y, data_range=1.0, window=11, sigma=1.5):
     """Structural similarity per image (Wang et al. 2004), in float64.
 
     For every window position, with Gaussian-weighted local statistics mu, sigma^2, sigma_xy:
@@ -63,7 +62,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0,
     return ssim_map.mean(dim=(2, 3)).mean(dim=1)  # per channel, then over channels -> (B,)
 
 
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
+def _gaussian_window(size, sigma):
     """Normalised 2-D Gaussian, (size, size), float64."""
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-coords**2 / (2 * sigma**2))
@@ -75,7 +74,7 @@ def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
 # Distribution distance: Frechet distance, KID, precision / recall
 
 
-def gaussian_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gaussian_stats(feats):
     """Mean (D,) and unbiased covariance (D, D) of features (N, D), in float64."""
     f = feats.double()
     mu = f.mean(0)
@@ -83,12 +82,12 @@ def gaussian_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mu, sigma
 
 
-def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
+def frechet_distance(feats_a, feats_b):
     """Frechet distance between Gaussians fitted to two feature sets (N, D) and (M, D)."""
     return frechet_distance_from_stats(*gaussian_stats(feats_a), *gaussian_stats(feats_b))
 
 
-def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
+def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2):
     """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), float64.
 
     No scipy sqrtm: S1 S2 is similar to the symmetric PSD matrix M = S1^(1/2) S2 S1^(1/2)
@@ -104,14 +103,13 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff @ diff + torch.trace(s1) + torch.trace(s2) - 2 * tr_covmean)
 
 
-def _sqrtm_psd(s: torch.Tensor) -> torch.Tensor:
+def _sqrtm_psd(s):
     """Symmetric square root of a symmetric PSD matrix via eigh, eigenvalues clamped at 0."""
     evals, evecs = torch.linalg.eigh((s + s.T) / 2)
     return (evecs * evals.clamp(min=0).sqrt()) @ evecs.T  # V diag(sqrt(l)) V^T
 
 
-def kid(feats_a: torch.Tensor, feats_b: torch.Tensor, subsets: int = 100,
-        subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+def kid(feats_a, feats_b, subsets=100, subset_size=1000, seed=0):
     """Kernel Inception Distance (Binkowski et al. 2018): the unbiased MMD^2 estimate with the
     cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets drawn
     without replacement (size clipped to the smaller set). Returns (mean, std over subsets);
@@ -128,7 +126,7 @@ def kid(feats_a: torch.Tensor, feats_b: torch.Tensor, subsets: int = 100,
     return float(values.mean()), float(values.std(correction=0))
 
 
-def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
+def mmd2_unbiased(x, y):
     """Unbiased MMD^2 between samples x (m, D) and y (n, D) with the KID kernel:
     mean_{i != j} k(x_i, x_j) + mean_{i != j} k(y_i, y_j) - 2 mean_{i, j} k(x_i, y_j)."""
     m, n = len(x), len(y)
@@ -138,13 +136,12 @@ def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(term_xx + term_yy - 2 * k_xy.mean())
 
 
-def _poly_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _poly_kernel(x, y):
     """k(x, y) = (x.y / d + 1)^3, (m, D), (n, D) -> (m, n)."""
     return (x @ y.T / x.shape[1] + 1) ** 3
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3,
-                     batch_size: int = 1024) -> tuple[float, float]:
+def precision_recall(real, fake, k=3, batch_size=1024):
     """Improved precision and recall (Kynkaanniemi et al. 2019).
 
     The real manifold is the union of balls around each real point, with radius the distance
@@ -157,7 +154,7 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3,
     return precision, recall
 
 
-def _knn_radii(feats: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
+def _knn_radii(feats, k, batch_size):
     """Distance from each point to its k-th nearest neighbour in the same set, self excluded. (N,)"""
     radii = []
     for i in range(0, len(feats), batch_size):
@@ -166,8 +163,7 @@ def _knn_radii(feats: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
     return torch.cat(radii)
 
 
-def _fraction_inside(centers: torch.Tensor, radii: torch.Tensor, queries: torch.Tensor,
-                     batch_size: int) -> float:
+def _fraction_inside(centers, radii, queries, batch_size):
     """Fraction of queries within radii[j] of at least one centers[j]."""
     inside = 0
     for i in range(0, len(queries), batch_size):
@@ -176,10 +172,8 @@ def _fraction_inside(centers: torch.Tensor, radii: torch.Tensor, queries: torch.
     return inside / len(queries)
 
 
-def distribution_metrics(real_feats: torch.Tensor, fake_feats: torch.Tensor,
-                         real_feats_2: torch.Tensor | None = None, k: int = 3,
-                         kid_subsets: int = 100, kid_subset_size: int = 1000,
-                         seed: int = 0) -> dict:
+def distribution_metrics(real_feats, fake_feats, real_feats_2=None, k=3, kid_subsets=100,
+                         kid_subset_size=1000, seed=0):
     """All distribution metrics of fake vs real features, as a dict of floats:
     fd, kid, kid_std, precision, recall, n_real, n_fake. Given real_feats_2, a second real set
     disjoint from real_feats and of the same size as fake_feats, the same metrics for

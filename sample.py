@@ -22,7 +22,6 @@ parse_args, main
 """
 import argparse
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -30,10 +29,10 @@ from PIL import Image
 
 import data as data_lib
 from checkpoint import export_flow, load_flow
-from common import (HelpFormatter, Phase, UserError, atomic_write, available_memory,
-                    check_writable, finite, maybe_compile, pick_amp, pick_device, positive,
-                    run_main, seed_value)
+from common import (HelpFormatter, Phase, UserError, autocast, available_memory, finite,
+                    maybe_compile, pick_amp, pick_device, positive, run_main, seed_value)
 from embeddings import null_prompt, prompt_is_truncated, tokenize
+from runs import atomic_write, check_writable
 
 
 def euler_sample(u, x, steps):
@@ -94,8 +93,7 @@ def generate(model, vae, prompts, steps=50, cfg_scale=4.0, seed=0, batch_size=64
     null = null_prompt(config.max_prompt_len).to(device)             # (1, S)
     images, phase = [], Phase(f"sampling {len(prompts)} images", len(prompts))
     for i in range(0, len(prompts), batch_size):
-        ctx = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
-        with ctx:
+        with autocast(device, amp):
             u = guided_field(model, tokens[i:i + batch_size], null, cfg_scale)
             z = euler_sample(lambda x, t: u(x, t).float(), noise[i:i + batch_size], steps)
         x = vae.decode(vae.denormalize_latents(z))           # (b, 3, H, W) in [-1, 1]

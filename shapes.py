@@ -62,7 +62,7 @@ _CROSS_ARM = 0.36      # arm thickness of the cross, as a fraction of its size
 # -----------------------------------------------------------------------------
 # rendering the shapes dataset
 
-def render_shape_image(seed: int, index: int, image_size: int = 32):
+def render_shape_image(seed, index, image_size=32):
     """Render image `index` of the shapes stream `seed`: returns (PIL RGB image, caption, attrs).
 
     Deterministic from (seed, index) alone: the random generator is seeded from both."""
@@ -79,14 +79,14 @@ def render_shape_image(seed: int, index: int, image_size: int = 32):
     return image, attributes_to_caption(attrs), attrs
 
 
-def check_image_size(image_size: int):
+def check_image_size(image_size):
     """ValueError unless the renderer can draw at this size: a multiple of 8 in [16, 128]."""
     if not (isinstance(image_size, int) and 16 <= image_size <= 128 and image_size % 8 == 0):
         raise ValueError(f"image_size {image_size!r}: the shapes dataset needs a multiple of 8 "
                          "between 16 and 128 (e.g. 32 or 64)")
 
 
-def render_shapes(n: int, seed: int = 0, image_size: int = 32):
+def render_shapes(n, seed=0, image_size=32):
     """Images 0..n-1 of the shapes stream `seed`: (uint8 images (n, 3, H, W), captions,
     attribute dicts). Rendering is fast enough that no disk cache is needed."""
     check_image_size(image_size)
@@ -101,7 +101,7 @@ def render_shapes(n: int, seed: int = 0, image_size: int = 32):
     return images, captions, attributes
 
 
-def _sample_attributes(rng: np.random.Generator) -> dict:
+def _sample_attributes(rng):
     """Background, then 1 or 2 objects (50/50), each with a uniform shape, colour and size."""
     n_objects = 1 if rng.random() < 0.5 else 2
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
@@ -114,7 +114,7 @@ def _sample_attributes(rng: np.random.Generator) -> dict:
     return {"background": background, "objects": objects}
 
 
-def _sample_boxes(rng: np.random.Generator, objects: list) -> list:
+def _sample_boxes(rng, objects):
     """One (cx, cy, s) per object, as fractions of the image side. Two objects stay in their
     own half with at least _GAP between them, so they never touch."""
     boxes = []
@@ -132,7 +132,7 @@ def _sample_boxes(rng: np.random.Generator, objects: list) -> list:
     return boxes
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, s: float, rgb):
+def _draw_shape(draw, shape, cx, cy, s, rgb):
     """Draw one filled shape whose bounding box is the s x s square centred at (cx, cy)."""
     x0, y0, x1, y1 = cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2
     if shape == "circle":
@@ -151,7 +151,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, s: 
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def attributes_to_caption(attrs: dict) -> str:
+def attributes_to_caption(attrs):
     """{"background": "white", "objects": [...]} -> "a small red circle left of a large blue
     square on a white background". Objects are listed left to right."""
     things = [f"a {o['size']} {o['color']} {o['shape']}" for o in attrs["objects"]]
@@ -162,7 +162,7 @@ _OBJECT_RE = r"a (\w+) (\w+) (\w+)"
 _CAPTION_RE = re.compile(rf"^{_OBJECT_RE}(?: left of {_OBJECT_RE})? on a (\w+) background$")
 
 
-def parse_caption(caption: str) -> dict | None:
+def parse_caption(caption):
     """The inverse of attributes_to_caption; None when the caption is not of that form or
     uses words outside the vocabulary."""
     m = _CAPTION_RE.match(caption.strip())
@@ -194,7 +194,7 @@ _MIN_AREA_FRACTION = 0.06  # blobs smaller than (this * side)^2 pixels are noise
 _SIZE_THRESHOLD = (SIZE_FRACTIONS["small"] + SIZE_FRACTIONS["large"]) / 2
 
 
-def read_attributes(image) -> dict:
+def read_attributes(image):
     """Read the background and each object's shape, colour, size and position (left to
     right) from the pixels of an image: uint8 numpy (H, W, 3), torch uint8 (3, H, W) or PIL
     (a float array or tensor with values in [-1, 1] is taken to be in the model range).
@@ -223,7 +223,7 @@ def read_attributes(image) -> dict:
     return {"background": _nearest_name(bg, BACKGROUNDS), "objects": objects}
 
 
-def _as_hwc(image) -> np.ndarray:
+def _as_hwc(image):
     """PIL image, torch (3, H, W) or numpy (H, W, 3) / (3, H, W) -> uint8 numpy (H, W, 3)."""
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
@@ -248,7 +248,7 @@ def _as_hwc(image) -> np.ndarray:
     return a
 
 
-def _connected_components(mask: np.ndarray):
+def _connected_components(mask):
     """8-connected labelling of a boolean (H, W) mask -> (int labels (H, W), count)."""
     H, W = mask.shape
     m = mask.tolist()
@@ -273,7 +273,7 @@ def _connected_components(mask: np.ndarray):
     return np.array(labels, dtype=np.int64).reshape(H, W), n
 
 
-def _read_object(x: np.ndarray, bg: np.ndarray, labels: np.ndarray, k: int) -> dict:
+def _read_object(x, bg, labels, k):
     """Colour, size and shape of blob k (the caller sets the position from "_cx")."""
     H, W, _ = x.shape
     blob = labels == k  # (H, W)
@@ -297,7 +297,7 @@ def _read_object(x: np.ndarray, bg: np.ndarray, labels: np.ndarray, k: int) -> d
     return {"shape": shape, "color": _nearest_name(rgb, COLORS), "size": size, "_cx": x0 + cx}
 
 
-def _fit_shape(alpha: np.ndarray):
+def _fit_shape(alpha):
     """Fit each shape's template to a coverage crop (h, w); return (best shape, its box side
     in pixels, its centre x). Area and centroid fix each template's box: both are unchanged
     by blur and unbiased under noise (alpha is not clipped for them), which makes the fit
@@ -319,8 +319,7 @@ def _fit_shape(alpha: np.ndarray):
     return best[1], best[2], cx
 
 
-def _coverage(shape: str, cx: float, cy: float, w: float, h: float, hw: tuple,
-              sub: int = 4) -> np.ndarray:
+def _coverage(shape, cx, cy, w, h, hw, sub=4):
     """Fraction of each pixel of an (h, w) grid covered by `shape` filling the w x h box
     centred at (cx, cy), from sub x sub samples per pixel: the template read_attributes fits."""
     offsets = (np.arange(sub) + 0.5) / sub
@@ -332,7 +331,7 @@ def _coverage(shape: str, cx: float, cy: float, w: float, h: float, hw: tuple,
     return inside.reshape(hw[0], sub, hw[1], sub).mean(axis=(1, 3))
 
 
-def _blur(a: np.ndarray, b: float) -> np.ndarray:
+def _blur(a, b):
     """Separable 3-tap blur [b, 1 - 2b, b] of a 2-D array (zero outside)."""
     if b == 0:
         return a
@@ -346,7 +345,7 @@ def _blur(a: np.ndarray, b: float) -> np.ndarray:
     return out
 
 
-def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+def _inside(shape, u, v):
     """Whether box coordinates (u, v) in [-0.5, 0.5]^2 (v down) lie inside `shape`."""
     box = (np.abs(u) <= 0.5) & (np.abs(v) <= 0.5)
     if shape == "circle":
@@ -363,20 +362,20 @@ def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _nearest_name(rgb: np.ndarray, palette) -> str:
+def _nearest_name(rgb, palette):
     names = list(palette)
     d = np.linalg.norm(np.array([palette[c] for c in names], dtype=np.float32) - rgb, axis=1)
     return names[int(np.argmin(d))]
 
 
-def _position(cx_frac: float, n_objects: int, rank: int) -> str:
+def _position(cx_frac, n_objects, rank):
     """Two objects are left and right; otherwise by thirds of the image width."""
     if n_objects == 2:
         return ("left", "right")[rank]
     return "left" if cx_frac < 1 / 3 else "right" if cx_frac > 2 / 3 else "center"
 
 
-def score_attributes(pred: dict, target: dict) -> dict:
+def score_attributes(pred, target):
     """Per-attribute correctness of one image, objects matched in order (left to right):
     shape/color/size/position = fraction of the target's objects matched (when the target has
     none: 1.0 if the prediction has none too), count and background = 1.0 or 0.0."""

@@ -24,7 +24,6 @@ samples_<step>.png, log.jsonl, latents.pt (cache).
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
 import time
@@ -38,23 +37,39 @@ import data as data_lib
 import train_vae
 from checkpoint import (config_mismatch, load_checkpoint, load_vae, restore_training, rng_state,
                         safe_load, save_checkpoint, training_state, vae_finished)
-from common import (EMA, HelpFormatter, LossGuard, Progress, RunFolder, StopFlag, Stopwatch,
-                    UserError, add_training_flags, atomic_write, autocast, by_device,
-                    device_defaults, finite, fraction, is_oom, maybe_compile, oom_error,
-                    parse_with_given, pick_amp, pick_device, plot_loss, positive,
-                    restore_settings, run_files, run_main, settings_of, setup_backends, trim_log,
-                    write_json)
+from common import (HelpFormatter, UserError, autocast, finite, fraction, is_oom, maybe_compile,
+                    pick_amp, positive, run_main, setup_backends)
 from dit import PRESETS, DiT, DiTConfig, count_parameters, dit_config
 from embeddings import null_prompt, tokenize
 from flow import flow_matching_loss
+from runs import (RunFolder, atomic_write, parse_with_given, plot_loss, restore_settings,
+                  run_files, settings_of, trim_log, write_json)
 from sample import generate
+from training import (EMA, LossGuard, Progress, StopFlag, Stopwatch, add_training_flags,
+                      all_ranks_sum, any_rank, barrier, check_ranks_agree, init_distributed,
+                      oom_error)
 from vae import VAE
 
-DEFAULTS = {"cpu": {"steps": 3600, "batch_size": 64, "lr": 1e-3, "preset": "tiny", "ema": 0.995,
-                    "adam_betas": [0.9, 0.95]},
-            "cuda": {"steps": 50000, "batch_size": 256, "lr": 1e-4, "preset": "B", "ema": 0.9999,
-                     "adam_betas": [0.9, 0.999]}}
-N_SAMPLE_PROMPTS = 8
+# The recipe's numbers, all in one place; every flag's default is read from here. The same on
+# every device: the measured 15-minute CPU recipe, which a GPU runs with torch.compile and bf16
+# (README: a larger --preset is the next step there). RESULTS.md has how they were found.
+DEFAULTS = {
+    # data
+    "image_size": 32, "n_builtin": 20000,
+    # the DiT (dit.PRESETS) on the VAE's latents, p x p latent patches per token
+    "preset": "tiny", "patch_size": 2,
+    # flow matching: training times t, and the prompt dropped (-> CFG's null condition) at p_uncond
+    "t_dist": "logit_normal", "p_uncond": 0.1,
+    # optimisation: AdamW, linear warm-up then a constant rate, gradients clipped, weights averaged
+    "steps": 3600, "batch_size": 64, "lr": 1e-3, "adam_betas": [0.9, 0.95], "weight_decay": 0.0,
+    "warmup": 200, "grad_clip": 1.0, "ema_decay": 0.995,
+    # sample grids: grid_images EMA samples for each of grid_prompts prompts, every sample_every
+    # steps and at the end, with sample_steps Euler steps at guidance weight cfg_scale
+    "sample_every": 1000, "grid_prompts": 8, "grid_images": 8, "sample_steps": 50,
+    "cfg_scale": 4.0,
+    # reports
+    "log_every": 50, "ckpt_every": 500,
+}
 
 
 def train(args, given, rank, world, device):
@@ -65,7 +80,8 @@ def train(args, given, rank, world, device):
     if args.resume:
         resume = load_checkpoint(Path(args.out) / "ckpt.pt", "flow", flag="--resume")
         restore_settings(args, given, resume.get("args", {}), EXPERIMENT, args.allow_changes)
-    resolve_defaults(args, device, world)
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     if resume is not None and resume["step"] >= args.steps:
         if rank == 0:
             print(f"{Path(args.out) / 'ckpt.pt'} is already at step {resume['step']} of "
@@ -148,7 +164,7 @@ def prepare_latents(args, folder, resume, rank, world, device, watch):
                 "latent_std": vae.latent_std.cpu()}
     return Latents(z=vae.normalize_latents(mu.to(device)),
                    tokens=tokenize(train_set.captions, max_len).to(device),
-                   name=train_set.name, prompts=sample_prompts(train_set.captions), vae=vae,
+                   name=train_set.name, prompts=sample_prompts(train_set.captions, args.grid_prompts), vae=vae,
                    vae_info=vae_info, config=config)
 
 
@@ -182,7 +198,7 @@ def ensure_vae(args, rank, world, device):
     if rank == 0:
         flags = None
         ckpt = load_checkpoint(path, "vae", flag="--vae") if path.is_file() else None
-        default_steps = device_defaults(train_vae.DEFAULTS, device)["steps"]
+        default_steps = train_vae.DEFAULTS["steps"]
         if ckpt is None:
             print(f"no --vae given and no {path}: training the VAE first with train_vae.py "
                   f"(recipe: latent space first, then the flow model)", flush=True)
@@ -247,13 +263,13 @@ def file_sha1(path):
     return h.hexdigest()
 
 
-def sample_prompts(captions):
-    """Fixed prompts for the sample grids: distinct captions spread over the data ("" if none)."""
+def sample_prompts(captions, count):
+    """Fixed prompts for the sample grids: the first `count` distinct captions ("" if none)."""
     seen = []
     for caption in captions:
         if caption not in seen:
             seen.append(caption)
-        if len(seen) == N_SAMPLE_PROMPTS:
+        if len(seen) == count:
             break
     return seen or [""]
 
@@ -272,7 +288,7 @@ def train_dit(args, latents, out, resume, amp, rank, world, device, watch):
     model = DiT(latents.config).to(device)
     ema = EMA(model, args.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.adam_betas),
-                            weight_decay=0.0)
+                            weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     step = 0
     if resume is not None:
@@ -313,7 +329,7 @@ def train_dit(args, latents, out, resume, amp, rank, world, device, watch):
                 sample_grid(out / f"samples_{step:06d}.png", ema.model, latents, args, amp)
 
     def mean_loss():                               # over every rank: all stop at the same step
-        return _all_ranks(loss_sum, world).item() / (pending * world) if pending else None
+        return all_ranks_sum(loss_sum, world).item() / (pending * world) if pending else None
 
     stopper = StopFlag()
     guard = LossGuard(ckpt_path)
@@ -322,7 +338,7 @@ def train_dit(args, latents, out, resume, amp, rank, world, device, watch):
     t_start = time.perf_counter()
     try:
         with watch("DiT training"):
-            while step < args.steps and not _any_rank(stopper.stop, world, device):
+            while step < args.steps and not any_rank(stopper.stop, world, device):
                 for group in opt.param_groups:                     # linear warm-up, then constant
                     group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
                 idx = shard[torch.randint(len(shard), (local_batch,), device=device)]
@@ -336,7 +352,7 @@ def train_dit(args, latents, out, resume, amp, rank, world, device, watch):
                         raise oom_error(args.batch_size)
                     raise
                 scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                 scaler.step(opt)
                 scaler.update()
                 opt.zero_grad(set_to_none=True)
@@ -345,7 +361,7 @@ def train_dit(args, latents, out, resume, amp, rank, world, device, watch):
                 loss_sum += loss.detach()
                 pending += 1
                 if step == start + 1:                  # the loss before any update: the reference
-                    guard.reference(_all_ranks(loss.detach(), world).item() / world)
+                    guard.reference(all_ranks_sum(loss.detach(), world).item() / world)
                 if step % args.log_every == 0 or step == args.steps:
                     guard.check(mean_loss(), step)
                     if rank == 0:
@@ -370,7 +386,7 @@ def train_dit(args, latents, out, resume, amp, rank, world, device, watch):
         stopper.restore()
     grid()
     if world > 1:
-        _check_ranks_agree(model, world, rank)
+        check_ranks_agree(model, world, rank)
     if rank == 0:
         minutes = (time.perf_counter() - t_start) / 60
         print(f"done: {step} steps in {minutes:.1f} min; wrote {ckpt_path} and "
@@ -391,14 +407,14 @@ def run_state(args, latents, step, model, ema, opt, scaler, world, elapsed):
 
 
 def sample_grid(path, model, latents, args, amp):
-    """Step 5: 8 EMA samples per fixed prompt, one row each under its prompt, decoded by the VAE
+    """Step 5: --grid-images EMA samples per fixed prompt, one row each under its prompt, decoded by the VAE
     (prompts.txt beside lists the rows; the PNG's text chunks hold prompts and settings)."""
-    rows = [p for p in latents.prompts for _ in range(8)]
+    rows = [p for p in latents.prompts for _ in range(args.grid_images)]
     images = generate(model, latents.vae, rows, args.sample_steps, args.cfg_scale, seed=0, amp=amp)
     info = {"prompts": latents.prompts, "seed": 0, "cfg": args.cfg_scale,
             "steps": args.sample_steps, "checkpoint": str(path.parent / "ckpt.pt")}
     labels = [p or "(empty prompt: unconditional)" for p in latents.prompts]
-    data_lib.save_grid(path, images, nrow=8, scale=data_lib.grid_scale(args.image_size),
+    data_lib.save_grid(path, images, nrow=args.grid_images, scale=data_lib.grid_scale(args.image_size),
                        info=info, row_labels=labels)
     prompts = path.parent / "prompts.txt"
     if not prompts.exists():
@@ -417,9 +433,7 @@ def parse_args(argv=None):
   python train_flow.py --data ~/photos --image-size 64 --out runs/photos
   python train_flow.py --steps 20 --vae-steps 20 --n-builtin 500 --out runs/smoke   # a quick test
 """, formatter_class=HelpFormatter)
-    add_training_flags(p, "runs/flow", by_device(DEFAULTS, "steps"),
-                       by_device(DEFAULTS, "batch_size") + " (global, split over ranks)",
-                       by_device(DEFAULTS, "lr"))
+    add_training_flags(p, DEFAULTS, "runs/flow")
     p.add_argument("--vae", default=None,
                    help="VAE checkpoint from train_vae.py. Default: the automatic VAE of this data, "
                         "runs/vae-<data>-<size>px.../ckpt.pt, trained first (train_vae.py's "
@@ -427,41 +441,29 @@ def parse_args(argv=None):
     p.add_argument("--vae-steps", type=positive(int), default=None,
                    help="training steps of the automatic VAE (e.g. 3 for a smoke test; its folder "
                         "name says so). Default: train_vae.py's")
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help=f"DiT size. Default: {by_device(DEFAULTS, 'preset')}")
-    p.add_argument("--patch-size", type=positive(int), default=2,
+    p.add_argument("--preset", default=DEFAULTS["preset"], choices=sorted(PRESETS), help="DiT size")
+    p.add_argument("--patch-size", type=positive(int), default=DEFAULTS["patch_size"],
                    help="DiT patch size p on the latent grid")
-    p.add_argument("--warmup", type=positive(int, allow_zero=True), default=200,
-                   help="linear learning-rate warm-up steps")
-    p.add_argument("--adam-betas", type=fraction, nargs=2, metavar=("B1", "B2"), default=None,
-                   help=f"AdamW's beta1 and beta2. Default: {by_device(DEFAULTS, 'adam_betas')}")
-    p.add_argument("--ema-decay", type=fraction, default=None,
-                   help=f"EMA decay of the weights (with warm-up). Default: {by_device(DEFAULTS, 'ema')}")
-    p.add_argument("--p-uncond", type=fraction, default=0.1,
-                   help="probability of replacing a sample's prompt by the empty prompt (for CFG)")
-    p.add_argument("--t-dist", choices=["uniform", "logit_normal"], default="logit_normal",
+    p.add_argument("--t-dist", choices=["uniform", "logit_normal"], default=DEFAULTS["t_dist"],
                    help="distribution of training times t: uniform on [0, 1] (the lecture's), or "
                         "logit-normal (SD3's: more samples at intermediate t)")
-    p.add_argument("--sample-every", type=positive(int), default=1000,
+    p.add_argument("--p-uncond", type=fraction, default=DEFAULTS["p_uncond"],
+                   help="probability of replacing a sample's prompt by the empty prompt (for CFG)")
+    p.add_argument("--adam-betas", type=fraction, nargs=2, metavar=("B1", "B2"),
+                   default=DEFAULTS["adam_betas"], help="AdamW's beta1 and beta2")
+    p.add_argument("--warmup", type=positive(int, allow_zero=True), default=DEFAULTS["warmup"],
+                   help="linear learning-rate warm-up steps")
+    p.add_argument("--sample-every", type=positive(int), default=DEFAULTS["sample_every"],
                    help="steps between EMA sample grids samples_<step>.png (and one at the end)")
-    p.add_argument("--sample-steps", type=positive(int), default=50,
+    p.add_argument("--grid-prompts", type=positive(int), default=DEFAULTS["grid_prompts"],
+                   help="rows of the sample grids: the first distinct captions of the data")
+    p.add_argument("--grid-images", type=positive(int), default=DEFAULTS["grid_images"],
+                   help="images per row of the sample grids")
+    p.add_argument("--sample-steps", type=positive(int), default=DEFAULTS["sample_steps"],
                    help="Euler steps for the sample grids")
-    p.add_argument("--cfg", dest="cfg_scale", metavar="W", type=finite, default=4.0,
+    p.add_argument("--cfg", dest="cfg_scale", metavar="W", type=finite, default=DEFAULTS["cfg_scale"],
                    help="guidance weight for the sample grids")
     return parse_with_given(p, argv)
-
-
-def resolve_defaults(args, device, world):
-    """Fill the per-device defaults of the flags left unset."""
-    d = device_defaults(DEFAULTS, device)
-    args.steps = args.steps or d["steps"]
-    args.batch_size = args.batch_size or d["batch_size"]
-    args.lr = args.lr or d["lr"]
-    args.preset = args.preset or d["preset"]
-    args.ema_decay = d["ema"] if args.ema_decay is None else args.ema_decay
-    args.adam_betas = list(args.adam_betas or d["adam_betas"])
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
 
 
 def main(argv=None):
@@ -494,57 +496,6 @@ def _check_resumable(ckpt, config, vae_sha1, world, ckpt_path, allow_changes):
     if len(ckpt["rng"]) != world:
         raise UserError(f"--resume {ckpt_path}: saved by {len(ckpt['rng'])} processes, now {world}; "
                         f"resume with the same number of processes")
-
-
-# ---------------------------------------------------------------------------------------------
-# Several processes (torchrun): one per device, rank 0 does all file I/O
-
-def init_distributed(device_flag):
-    """(rank, world, device). Under torchrun: NCCL on CUDA, gloo on CPU."""
-    if "RANK" not in os.environ:
-        return 0, 1, pick_device(device_flag)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    device = pick_device(device_flag)
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def barrier(world):
-    if world > 1:
-        dist.barrier()
-
-
-def _all_ranks(loss_sum, world):
-    """The loss summed over every rank: a NaN on one rank stops all of them at the same step
-    (a rank stopping alone would leave the others waiting in the next collective)."""
-    if world == 1:
-        return loss_sum
-    total = loss_sum.detach().clone()
-    dist.all_reduce(total)
-    return total
-
-
-def _any_rank(flag, world, device):
-    """Ctrl-C on any rank stops every rank at the same step (so the saved state is consistent)."""
-    if world == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _check_ranks_agree(model, world, rank):
-    """DDP keeps every rank's weights equal; verify it (a cheap checksum) and say so."""
-    sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
-    gathered = [None] * world
-    dist.all_gather_object(gathered, sums)
-    same = all(torch.equal(gathered[0], g) for g in gathered)
-    if rank == 0:
-        print(f"weights identical on all {world} ranks: {'yes' if same else 'NO'}")
 
 
 if __name__ == "__main__":

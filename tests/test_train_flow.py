@@ -207,7 +207,7 @@ def test_an_older_finished_automatic_vae_is_used_as_is_with_a_note(cli, runs, tm
                        "--batch-size", 8, "--sample-every", 100, "--sample-steps", 1, *tiny.cpu)
     assert rc == 0, err
     assert (f"note: runs/vae-shapes-32px-seed0-n64/ckpt.pt was trained for {tiny.vae_steps} "
-            f"steps, fewer than train_vae.py's default of {train_vae.DEFAULTS['cpu']['steps']} "
+            f"steps, fewer than train_vae.py's default of {train_vae.DEFAULTS['steps']} "
             f"now; using it as is") in out
     assert vae.read_bytes() == runs["vae"].read_bytes()               # not retrained or resumed
     flow = torch.load(tmp_path / "flow" / "ckpt.pt", weights_only=True)

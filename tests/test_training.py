@@ -1,0 +1,71 @@
+"""Tests for training.py: the EMA against its closed form, the progress log, the NaN /
+divergence guard and the out-of-memory message."""
+
+import json
+
+import pytest
+import torch
+
+import common
+import training
+
+
+def test_ema_follows_the_warmed_up_decay_in_closed_form_float64():
+    model = torch.nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = training.EMA(model, decay=0.9)
+    expected = 0.0
+    for step in range(30):
+        with torch.no_grad():
+            model.weight.fill_(float(step + 1))
+        ema.update(model, step)
+        d = min(0.9, (1 + step) / (10 + step))
+        expected = d * expected + (1 - d) * (step + 1)
+        assert ema.model.weight.item() == pytest.approx(expected, rel=1e-12)
+    assert not ema.model.weight.requires_grad and not ema.model.training
+
+
+def test_progress_prints_a_line_and_appends_one_json_object_per_report(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    progress = training.Progress(log, total_steps=10, start_step=0, batch_size=4)
+    progress.report(5, {"loss": 0.25})
+    progress.report(10, {"loss": 0.125})
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(line["step"], line["loss"]) for line in lines] == [(5, 0.25), (10, 0.125)]
+    assert all(line["img_per_s"] > 0 for line in lines)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("step 5/10 loss 0.25 |") and "ETA" in out[0]
+
+
+def test_loss_guard_names_the_step_and_the_checkpoint_for_nan_loss_or_weights(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    guard = training.LossGuard(tmp_path / "ckpt.pt")
+    guard.check(1.0, 3, model)                                     # all finite: quiet
+    with pytest.raises(common.UserError, match=r"loss became nan by step 3; .*ckpt\.pt"):
+        guard.check(float("nan"), 3)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(common.UserError, match="weights became inf/NaN by step 4"):
+        guard.check(None, 4, model)
+
+
+def test_loss_guard_stops_a_loss_that_grows_by_orders_of_magnitude(tmp_path):
+    guard = training.LossGuard(tmp_path / "ckpt.pt")
+    guard.reference(2.0)                          # the first step's loss
+    for step, loss in enumerate([1.5, 0.9, 0.5, 0.8, 30.0], start=1):   # noisy, 60x the lowest
+        guard.check(loss, step)
+    with pytest.raises(common.UserError, match=r"loss grew from 0\.5 to 2\.8e\+23 \(diverging\) "
+                                               r"by step 6; stopped without saving.*ckpt\.pt"):
+        guard.check(2.8e23, 6)
+    early = training.LossGuard(tmp_path / "ckpt.pt")
+    early.reference(2.0)                          # exploding before the first check is caught too
+    with pytest.raises(common.UserError, match="diverging"):
+        early.check(5e3, 50)
+
+
+def test_out_of_memory_is_recognised_and_names_a_smaller_batch():
+    assert common.is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried ..."))
+    assert common.is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
+    assert not common.is_oom(RuntimeError("shape mismatch"))
+    assert "--batch-size 32" in str(training.oom_error(64))
