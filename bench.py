@@ -43,7 +43,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from attention import attention
-from common import HelpFormatter, autocast, pick_amp, pick_device, positive, run_main
+import train_flow
+import train_vae
+from common import (HelpFormatter, autocast, cpu_has_native_bf16, physical_cores, pick_amp,
+                    pick_device, positive, run_main)
 from dit import PRESETS, DiT, dit_config
 from embeddings import null_prompt, tokenize
 from flow import flow_matching_loss
@@ -232,6 +235,43 @@ def bench_vae(args, device, compile_, amp):
     return step, eager, vae
 
 
+def run_settings(defaults, amp):
+    """A training script's DEFAULTS as the parsed flags its step function reads."""
+    return argparse.Namespace(**defaults, seed=0, amp="bf16" if amp is not None else "off")
+
+
+def bench_dit_step(args, device, compile_, amp):
+    """train_flow.train_step itself, as a run calls it: warm-up lr, the CondOT loss, backward,
+    gradient clipping, AdamW (fused where available), the EMA update."""
+    config = dit_config_from_args(args)
+    run = run_settings(train_flow.DEFAULTS, amp)
+    model, ema, opt, scaler = train_flow.build(config, run, device, amp)
+    z = torch.randn(args.batch, config.in_channels, config.height, config.width, device=device)
+    tokens = prompt_tokens(args.batch, device)
+    null = null_prompt(MAX_PROMPT_LEN).to(device)
+    net = compile_fresh(model, compile_)
+    eager = training_step(lambda: flow_matching_loss(model, z, tokens, null), device, amp)
+    return (lambda: train_flow.train_step(net, model, ema, opt, scaler, z, tokens, null, 0, run,
+                                          amp)), eager, model
+
+
+def bench_vae_step(args, device, compile_, amp):
+    """train_vae.train_step itself, as a run calls it (loss, backward, clipping, AdamW, EMA)."""
+    run = run_settings(train_vae.DEFAULTS, amp)
+    name = {32: "32", 64: "64"}.get(args.image_size, "large")
+    vae, ema, opt, scaler = train_vae.build(vae_preset(name, args.image_size), run, device, amp)
+    images = torch.randint(0, 256, (args.batch, 3, args.image_size, args.image_size),
+                           dtype=torch.uint8, device=device)
+    net = compile_fresh(vae, compile_)
+
+    def loss_fn():
+        x = images.float() / 127.5 - 1
+        x_hat, mu, logvar = vae(x)
+        return vae_loss(x, x_hat, mu, logvar)[0]
+    eager = training_step(loss_fn, device, amp)
+    return (lambda: train_vae.train_step(net, vae, ema, opt, scaler, images, 0, run, amp)), eager, vae
+
+
 def bench_sample(args, device, compile_, amp):
     """--steps Euler steps with CFG: each step one forward of 2B through the (compiled) DiT."""
     config = dit_config_from_args(args)
@@ -270,8 +310,11 @@ def bench_attention(args, device, compile_, amp, fused_kernel=False):
     return fwd_bwd(compile_fresh(fn, compile_)), fwd_bwd(attention), None
 
 
-BENCHES = {"dit": [("dit-train", bench_dit, {})],
-           "vae": [("vae-train", bench_vae, {})],
+# Each row's default batch: the training runs' (train_flow.py, train_vae.py), and the grids'.
+BATCH = {"dit": train_flow.DEFAULTS["batch_size"], "vae": train_vae.DEFAULTS["batch_size"],
+         "sample": train_flow.DEFAULTS["batch_size"], "attention": train_flow.DEFAULTS["batch_size"]}
+BENCHES = {"dit": [("dit-train", bench_dit, {}), ("dit-step", bench_dit_step, {})],
+           "vae": [("vae-train", bench_vae, {}), ("vae-step", bench_vae_step, {})],
            "sample": [("sample", bench_sample, {})],
            "attention": [("attn-manual", bench_attention, {}),
                          ("attn-sdpa", bench_attention, {"fused_kernel": True})]}
@@ -289,7 +332,7 @@ def measure(what, build, kwargs, args, device, compile_, amp, peaks):
         if model is not None:
             model.zero_grad(set_to_none=True)   # the counted step's gradients
         fused_before = torch._dynamo.utils.counters["inductor"]["fuse_attention"]
-        seconds = median_time(step, args.warmup, args.repeats, synchronizer(device))
+        seconds = median_time(step, args.untimed, args.repeats, synchronizer(device))
         peak_name = "bf16" if amp is not None else fp32_peak_name(device)
         achieved = gflops(flops, seconds)             # = FLOPs/img x img/s
         row.update(ms=1e3 * seconds, img_s=args.batch / seconds, gflop_img=flops / args.batch / 1e9,
@@ -309,7 +352,11 @@ def measure_peaks(device, dtypes, with_copy, warmup, repeats):
     peaks = {}
     for dtype in dtypes:
         name = "bf16" if dtype == torch.bfloat16 else fp32_peak_name(device)
-        peaks[name] = matmul_peak(device, dtype, n, warmup, repeats)
+        emulated = name == "bf16" and device.type == "cpu" and not cpu_has_native_bf16()
+        # A CPU without native bf16 emulates it ~100x slower: a smaller product says as much.
+        peaks[name] = matmul_peak(device, dtype, 512 if emulated else n, warmup, repeats)
+        if emulated:
+            peaks["bf16_matmul_n"] = 512
     if with_copy:
         numel = 2 ** 28 if device.type == "cuda" else 2 ** 25   # 1 GiB / 128 MiB of float32
         peaks["copy_gbs"] = copy_bandwidth(device, numel, warmup, repeats)
@@ -331,16 +378,19 @@ def parse_args(argv=None):
   python bench.py --what all --matrix               # everything, {eager, compile} x {fp32, bf16}
   python bench.py --what dit --preset B --latent-size 32 --batch-size 256 --amp bf16 --compile --json b.json
 """, formatter_class=HelpFormatter)
-    p.add_argument("--what", choices=["dit", "vae", "sample", "attention", "peak", "all"],
+    p.add_argument("--what", choices=["dit", "vae", "sample", "attention", "peak", "all", "recipe"],
                    default="dit", help="what to measure; peak = matmul GFLOP/s and copy GB/s "
-                                       "only; all = every one. Default: dit")
+                                       "only; all = every one; recipe = a few timed steps of each "
+                                       "phase of `python train_flow.py` and its predicted minutes "
+                                       "on this machine. Default: dit")
     p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="DiT preset. Default: tiny")
     p.add_argument("--dim", type=positive(int), default=None,
                    help="override the preset's width (e.g. 384 with --depth 6 --heads 6)")
     p.add_argument("--depth", type=positive(int), default=None, help="override the preset's depth")
     p.add_argument("--heads", type=positive(int), default=None, help="override the preset's heads")
-    p.add_argument("--batch-size", "--batch", dest="batch", type=positive(int), default=None,
-                   help="images per step (attention: its B). Default: 16 on CPU, 64 on CUDA")
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=positive(int), default=None,
+                   help="images per step (attention: its B). Default: the training runs' (DiT, "
+                        "sampling and attention 64, VAE 32)")
     p.add_argument("--latent-size", type=positive(int), default=8,
                    help="DiT latent height = width (4 channels, patch 2). Default: 8")
     p.add_argument("--image-size", type=positive(int), default=32,
@@ -348,9 +398,10 @@ def parse_args(argv=None):
                         "one. Default: 32")
     p.add_argument("--sample-steps", "--steps", dest="steps", type=positive(int), default=50,
                    help="Euler steps (each a 2B forward, CFG) for sample. Default: 50")
-    p.add_argument("--amp", choices=["off", "bf16"], default=None,
-                   help="plain fp32 (TF32 matmuls on CUDA) or bf16 autocast. Default: off, "
-                        "both with --matrix")
+    p.add_argument("--amp", choices=["auto", "off", "bf16"], default=None,
+                   help="plain fp32 (TF32 matmuls on CUDA) or bf16 autocast; auto = what the "
+                        "training scripts pick (bf16 on CUDA and on CPUs with native bf16, else "
+                        "off). Default: auto, both off and bf16 with --matrix")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (or attention function). Default: eager, "
                         "both with --matrix")
@@ -359,19 +410,57 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps. Default: auto")
     p.add_argument("--repeats", type=positive(int), default=10,
                    help="timed steps; the median is reported. Default: 10")
-    p.add_argument("--warmup", type=int, default=3,
-                   help="untimed steps first; torch.compile compiles here, so keep >= 1 with it. "
-                        "Default: 3")
+    p.add_argument("--untimed", "--warmup", dest="untimed", type=positive(int, allow_zero=True),
+                   default=3, help="untimed steps first; torch.compile compiles here, so keep >= 1 "
+                                   "with it (--warmup is the old spelling: in the training "
+                                   "scripts it means learning-rate warm-up). Default: 3")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                    help="write one JSON object (rows, device, torch, threads, peaks) to PATH; "
                         "--json alone or --json - prints it instead of the table")
     return p.parse_args(argv)
 
 
+def busy_note():
+    """A line when the machine is busy (load average above its physical cores), else None: the
+    peaks and rates measured then are below what the machine does idle."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    cores = physical_cores()
+    if load > cores + 0.5:
+        return (f"note: this machine is busy (load average {load:.1f} on {cores} cores): every "
+                f"number below is lower than on an idle machine")
+    return None
+
+
+def predict_recipe(args, device, amp):
+    """The default `python train_flow.py` on this machine, phase by phase: seconds per call from
+    --repeats timed calls (train_flow.estimate_phases, which the run itself prints up front), and
+    the minutes the default run's counts of calls make."""
+    run = run_settings(train_flow.DEFAULTS, amp)
+    run.amp = args.amp or "auto"
+    steps, every = run.steps, run.sample_every
+    counts = {"VAE": train_vae.DEFAULTS["steps"], "encoding": run.n_builtin, "DiT": steps,
+              "sample grids": len(range(every, steps, every)) + 1}
+    print("timing the phases of the default run ...", file=sys.stderr, flush=True)
+    seconds = train_flow.estimate_phases(run, device, 1, counts["VAE"], counts["encoding"],
+                                         counts["DiT"], counts["sample grids"], MAX_PROMPT_LEN,
+                                         timed=args.repeats)
+    return {"phases": {k: {"count": counts[k], "minutes": s / 60} for k, s in seconds.items()},
+            "minutes": sum(seconds.values()) / 60, "amp": str(pick_amp(run.amp, device))}
+
+
+def format_recipe(recipe):
+    lines = [f"predicted `python train_flow.py` on this machine (amp {recipe['amp']}):"]
+    for name, p in recipe["phases"].items():
+        unit = "images" if name == "encoding" else "grids" if name == "sample grids" else "steps"
+        lines.append(f"  {name:<13} {p['count']:>6} {unit:<6} {p['minutes']:6.1f} min")
+    lines.append(f"  {'total':<20} {recipe['minutes']:13.1f} min")
+    return "\n".join(lines)
+
+
 def modes(args, device):
     """[(compile, amp dtype or None)] from --compile, --amp and --matrix."""
     compiles = [args.compile] if args.compile is not None else ([False, True] if args.matrix else [False])
-    amps = [args.amp] if args.amp is not None else (["off", "bf16"] if args.matrix else ["off"])
+    amps = [args.amp] if args.amp is not None else (["off", "bf16"] if args.matrix else ["auto"])
     return [(c, pick_amp(a, device)) for c in compiles for a in amps]
 
 
@@ -397,28 +486,36 @@ def format_table(rows):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.batch = args.batch_size
     device = pick_device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True   # as in training: fp32 matmuls use TF32
         torch.backends.cudnn.allow_tf32 = True
-    args.batch = args.batch or (64 if device.type == "cuda" else 16)
-    todo = list(BENCHES) if args.what == "all" else [] if args.what == "peak" else [args.what]
+    todo = list(BENCHES) if args.what == "all" else [] if args.what in ("peak", "recipe") else [args.what]
     mode_list = modes(args, device)
-    if todo and args.what != "all":   # only the peaks that the MFU column needs
+    if args.what not in ("all", "peak"):   # only the peaks that the MFU column needs
         dtypes = sorted({amp or torch.float32 for _, amp in mode_list}, key=str)
     else:
         dtypes = [torch.float32, torch.bfloat16]
+    if "--warmup" in (argv if argv is not None else sys.argv[1:]):
+        print("note: --warmup is now --untimed (the training scripts' --warmup is the learning-rate "
+              "warm-up)", file=sys.stderr)
+    busy = busy_note()
+    if busy:
+        print(busy, file=sys.stderr)
     print(f"measuring peaks on {device_name(device)} ...", file=sys.stderr, flush=True)
-    peaks = measure_peaks(device, dtypes, args.what in ("peak", "all"), args.warmup, args.repeats)
+    peaks = measure_peaks(device, dtypes, args.what in ("peak", "all"), args.untimed, args.repeats)
     rows = []
     for what in todo:
+        args.batch = args.batch_size or BATCH[what]
         for compile_, amp in mode_list:
             for name, build, kwargs in BENCHES[what]:
                 print(f"measuring {name} ...", file=sys.stderr, flush=True)
                 rows.append(measure(name, build, kwargs, args, device, compile_, amp, peaks))
+    recipe = predict_recipe(args, device, mode_list[0][1]) if args.what == "recipe" else None
     report = {"device": device_name(device), "device_type": device.type,
-              "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "peaks": peaks, "rows": rows, "args": vars(args),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "busy": busy,
+              "peaks": peaks, "rows": rows, "args": vars(args), "recipe": recipe,
               "memory": ("torch.cuda.max_memory_allocated" if device.type == "cuda"
                          else "process peak RSS (VmHWM); mem_reset says if reset per row")}
     if args.json == "-":
@@ -429,8 +526,12 @@ def main(argv=None):
                                     if k in ("fp32", "tf32", "bf16"))
               + (f", copy {peaks['copy_gbs']:.1f} GB/s" if "copy_gbs" in peaks else "")
               + f" ({peaks['matmul_n']}^2 matmuls)")
+        if busy:
+            print(busy)
         if rows:
             print(format_table(rows))
+        if recipe is not None:
+            print(format_recipe(recipe))
         if args.json is not None:
             write_json(args.json, report, "results")
             print(f"wrote {args.json}")

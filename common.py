@@ -10,6 +10,7 @@ script reads as its recipe step:
 - device and precision: `pick_device` (cpu, cuda, mps), `pick_amp` (the autocast dtype),
   `autocast`, `setup_backends`, `cpu_has_native_bf16`, and `maybe_compile` with its
   `EagerFallback`; `is_oom` recognises an out-of-memory error, `available_memory` measures room;
+  `set_threads` picks torch's CPU threads (`physical_cores`) and says when the machine is busy;
 - `Phase`: progress and ETA of long work that is not a training loop.
 
 What only the two trainers use is in training.py; run folders and their files in runs.py.
@@ -17,7 +18,7 @@ Imports no project module.
 
 Offers: UserError, run_main, HelpFormatter, positive, finite, fraction, seed_value, pick_device,
 cpu_has_native_bf16, pick_amp, autocast, setup_backends, maybe_compile, EagerFallback, is_oom,
-available_memory, Phase
+available_memory, physical_cores, set_threads, Phase
 """
 import argparse
 import math
@@ -249,6 +250,45 @@ def available_memory():
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def physical_cores():
+    """CPU cores this process may run on, counting each physical core once (hyper-threads share a
+    core's arithmetic units, so a second thread per core rarely pays for matmuls)."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            block = {}
+            for line in f.read().splitlines() + [""]:
+                if ":" in line:
+                    key, value = (s.strip() for s in line.split(":", 1))
+                    block[key] = value
+                elif block:
+                    cores.add((block.get("physical id"), block.get("core id", block.get("processor"))))
+                    block = {}
+    except OSError:
+        pass
+    return max(1, min(allowed or 1, len(cores) or allowed or 1))
+
+
+def set_threads(threads=None):
+    """Set torch's CPU threads: `threads`, else the physical cores shared by the processes of a
+    torchrun on this machine. Returns one line that says so, with a warning when the machine is
+    busy (load average above the cores): every op then waits on a descheduled thread, and a
+    second torch job on the same cores slows both by several times."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = physical_cores()
+    chosen = threads or max(1, cores // local)
+    torch.set_num_threads(chosen)
+    why = "--threads" if threads else f"{cores} physical cores" + (f" / {local} processes" if local > 1 else "")
+    line = f"CPU threads: {chosen} ({why})"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > cores + 0.5:
+        line += (f"; note: this machine is busy (load average {load:.1f} on {cores} cores): "
+                 f"expect slower steps than on an idle machine, and do not run a second torch "
+                 f"job beside this one")
+    return line
 
 
 # ---------------------------------------------------------------------------------------------

@@ -305,7 +305,7 @@ def parse_with_given(parser, argv=None):
 
 
 # Settings that are not the run's: how this command was asked to run, not what it trains.
-NOT_SETTINGS = {"resume", "overwrite", "allow_changes", "out"}
+NOT_SETTINGS = {"resume", "overwrite", "allow_changes", "out", "threads"}
 
 
 def settings_of(args):
@@ -313,7 +313,7 @@ def settings_of(args):
     return {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
 
 
-def restore_settings(args, given, saved, experiment, allow_changes, flag="--resume"):
+def restore_settings(args, given, saved, experiment, allow_changes, flag="--resume", verbose=True):
     """--resume: every stored setting the command line does not set becomes the value; the ones it
     sets differently are listed in one line. A difference in an `experiment` setting (data,
     seed, ...) makes another experiment: refused unless `allow_changes`. Returns the changes."""
@@ -331,6 +331,6 @@ def restore_settings(args, given, saved, experiment, allow_changes, flag="--resu
         raise UserError(f"{flag}: {text}; {', '.join('--' + k.replace('_', '-') for k in refused)} "
                         f"would make another experiment: use the run's values, another --out, or "
                         f"--allow-changes to resume anyway")
-    if changes:
+    if changes and verbose:
         print(f"resuming with changed settings: {text}", flush=True)
     return changes

@@ -36,19 +36,19 @@ import torch.distributed as dist
 import data as data_lib
 import train_vae
 from checkpoint import (config_mismatch, load_checkpoint, load_vae, restore_training, rng_state,
-                        safe_load, save_checkpoint, training_state, vae_finished)
+                        save_checkpoint, set_rng_state, training_state, vae_finished)
 from common import (HelpFormatter, UserError, autocast, finite, fraction, is_oom, maybe_compile,
-                    pick_amp, positive, run_main, setup_backends)
+                    pick_amp, positive, run_main, set_threads, setup_backends)
 from dit import PRESETS, DiT, DiTConfig, count_parameters, dit_config
 from embeddings import null_prompt, tokenize
 from flow import flow_matching_loss
 from runs import (RunFolder, atomic_write, parse_with_given, plot_loss, restore_settings,
                   run_files, settings_of, trim_log, write_json)
 from sample import generate
-from training import (EMA, LossGuard, Progress, StopFlag, Stopwatch, add_training_flags,
-                      all_ranks_sum, any_rank, barrier, check_ranks_agree, init_distributed,
-                      oom_error)
-from vae import VAE
+from training import (EMA, LossGuard, Progress, StopFlag, Stopwatch, adamw, add_training_flags,
+                      all_ranks_sum, any_rank, barrier, check_ranks_agree, gather_objects,
+                      init_distributed, oom_error)
+from vae import VAE, VAEConfig
 
 # The recipe's numbers, all in one place; every flag's default is read from here. The same on
 # every device: the measured 15-minute CPU recipe, which a GPU runs with torch.compile and bf16
@@ -79,7 +79,8 @@ def train(args, given, rank, world, device):
     resume = None
     if args.resume:
         resume = load_checkpoint(Path(args.out) / "ckpt.pt", "flow", flag="--resume")
-        restore_settings(args, given, resume.get("args", {}), EXPERIMENT, args.allow_changes)
+        restore_settings(args, given, resume.get("args", {}), EXPERIMENT, args.allow_changes,
+                         verbose=rank == 0)
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     if resume is not None and resume["step"] >= args.steps:
@@ -123,26 +124,33 @@ class Latents:
 
 
 def prepare_latents(args, folder, resume, rank, world, device, watch):
-    """Steps 1-3: the data, its VAE, and the normalised latents of every training image. Rank 0
-    claims the run folder (`folder`) before it writes the latent cache there."""
-    with watch("VAE (train_vae.py)"):
-        vae_path = ensure_vae(args, rank, world, device)
-    with watch("data and checkpoints"):
-        vae, vae_ckpt = load_vae(vae_path, device)
-    factor = vae.config.factor
-    if args.image_size % factor or (args.image_size // factor) % args.patch_size:
-        raise UserError(f"--image-size {args.image_size} must be divisible by the VAE factor "
-                        f"{factor} x patch size {args.patch_size} = {factor * args.patch_size}")
+    """Steps 1-3: the data, its VAE, and the normalised latents of every training image. Every
+    check that can fail (the data, the sizes) comes before the slow work; rank 0 prints the
+    estimate of the whole command, then claims the run folder (`folder`) before it writes the
+    latent cache there."""
     with watch("data and checkpoints"):
         train_set = data_lib.load_dataset(args.data, args.image_size, "train",
                                           n_builtin=args.n_builtin, seed=args.seed)
+        vae_path, vae_todo = vae_plan(args)
+        factor = vae_factor(args, vae_path)
+    if args.image_size % factor or (args.image_size // factor) % args.patch_size:
+        raise UserError(f"--image-size {args.image_size} must be divisible by the VAE factor "
+                        f"{factor} x patch size {args.patch_size} = {factor * args.patch_size}")
+    longest = max(len(c.encode("utf-8")) for c in train_set.captions) + 1   # + BOS
+    max_len = min(256, -(-longest // 8) * 8)                     # fit the data, multiple of 8
+    if rank == 0:
+        with watch("estimate"):
+            print(estimate_report(args, device, resume, vae_path, vae_todo, len(train_set),
+                                  max_len, world), flush=True)
+    with watch("VAE (train_vae.py)"):
+        ensure_vae(args, vae_path, vae_todo, rank, world, device)
+    with watch("data and checkpoints"):
+        vae, vae_ckpt = load_vae(vae_path, device)
     if rank == 0 and vae_ckpt.get("data") != train_set.name:
         print(f"warning: the VAE {vae_path} was trained on {vae_ckpt.get('data')}, this run uses "
               f"{train_set.name}; pass --vae with a VAE trained on these images if the samples "
               f"look wrong", file=sys.stderr)
-    vae_sha1 = file_sha1(vae_path)
-    longest = max(len(c.encode("utf-8")) for c in train_set.captions) + 1   # + BOS
-    max_len = min(256, -(-longest // 8) * 8)                     # fit the data, multiple of 8
+    vae_sha1 = train_vae.file_sha1(vae_path)
     C, h = vae.config.latent_channels, args.image_size // factor  # latent grid (C, h, h)
     config = dit_config(args.preset, input_size=h, in_channels=C, patch_size=args.patch_size,
                         max_prompt_len=max_len)
@@ -151,21 +159,21 @@ def prepare_latents(args, folder, resume, rank, world, device, watch):
         _check_resumable(resume, config, vae_sha1, world, out / "ckpt.pt", args.allow_changes)
 
     data_key = data_lib.dataset_key(args.data, args.image_size, args.n_builtin, args.seed)
-    key = hashlib.sha1(f"{vae_sha1}|{data_key}".encode()).hexdigest()
+    key = train_vae.latent_cache_key(vae_sha1, data_key)
     with watch("encoding the latent cache"):
         if rank == 0:
             folder.claim()
-            mu = cached_latents(out / "latents.pt", key, vae, train_set.images, device, write=True)
+            mu = cached_latents(out, vae_path, key, vae, train_set.images, device, write=True)
         barrier(world)
         if rank != 0:
-            mu = cached_latents(out / "latents.pt", key, vae, train_set.images, device, write=False)
+            mu = cached_latents(out, vae_path, key, vae, train_set.images, device, write=False)
     vae_info = {"path": str(Path(vae_path).resolve()), "sha1": vae_sha1,
                 "config": vae_ckpt["config"], "latent_mean": vae.latent_mean.cpu(),
                 "latent_std": vae.latent_std.cpu()}
     return Latents(z=vae.normalize_latents(mu.to(device)),
                    tokens=tokenize(train_set.captions, max_len).to(device),
-                   name=train_set.name, prompts=sample_prompts(train_set.captions, args.grid_prompts), vae=vae,
-                   vae_info=vae_info, config=config)
+                   name=train_set.name, prompts=sample_prompts(train_set.captions, args.grid_prompts),
+                   vae=vae, vae_info=vae_info, config=config)
 
 
 def auto_vae_path(args):
@@ -182,85 +190,102 @@ def auto_vae_path(args):
     return Path("runs") / f"vae-{tag}" / "ckpt.pt"
 
 
-def ensure_vae(args, rank, world, device):
-    """Path of a finished VAE checkpoint: --vae, or the automatic one of this data
-    (`auto_vae_path`), which is trained first with train_vae.py's defaults, or resumed to
-    completion when a previous run was stopped during it (an unfinished VAE is never used). A
-    finished one trained for fewer steps than today's default is used as is, with a note."""
+def vae_plan(args):
+    """(path, todo) of the VAE this run uses: --vae (todo None), or the automatic one of this data
+    (`auto_vae_path`); todo is None when it is finished, else (flags for train_vae.py, its steps
+    still to train, the line that says why). A finished automatic VAE trained for fewer steps
+    than today's default is used as is (todo None); the line then is a note."""
     if args.vae is not None:
         path = Path(args.vae)
         if not path.is_file():
             what = "is a folder; pass its ckpt.pt" if path.is_dir() else "file not found"
             raise UserError(f"--vae {args.vae}: {what}; train one with train_vae.py or omit --vae "
                             f"to use/train the automatic VAE ({auto_vae_path(args)})")
-        return str(path)
+        return str(path), None
     path = auto_vae_path(args)
+    ckpt = load_checkpoint(path, "vae", flag="--vae") if path.is_file() else None
+    target = args.vae_steps or train_vae.DEFAULTS["steps"]
+    if ckpt is None:
+        flags = ["--overwrite"] if run_files(path.parent) else []
+        return str(path), (flags, target, f"no --vae given and no {path}: training the VAE first "
+                                          f"with train_vae.py (recipe: latent space first, then "
+                                          f"the flow model)")
+    if not vae_finished(ckpt):
+        left = max(0, ckpt.get("target_steps", target) - ckpt["step"])
+        return str(path), (["--resume"], left, f"{path} is unfinished (a run stopped while "
+                                               f"training it): resuming it to completion first")
+    if args.vae_steps is None and ckpt["step"] < target:
+        print(f"note: {path} was trained for {ckpt['step']} steps, fewer than train_vae.py's "
+              f"default of {target} now; using it as is (--vae-steps {target} trains a new one "
+              f"beside it)", flush=True)
+    return str(path), None
+
+
+def vae_factor(args, vae_path):
+    """The downsampling factor of the VAE this run uses (from its checkpoint, or the preset the
+    automatic VAE will have), known before any training."""
+    if Path(vae_path).is_file():
+        config = load_checkpoint(vae_path, "vae", flag="--vae")["config"]
+        try:
+            return VAEConfig.from_dict(config).factor
+        except (TypeError, ValueError) as e:
+            raise UserError(f"--vae {vae_path}: damaged checkpoint: its configuration is not a "
+                            f"VAE's ({type(e).__name__}); use another file or retrain")
+    return train_vae.vae_config_from_args(argparse.Namespace(image_size=args.image_size,
+                                                             preset=None)).factor
+
+
+def ensure_vae(args, path, todo, rank, world, device):
+    """Train (or finish) the automatic VAE when `todo` (from vae_plan) says so: train_vae.py with
+    its defaults and this run's data, size, seed and device, every rank taking part."""
+    barrier(world)                                 # every rank has read the file before it changes
+    if todo is None:
+        return
+    flags, _, why = todo
+    say(rank, why)
+    flags = flags + ["--out", str(Path(path).parent), "--image-size", str(args.image_size),
+                     "--device", args.device, "--seed", str(args.seed), "--amp", args.amp,
+                     "--n-builtin", str(args.n_builtin)]
+    flags += ["--data", args.data] if args.data else []
+    flags += ["--steps", str(args.vae_steps)] if args.vae_steps is not None else []
+    flags += [] if args.compile is None else ["--compile" if args.compile else "--no-compile"]
+    vae_args, vae_given = train_vae.parse_args(flags)
+    train_vae.train(vae_args, vae_given, rank, world, device,
+                    resume_command=f"the same python train_flow.py command (it finishes the VAE "
+                                   f"in {Path(path).parent}, then trains the flow model)")
+
+
+def say(rank, text):
+    """A line on stdout from rank 0 only."""
     if rank == 0:
-        flags = None
-        ckpt = load_checkpoint(path, "vae", flag="--vae") if path.is_file() else None
-        default_steps = train_vae.DEFAULTS["steps"]
-        if ckpt is None:
-            print(f"no --vae given and no {path}: training the VAE first with train_vae.py "
-                  f"(recipe: latent space first, then the flow model)", flush=True)
-            flags = ["--overwrite"] if run_files(path.parent) else []
-        elif not vae_finished(ckpt):
-            print(f"{path} is unfinished (a run stopped while training it): resuming it "
-                  f"to completion first", flush=True)
-            flags = ["--resume"]
-        elif args.vae_steps is None and ckpt["step"] < default_steps:
-            print(f"note: {path} was trained for {ckpt['step']} steps, fewer than train_vae.py's "
-                  f"default of {default_steps} now; using it as is (--vae-steps {default_steps} "
-                  f"trains a new one beside it)", flush=True)
-        if flags is not None:
-            flags += ["--out", str(path.parent), "--image-size", str(args.image_size),
-                      "--device", args.device, "--seed", str(args.seed), "--amp", args.amp,
-                      "--n-builtin", str(args.n_builtin)]
-            flags += ["--data", args.data] if args.data else []
-            flags += ["--steps", str(args.vae_steps)] if args.vae_steps is not None else []
-            flags += [] if args.compile is None else ["--compile" if args.compile else "--no-compile"]
-            code = train_vae.main(flags)
-            if code:
-                sys.exit(code)
-    barrier(world)
-    return str(path)
+        print(text, flush=True)
 
 
-def cached_latents(cache_path, key, vae, images, device, write):
-    """Encoder means of all images, from the cache when its key, shape and count are right;
-    otherwise (missing, stale or corrupt) encoded again and, when `write`, saved atomically."""
+def cached_latents(out, vae_path, key, vae, images, device, write):
+    """Encoder means of all images (recipe step 2): from the run's latent cache, or from the one
+    train_vae.py left beside the VAE, when its key, shape and values are right; otherwise
+    (missing, stale or damaged) encoded again and, when `write`, saved atomically in the run."""
     vae_config = vae.config
     shape = (images.shape[0], vae_config.latent_channels,
              images.shape[2] // vae_config.factor, images.shape[3] // vae_config.factor)
-    if cache_path.exists():
-        try:
-            cache = safe_load(cache_path, "latent cache")     # CRCs checked, no code run
-            fits = (isinstance(cache, dict) and cache.get("key") == key
-                    and tuple(cache["mu"].shape) == shape and cache.get("count") == shape[0])
-            reason = "stale (other VAE, data or size)"
-            if fits and bool(torch.isfinite(cache["mu"]).all()):
-                return cache["mu"]
-            if fits:
-                reason = "damaged (it holds inf/NaN)"
-        except (UserError, KeyError, TypeError, AttributeError) as e:
-            reason = f"unreadable ({e if isinstance(e, UserError) else type(e).__name__})"
-        print(f"latent cache {cache_path} is {reason}; rebuilding it")
-    t0 = time.perf_counter()
-    mu = train_vae.encode_means(vae, images, device)
-    print(f"encoded {shape[0]} images to latents {tuple(shape[1:])} in {time.perf_counter() - t0:.1f}s")
-    if not torch.isfinite(mu).all():
-        raise UserError("the VAE gives inf/NaN latents for these images; retrain it (lower --lr) "
-                        "or pass another --vae")
+    cache_path = out / train_vae.LATENT_CACHE
+    mu, why = train_vae.read_latent_cache(cache_path, key, shape)
+    if mu is not None:
+        return mu
+    if why != "missing":
+        print(f"latent cache {cache_path} is {why}; rebuilding it")
+    mu, _ = train_vae.read_latent_cache(Path(vae_path).parent / train_vae.LATENT_CACHE, key, shape)
+    if mu is None:                                 # else the VAE run encoded these very images
+        t0 = time.perf_counter()
+        mu = train_vae.encode_means(vae, images, device)
+        print(f"encoded {shape[0]} images to latents {tuple(shape[1:])} in "
+              f"{time.perf_counter() - t0:.1f}s")
+        if not torch.isfinite(mu).all():
+            raise UserError("the VAE gives inf/NaN latents for these images; retrain it (lower "
+                            "--lr) or pass another --vae")
     if write:
-        save_checkpoint(cache_path, {"key": key, "mu": mu, "count": shape[0]}, "latent cache")
+        train_vae.write_latent_cache(cache_path, key, mu)
     return mu
-
-
-def file_sha1(path):
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sample_prompts(captions, count):
@@ -277,6 +302,37 @@ def sample_prompts(captions, count):
 # ---------------------------------------------------------------------------------------------
 # Step 4: the DiT, trained with the CondOT flow matching loss (step 5's grids on the way)
 
+def build(config, args, device, amp):
+    """Recipe step 4's state: the DiT (initialised from --seed), its EMA, AdamW and the
+    GradScaler (fp16 only)."""
+    torch.manual_seed(args.seed)
+    model = DiT(config).to(device)
+    ema = EMA(model, args.ema_decay)
+    opt = adamw(model.parameters(), args.lr, tuple(args.adam_betas), args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    return model, ema, opt, scaler
+
+
+def train_step(net, model, ema, opt, scaler, z, tokens, null, step, args, amp):
+    """One optimizer step of recipe step 4 on latents z (B, C, h, w) and prompt tokens (B, S):
+    the learning rate of this step (linear warm-up, then constant), the CondOT flow matching loss
+    with prompts dropped to `null` at --p-uncond, backward, clipped gradients, AdamW, the EMA.
+    `net` is the model as called (compiled or DDP-wrapped), `model` the plain one. Returns the
+    loss, detached, without a host sync. bench.py times this very function."""
+    for group in opt.param_groups:
+        group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+    with autocast(z.device, amp):
+        loss = flow_matching_loss(net, z, tokens, null, args.p_uncond, args.t_dist)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    ema.update(model, step)
+    return loss.detach()
+
+
 def train_dit(args, latents, out, resume, amp, rank, world, device, watch):
     """Train (or resume) the DiT on the latents; writes ckpt.pt, log.jsonl and sample grids."""
     ckpt_path = out / "ckpt.pt"
@@ -284,12 +340,7 @@ def train_dit(args, latents, out, resume, amp, rank, world, device, watch):
     shard = torch.arange(rank, len(latents.z), world, device=device)    # this rank's examples
     null = null_prompt(latents.tokens.shape[1]).to(device)               # (1, S): the empty prompt
 
-    torch.manual_seed(args.seed)
-    model = DiT(latents.config).to(device)
-    ema = EMA(model, args.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.adam_betas),
-                            weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    model, ema, opt, scaler = build(latents.config, args, device, amp)
     step = 0
     if resume is not None:
         step = restore_training(resume, model, ema, opt, scaler, resume["rng"][rank])
@@ -302,8 +353,6 @@ def train_dit(args, latents, out, resume, amp, rank, world, device, watch):
         torch.manual_seed(args.seed + rank)                       # per-rank data order and noise
     if rank == 0:
         write_json(out / "args.json", settings_of(args), "settings")
-
-    if rank == 0:
         C, h, w = latents.z.shape[1:]
         print(f"DiT-{args.preset}/{args.patch_size} ({count_parameters(model) / 1e6:.2f}M params) on "
               f"{C}x{h}x{w} latents of {len(latents.z)} images ({latents.name}), device {device}"
@@ -318,14 +367,14 @@ def train_dit(args, latents, out, resume, amp, rank, world, device, watch):
                         resume.get("elapsed", 0.0) if resume is not None else 0.0)
 
     def save():                                    # collective under DDP: every rank takes part
-        with watch("data and checkpoints"):
+        with watch("data and checkpoints"), progress.paused():
             state = run_state(args, latents, step, model, ema, opt, scaler, world, progress.elapsed())
             if rank == 0:
                 save_checkpoint(ckpt_path, state)
 
     def grid():
         if rank == 0:
-            with watch("sample grids"):
+            with watch("sample grids"), progress.paused():
                 sample_grid(out / f"samples_{step:06d}.png", ema.model, latents, args, amp)
 
     def mean_loss():                               # over every rank: all stop at the same step
@@ -339,35 +388,26 @@ def train_dit(args, latents, out, resume, amp, rank, world, device, watch):
     try:
         with watch("DiT training"):
             while step < args.steps and not any_rank(stopper.stop, world, device):
-                for group in opt.param_groups:                     # linear warm-up, then constant
-                    group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
                 idx = shard[torch.randint(len(shard), (local_batch,), device=device)]
                 try:
-                    with autocast(device, amp):
-                        loss = flow_matching_loss(net, latents.z[idx], latents.tokens[idx], null,
-                                                  args.p_uncond, args.t_dist)
-                    scaler.scale(loss).backward()
+                    loss = train_step(net, model, ema, opt, scaler, latents.z[idx],
+                                      latents.tokens[idx], null, step, args, amp)
                 except (RuntimeError, MemoryError) as e:
                     if is_oom(e):
                         raise oom_error(args.batch_size)
                     raise
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-                ema.update(model, step)
                 step += 1
-                loss_sum += loss.detach()
+                loss_sum += loss
                 pending += 1
                 if step == start + 1:                  # the loss before any update: the reference
-                    guard.reference(all_ranks_sum(loss.detach(), world).item() / world)
-                if step % args.log_every == 0 or step == args.steps:
-                    guard.check(mean_loss(), step)
+                    guard.reference(all_ranks_sum(loss, world).item() / world)
+                if step % args.log_every == 0 or step == args.steps or step == start + 1:
+                    mean = mean_loss()
+                    guard.check(mean, step)
                     if rank == 0:
-                        progress.report(step, {"loss": loss_sum.item() / pending,
-                                               "lr": opt.param_groups[0]["lr"]})
-                        plot_loss(out / "log.jsonl", out / "loss.png")
+                        progress.report(step, {"loss": mean, "lr": opt.param_groups[0]["lr"]})
+                        with progress.paused():
+                            plot_loss(out / "log.jsonl", out / "loss.png")
                     loss_sum.zero_()
                     pending = 0
                 if step % args.ckpt_every == 0 and step < args.steps:
@@ -396,19 +436,16 @@ def train_dit(args, latents, out, resume, amp, rank, world, device, watch):
 
 def run_state(args, latents, step, model, ema, opt, scaler, world, elapsed):
     """The flow checkpoint: training state (every rank's RNG), plus what sampling needs."""
-    rngs = [rng_state()]
-    if world > 1:
-        rngs = [None] * world
-        dist.all_gather_object(rngs, rng_state())
-    return training_state("flow", step, latents.config.to_dict(), model, ema, opt, scaler, rngs,
-                          image_size=args.image_size, data=latents.name,
-                          sample_prompts=latents.prompts, vae=latents.vae_info,
+    return training_state("flow", step, latents.config.to_dict(), model, ema, opt, scaler,
+                          gather_objects(rng_state(), world), image_size=args.image_size,
+                          data=latents.name, sample_prompts=latents.prompts, vae=latents.vae_info,
                           args=settings_of(args), target_steps=args.steps, elapsed=elapsed)
 
 
 def sample_grid(path, model, latents, args, amp):
-    """Step 5: --grid-images EMA samples per fixed prompt, one row each under its prompt, decoded by the VAE
-    (prompts.txt beside lists the rows; the PNG's text chunks hold prompts and settings)."""
+    """Step 5: --grid-images EMA samples per fixed prompt, one row each under its prompt, decoded
+    by the VAE (prompts.txt beside lists the rows; the PNG's text chunks hold prompts and
+    settings)."""
     rows = [p for p in latents.prompts for _ in range(args.grid_images)]
     images = generate(model, latents.vae, rows, args.sample_steps, args.cfg_scale, seed=0, amp=amp)
     info = {"prompts": latents.prompts, "seed": 0, "cfg": args.cfg_scale,
@@ -419,6 +456,89 @@ def sample_grid(path, model, latents, args, amp):
     prompts = path.parent / "prompts.txt"
     if not prompts.exists():
         atomic_write(prompts, lambda f: f.write("".join(p + "\n" for p in latents.prompts).encode()))
+
+
+# ---------------------------------------------------------------------------------------------
+# How long the whole command will take: a few timed steps of each phase, before the slow work
+
+def estimate_phases(args, device, world=1, vae_steps=0, encode_images=0, dit_steps=0, grids=0,
+                    max_prompt_len=80, timed=1):
+    """Seconds each phase will take on this machine: `timed` timed calls (after an untimed one) of
+    train_vae.train_step, the VAE encoder, train_step and one Euler step of a sample grid, on
+    random inputs of the run's shapes, times the calls each phase makes. Eager, this process's
+    batch. The global RNG state is restored, so an estimate never changes a run's numbers."""
+    rng = rng_state()
+    amp = pick_amp(args.amp, device)
+    local = args.batch_size // world
+    seconds = {}
+    try:
+        vae_args = argparse.Namespace(**train_vae.DEFAULTS, seed=args.seed, preset=None)
+        vae_args.image_size = args.image_size
+        vae_config = train_vae.vae_config_from_args(vae_args)
+        vae, ema, opt, scaler = train_vae.build(vae_config, vae_args, device, amp)
+        images = torch.randint(0, 256, (vae_args.batch_size // world, 3, args.image_size,
+                                        args.image_size), dtype=torch.uint8, device=device)
+        if vae_steps:
+            step = _time_call(lambda: train_vae.train_step(vae, vae, ema, opt, scaler, images, 0,
+                                                           vae_args, amp), timed, device)
+            seconds["VAE"] = vae_steps * step
+        if encode_images:
+            batch = data_lib.to_model_range(images[:1].expand(256, -1, -1, -1))
+            with torch.no_grad():
+                call = _time_call(lambda: vae.encode(batch), timed, device)
+            seconds["encoding"] = encode_images / 256 * call
+        h = args.image_size // vae_config.factor
+        config = dit_config(args.preset, input_size=h, in_channels=vae_config.latent_channels,
+                            patch_size=args.patch_size, max_prompt_len=max_prompt_len)
+        model, ema, opt, scaler = build(config, args, device, amp)
+        z = torch.randn(local, config.in_channels, h, h, device=device)
+        tokens = torch.randint(1, 257, (local, max_prompt_len), device=device)
+        null = null_prompt(max_prompt_len).to(device)
+        if dit_steps:
+            step = _time_call(lambda: train_step(model, model, ema, opt, scaler, z, tokens, null,
+                                                 0, args, amp), timed, device)
+            seconds["DiT"] = dit_steps * step
+        if grids:
+            n = args.grid_prompts * args.grid_images
+            x = torch.randn(2 * n, config.in_channels, h, h, device=device)
+            both = torch.randint(1, 257, (2 * n, max_prompt_len), device=device)
+            t = torch.rand(2 * n, device=device)
+            with torch.inference_mode(), autocast(device, amp):
+                euler = _time_call(lambda: ema.model(x, t, both), timed, device)
+            seconds["sample grids"] = grids * args.sample_steps * euler
+    finally:
+        set_rng_state(rng)
+    return seconds
+
+
+def _time_call(fn, timed, device):
+    """Median seconds of fn() over `timed` calls, after one untimed call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    times = []
+    for _ in range(timed):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def estimate_report(args, device, resume, vae_path, vae_todo, n_images, max_prompt_len, world):
+    """The line that tells, before the slow work, how long this command will take here."""
+    start = resume["step"] if resume is not None else 0
+    vae_steps = vae_todo[1] if vae_todo is not None else 0
+    grids = len(range(args.sample_every, args.steps, args.sample_every)) + 1
+    grids -= len(range(args.sample_every, start + 1, args.sample_every)) if start else 0
+    caches = [Path(args.out) / train_vae.LATENT_CACHE,
+              Path(vae_path).parent / train_vae.LATENT_CACHE]
+    encode = n_images if vae_todo is not None or not any(p.is_file() for p in caches) else 0
+    seconds = estimate_phases(args, device, world, vae_steps, encode, args.steps - start, grids,
+                              max_prompt_len)
+    parts = " + ".join(f"{name} {s / 60:.1f}" for name, s in seconds.items())
+    return (f"estimate for this command on this machine: {parts} = "
+            f"{sum(seconds.values()) / 60:.1f} min (from timed steps of each phase)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,6 +589,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args, given = parse_args(argv)
     rank, world, device = init_distributed(args.device)
+    line = set_threads(args.threads)
+    if rank == 0 and device.type == "cpu":
+        print(line, flush=True)
     try:
         return train(args, given, rank, world, device)
     finally:

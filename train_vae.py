@@ -14,22 +14,26 @@ and log.jsonl (one JSON line per progress report).
 """
 import argparse
 import dataclasses
+import hashlib
 import json
-import os
 import sys
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import data as data_lib
 from checkpoint import (config_mismatch, flatten, load_checkpoint, restore_training, rng_state,
-                        save_checkpoint, training_state, vae_finished)
+                        safe_load, save_checkpoint, training_state, vae_finished)
 from common import (HelpFormatter, Phase, UserError, autocast, is_oom, maybe_compile, pick_amp,
-                    pick_device, positive, run_main, setup_backends)
+                    positive, run_main, set_threads, setup_backends)
 from kl import kl_to_standard_normal
 from metrics import psnr
 from runs import (RunFolder, parse_with_given, plot_loss, restore_settings, settings_of,
                   trim_log, write_json)
-from training import EMA, LossGuard, Progress, StopFlag, add_training_flags, oom_error
+from training import (EMA, LossGuard, Progress, StopFlag, adamw, add_training_flags, all_ranks_sum,
+                      any_rank, barrier, check_ranks_agree, gather_objects, init_distributed,
+                      oom_error)
 from vae import DEFAULT_BETA, DEFAULT_SIGMA, VAE, VAE_PRESETS, latent_stats, vae_loss, vae_preset
 
 # The recipe's numbers, all in one place; every flag's default is read from here. The same on
@@ -49,125 +53,212 @@ DEFAULTS = {
 }
 
 
-def train_vae(args, device, folder, resume=None):
-    """Train (or resume) a VAE as configured by parsed args into the RunFolder `folder`;
-    `resume`: the checkpoint to continue. Returns the checkpoint path."""
+def train(args, given, rank, world, device, resume_command=None):
+    """The command: resume or start the run in --out, train the VAE (Algorithm 7), then store its
+    latent statistics and the latents of its training set (Recipe step 2). Every process of a
+    torchrun takes part; rank 0 writes all files. `resume_command`: what Ctrl-C tells the user to
+    run (train_flow.py names its own command). Returns the checkpoint path (None when the run was
+    already finished)."""
+    setup_backends(device)
+    folder = RunFolder(args.out, args.resume, args.overwrite) if rank == 0 else None
+    ckpt_path = Path(args.out) / "ckpt.pt"
+    resume = None
+    if args.resume:
+        resume = load_checkpoint(ckpt_path, "vae", flag="--resume")
+        saved = resume.get("args") or {"beta": resume["beta"], "sigma": resume["sigma"]}
+        restore_settings(args, given, saved, EXPERIMENT, args.allow_changes, verbose=rank == 0)
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    if resume is not None and vae_finished(resume) and resume["step"] >= args.steps:
+        if rank == 0:
+            print(f"{ckpt_path} is already finished at step {resume['step']}; nothing to do (a "
+                  f"larger --steps trains on)")
+        return None
+    try:
+        return train_vae(args, folder, resume, rank, world, device, resume_command)
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def build(config, args, device, amp):
+    """Algorithm 7's state: the VAE, its EMA, AdamW and the GradScaler (fp16 only)."""
+    model = VAE(config).to(device)
+    opt = adamw(model.parameters(), args.lr, weight_decay=args.weight_decay)
+    ema = EMA(model, args.ema_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    return model, ema, opt, scaler
+
+
+def train_step(net, model, ema, opt, scaler, images, step, args, amp):
+    """One pass of Algorithm 7's loop on a batch of uint8 images: encode, reparameterize, decode,
+    loss, and the update (clipped gradients, AdamW, then the EMA). `net` is the model as called
+    (compiled or DDP-wrapped), `model` the plain one. Returns the loss terms (total, recon, kl),
+    detached, without a host sync."""
+    x = data_lib.to_model_range(images)                       # 1: a mini-batch in [-1, 1]
+    with autocast(images.device, amp):
+        x_hat, mu, logvar = net(x)                             # 2-5: encode, reparameterize, decode
+    total, recon, kl = vae_loss(x, x_hat, mu, logvar, args.beta, args.sigma)   # 6-8
+    scaler.scale(total).backward()
+    scaler.unscale_(opt)                                       # 9: the gradient update
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    ema.update(model, step)
+    return torch.stack([total.detach(), recon.detach(), kl.detach()])
+
+
+def train_vae(args, folder, resume, rank, world, device, resume_command=None):
+    """Train (or resume) the VAE configured by parsed args into the RunFolder `folder` (rank 0's;
+    None elsewhere); `resume`: the checkpoint to continue. Returns the checkpoint path."""
     torch.manual_seed(args.seed)
     config = vae_config_from_args(args)
-    ckpt_path = folder.path / "ckpt.pt"
+    ckpt_path = Path(args.out) / "ckpt.pt"
     amp = pick_amp(args.amp, device)
     if resume is not None:
         _check_config(resume, config, ckpt_path)               # fail before the work
+        if len(_rng_list(resume)) != world:
+            raise UserError(f"--resume {ckpt_path}: saved by {len(_rng_list(resume))} processes, "
+                            f"now {world}; resume with the same number of processes")
 
     train = data_lib.load_dataset(args.data, args.image_size, "train", n_builtin=args.n_builtin,
                                   seed=args.seed)
     test = data_lib.load_dataset(args.data, args.image_size, "test", n_builtin=args.n_builtin,
                                  seed=args.seed)
-    images = train.images.to(device)                           # (N, 3, H, W) uint8, in memory
+    images = train.images[rank::world].to(device)              # this rank's shard, uint8, in memory
 
-    model = VAE(config).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    ema = EMA(model, args.ema_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
-    out = folder.claim()                                       # from here on, this run's folder
+    model, ema, opt, scaler = build(config, args, device, amp)
     step = 0
+    if rank == 0:
+        folder.claim()                                         # from here on, this run's folder
+    out = Path(args.out)
     if resume is not None:
-        step = restore_training(resume, model, ema, opt, scaler, resume["rng"])
+        step = restore_training(resume, model, ema, opt, scaler, _rng_list(resume)[rank])
         for group in opt.param_groups:                         # --lr applies to a resumed run too
             group["lr"] = args.lr
-        trim_log(out / "log.jsonl", step)
-        print(f"resumed {ckpt_path} at step {step}")
-    write_json(out / "args.json", settings_of(args), "settings")
+        if rank == 0:
+            trim_log(out / "log.jsonl", step)
+            print(f"resumed {ckpt_path} at step {step}")
+    elif world > 1:
+        torch.manual_seed(args.seed + rank)                    # per-rank data order and noise
+    if rank == 0:
+        write_json(out / "args.json", settings_of(args), "settings")
+        print(f"VAE {config.image_size}px -> {config.latent_channels}x{config.latent_size}x"
+              f"{config.latent_size} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+              f"params) on {device}{f' x{world}' if world > 1 else ''}, amp {amp}, {len(train)} "
+              f"images ({train.name}), beta {args.beta}, sigma {args.sigma}")
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    net, _ = maybe_compile(net, device, args.compile)
+    progress = Progress(out / "log.jsonl" if rank == 0 else None, args.steps, step,
+                        args.batch_size, resume.get("elapsed", 0.0) if resume is not None else 0.0)
 
-    print(f"VAE {config.image_size}px -> {config.latent_channels}x{config.latent_size}x"
-          f"{config.latent_size} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) "
-          f"on {device}, amp {amp}, {len(train)} images ({train.name}), beta {args.beta}, "
-          f"sigma {args.sigma}")
-    train_model, _ = maybe_compile(model, device, args.compile)
-    progress = Progress(out / "log.jsonl", args.steps, step, args.batch_size,
-                        resume.get("elapsed", 0.0) if resume is not None else 0.0)
+    def save(finished=False):                                  # collective under DDP
+        with progress.paused():
+            rngs = gather_objects(rng_state(), world)
+            if rank == 0:
+                save_checkpoint(ckpt_path, training_state(
+                    "vae", step, dataclasses.asdict(config), model, ema, opt, scaler, rngs,
+                    {"beta": args.beta, "sigma": args.sigma}, data=train.name,
+                    latent_mean=ema.model.latent_mean.cpu(), latent_std=ema.model.latent_std.cpu(),
+                    finished=finished, target_steps=args.steps, elapsed=progress.elapsed(),
+                    args=settings_of(args)))
 
-    def checkpoint(finished=False):
-        return training_state("vae", step, dataclasses.asdict(config), model, ema, opt, scaler,
-                              rng_state(), {"beta": args.beta, "sigma": args.sigma}, data=train.name,
-                              latent_mean=ema.model.latent_mean.cpu(),
-                              latent_std=ema.model.latent_std.cpu(), finished=finished,
-                              target_steps=args.steps, elapsed=progress.elapsed(),
-                              args=settings_of(args))
+    def mean_terms():                                          # over every rank: all stop together
+        return all_ranks_sum(sums, world) / (pending * world) if pending else None
 
     stopper = StopFlag()
     guard = LossGuard(ckpt_path)
-    stream = batches(images, args.batch_size)
+    stream = batches(images, args.batch_size // world)
     sums = torch.zeros(3, device=device)                       # loss terms since the last report
     pending, start = 0, step                                   # steps summed in `sums`
     try:
-        while step < args.steps and not stopper.stop:
-            x = data_lib.to_model_range(next(stream))          # 1: a mini-batch in [-1, 1]
+        while step < args.steps and not any_rank(stopper.stop, world, device):
             try:
-                with autocast(device, amp):
-                    x_hat, mu, logvar = train_model(x)         # 2-5: encode, reparameterize, decode
-                total, recon, kl = vae_loss(x, x_hat, mu, logvar, args.beta, args.sigma)   # 6-8
-                scaler.scale(total).backward()
+                terms = train_step(net, model, ema, opt, scaler, next(stream), step, args, amp)
             except (RuntimeError, MemoryError) as e:
                 if is_oom(e):
                     raise oom_error(args.batch_size)
                 raise
-            scaler.unscale_(opt)                               # 9: the gradient update
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            ema.update(model, step)
             step += 1
-            sums += torch.stack([total.detach(), recon.detach(), kl.detach()])
+            sums += terms
             pending += 1
-            if step == start + 1:
-                guard.reference(total.item())                  # the loss before any update
-            if step % args.log_every == 0 or step == args.steps:
-                guard.check(sums[0].item() / pending, step)
-                progress.report(step, dict(zip(("loss", "recon", "kl"), (sums / pending).tolist())))
-                plot_loss(out / "log.jsonl", out / "loss.png")
+            if step == start + 1:                              # the loss before any update
+                guard.reference(all_ranks_sum(terms[0], world).item() / world)
+            if step % args.log_every == 0 or step == args.steps or step == start + 1:
+                mean = mean_terms().tolist()
+                guard.check(mean[0], step)
+                if rank == 0:
+                    progress.report(step, dict(zip(("loss", "recon", "kl"), mean)))
+                    with progress.paused():
+                        plot_loss(out / "log.jsonl", out / "loss.png")
                 sums.zero_()
                 pending = 0
             if step % args.ckpt_every == 0 and step < args.steps:
-                guard.check(sums[0].item() / pending if pending else None, step, model)
-                save_checkpoint(ckpt_path, checkpoint())
-        guard.check(sums[0].item() / pending if pending else None, step, model)
+                terms = mean_terms()
+                guard.check(None if terms is None else terms[0].item(), step, model)
+                save()
+        terms = mean_terms()
+        guard.check(None if terms is None else terms[0].item(), step, model)
         if stopper.stop:
-            save_checkpoint(ckpt_path, checkpoint())
-            print(f"saved {ckpt_path} at step {step}; resume with: python train_vae.py --resume "
-                  f"--out {args.out}", file=sys.stderr)
+            save()
+            if rank == 0:
+                print(f"saved {ckpt_path} at step {step}; resume with: "
+                      f"{resume_command or f'python train_vae.py --resume --out {args.out}'}",
+                      file=sys.stderr)
             sys.exit(stopper.exit_code)
     finally:
         stopper.restore()
+    if world > 1:
+        check_ranks_agree(model, world, rank)
 
-    # Recipe step 2: statistics of the encoder means, with the EMA weights used for encoding.
-    mus = encode_means(ema.model, train.images, device)
-    if not torch.isfinite(mus).all():
-        raise UserError(f"the VAE's encoder gives inf/NaN latents at step {step}; nothing saved "
-                        f"over {ckpt_path}; lower --lr or use --amp off")
-    mean, std = latent_stats(mus.split(1024))
-    ema.model.set_latent_stats(mean, std)
-    model.set_latent_stats(mean, std)
-    save_checkpoint(ckpt_path, checkpoint(finished=True))
+    # Recipe step 2: statistics of the encoder means, with the EMA weights used for encoding. Rank 0
+    # encodes the whole training set once; the latents are kept beside the checkpoint, so that
+    # train_flow.py does not encode the same images again.
+    if rank == 0:
+        mus = encode_means(ema.model, train.images, device)
+        if not torch.isfinite(mus).all():
+            raise UserError(f"the VAE's encoder gives inf/NaN latents at step {step}; nothing saved "
+                            f"over {ckpt_path}; lower --lr or use --amp off")
+        mean, std = latent_stats(mus.split(1024))
+        ema.model.set_latent_stats(mean, std)
+        model.set_latent_stats(mean, std)
+    save(finished=True)
+    if rank == 0:
+        key = latent_cache_key(file_sha1(ckpt_path), data_lib.dataset_key(
+            args.data, args.image_size, args.n_builtin, args.seed))
+        write_latent_cache(out / LATENT_CACHE, key, mus)
+        report_heldout(ema.model, test, mean, std, args, device, out)
+    barrier(world)
+    return ckpt_path
 
-    heldout = test.images[:args.eval_images]
-    psnr_db, kl_per_dim = heldout_report(ema.model, heldout, device)
+
+def report_heldout(vae, test, mean, std, args, device, out):
+    """The finished VAE on held-out images: PSNR and KL printed and logged, recon.png drawn."""
+    psnr_db, kl_per_dim = heldout_report(vae, test.images[:args.eval_images], device)
     x = data_lib.to_model_range(test.images[:8].to(device))
     with torch.no_grad():
-        x_hat = ema.model.decode(ema.model.encode(x)[0]).clamp(-1, 1)
+        x_hat = vae.decode(vae.encode(x)[0]).clamp(-1, 1)
     data_lib.save_grid(out / "recon.png", torch.cat([x, x_hat]), nrow=8,
                        scale=data_lib.grid_scale(args.image_size))
     where = "held-out" if test.held_out else \
         "training-image (the folder has under 20 images: none held out)"
     print(f"{where} PSNR {psnr_db:.2f} dB | KL {kl_per_dim:.3f} nats/dim | latent mean "
           f"{[round(v, 3) for v in mean.tolist()]} std {[round(v, 3) for v in std.tolist()]}")
-    print(f"wrote {ckpt_path}, {out / 'recon.png'}, {out / 'log.jsonl'}")
+    print(f"wrote {out / 'ckpt.pt'}, {out / 'recon.png'}, {out / 'log.jsonl'}")
     with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "heldout_psnr": psnr_db, "kl_nats_per_dim": kl_per_dim,
-                            "held_out": test.held_out, "latent_mean": mean.tolist(),
-                            "latent_std": std.tolist()}) + "\n")
-    return ckpt_path
+        f.write(json.dumps({"step": args.steps, "heldout_psnr": psnr_db,
+                            "kl_nats_per_dim": kl_per_dim, "held_out": test.held_out,
+                            "latent_mean": mean.tolist(), "latent_std": std.tolist()}) + "\n")
+
+
+def _rng_list(ckpt):
+    """The per-rank RNG states of a checkpoint (one process's dict in checkpoints before torchrun)."""
+    rng = ckpt["rng"]
+    return rng if isinstance(rng, list) else [rng]
 
 
 def batches(images, batch_size, generator=None):
@@ -189,6 +280,47 @@ def encode_means(vae, images, device, batch_size=256, dtype=None):
         out.append(mu.float().cpu())
         phase.update(i + len(x))
     return torch.cat(out)
+
+
+# The latent cache: the encoder means of a training set, keyed by the VAE file and the data, so that
+# the same images are encoded once (train_vae.py writes it beside the VAE; train_flow.py reads it).
+LATENT_CACHE = "latents.pt"
+
+
+def file_sha1(path):
+    """sha1 of a file's bytes: the identity of a checkpoint."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def latent_cache_key(vae_sha1, data_key):
+    """The key of the latents of the data `data_key` (data.dataset_key) under the VAE file whose
+    file_sha1 is `vae_sha1`."""
+    return hashlib.sha1(f"{vae_sha1}|{data_key}".encode()).hexdigest()
+
+
+def write_latent_cache(path, key, mu):
+    save_checkpoint(path, {"key": key, "mu": mu, "count": mu.shape[0]}, "latent cache")
+
+
+def read_latent_cache(path, key, shape):
+    """(mu, None) from a cache file whose key, shape and values are right, else (None, why)."""
+    if not Path(path).exists():
+        return None, "missing"
+    try:
+        cache = safe_load(path, "latent cache")                # CRCs checked, no code run
+        fits = (isinstance(cache, dict) and cache.get("key") == key
+                and tuple(cache["mu"].shape) == tuple(shape) and cache.get("count") == shape[0])
+        if not fits:
+            return None, "stale (other VAE, data or size)"
+        if not bool(torch.isfinite(cache["mu"]).all()):
+            return None, "damaged (it holds inf/NaN)"
+        return cache["mu"], None
+    except (UserError, KeyError, TypeError, AttributeError) as e:
+        return None, f"unreadable ({e if isinstance(e, UserError) else type(e).__name__})"
 
 
 @torch.no_grad()
@@ -237,25 +369,15 @@ EXPERIMENT = {"data", "n_builtin", "seed", "image_size", "preset", "beta", "sigm
 
 def main(argv=None):
     args, given = parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("train_vae.py trains in one process (under torchrun every process would "
-                        "train the same VAE into the same files); run python train_vae.py")
-    device = pick_device(args.device)
-    setup_backends(device)
-    folder = RunFolder(args.out, args.resume, args.overwrite)      # nothing is made yet
-    resume = None
-    if args.resume:
-        resume = load_checkpoint(folder.path / "ckpt.pt", "vae", flag="--resume")
-        saved = resume.get("args") or {"beta": resume["beta"], "sigma": resume["sigma"]}
-        restore_settings(args, given, saved, EXPERIMENT, args.allow_changes)
-    if resume is not None and vae_finished(resume) and resume["step"] >= args.steps:
-        print(f"{folder.path / 'ckpt.pt'} is already finished at step {resume['step']}; nothing to "
-              f"do (a larger --steps trains on)")
-        return 0
+    rank, world, device = init_distributed(args.device)
+    line = set_threads(args.threads)
+    if rank == 0 and device.type == "cpu":
+        print(line, flush=True)
     try:
-        train_vae(args, device, folder, resume)
+        train(args, given, rank, world, device)
     finally:
-        folder.release()
+        if world > 1:
+            dist.destroy_process_group()
     return 0
 
 

@@ -81,19 +81,25 @@ def test_table_shows_missing_values_as_dashes_and_failures():
 
 def test_cli_dit_tiny_prints_one_json_object_with_positive_throughput(run):
     proc = run("bench.py", "--what", "dit", "--preset", "tiny", "--batch-size", "4", "--latent-size", "4",
-               "--repeats", "2", "--warmup", "1", "--device", "cpu", "--json", timeout=120)
+               "--repeats", "2", "--untimed", "1", "--device", "cpu", "--amp", "off", "--json",
+               timeout=120)
     report = json.loads(proc.stdout)
     assert report["device_type"] == "cpu" and report["peaks"]["fp32"] > 0
-    (row,) = report["rows"]
-    assert "error" not in row
-    assert row["what"] == "dit-train" and row["mode"] == "eager/fp32" and row["batch"] == 4
-    assert row["img_s"] > 0 and row["gflop_img"] > 0
-    assert row["gflop_s"] == pytest.approx(row["gflop_img"] * row["img_s"])
-    assert row["mfu"] == pytest.approx(100 * row["gflop_s"] / report["peaks"]["fp32"])
+    train, step = report["rows"]             # the bare step, and train_flow.train_step itself
+    assert (train["what"], step["what"]) == ("dit-train", "dit-step")
+    for row in (train, step):
+        assert "error" not in row
+        assert row["mode"] == "eager/fp32" and row["batch"] == 4
+        assert row["img_s"] > 0 and row["gflop_img"] > 0
+        assert row["gflop_s"] == pytest.approx(row["gflop_img"] * row["img_s"])
+        assert row["mfu"] == pytest.approx(100 * row["gflop_s"] / report["peaks"]["fp32"])
+    assert step["gflop_img"] == pytest.approx(train["gflop_img"])    # the same model's FLOPs
 
 
 def test_old_flag_spellings_still_parse_and_json_takes_a_path():
-    old = bench.parse_args(["--batch", "8", "--steps", "5", "--json"])
-    new = bench.parse_args(["--batch-size", "8", "--sample-steps", "5", "--json", "-"])
-    assert (old.batch, old.steps, old.json) == (new.batch, new.steps, new.json) == (8, 5, "-")
+    old = bench.parse_args(["--batch", "8", "--steps", "5", "--warmup", "2", "--json"])
+    new = bench.parse_args(["--batch-size", "8", "--sample-steps", "5", "--untimed", "2", "--json",
+                            "-"])
+    assert (old.batch_size, old.steps, old.untimed, old.json) == \
+        (new.batch_size, new.steps, new.untimed, new.json) == (8, 5, 2, "-")
     assert bench.parse_args(["--json", "out.json"]).json == "out.json"

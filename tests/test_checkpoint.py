@@ -142,7 +142,8 @@ def test_malicious_pickle_is_refused_and_never_runs(cli, runs, tmp_path, how, ex
     torch.save({"key": _Evil(marker)}, cache)
     vae, _ = checkpoint.load_vae(runs["vae"], "cpu")
     images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
-    train_flow.cached_latents(cache, "k", vae, images, torch.device("cpu"), write=True)
+    train_flow.cached_latents(tmp_path, tmp_path / "no-vae" / "ckpt.pt", "k", vae, images,
+                              torch.device("cpu"), write=True)
     assert not marker.exists() and torch.load(cache, weights_only=True)["key"] == "k"
 
 

@@ -3,6 +3,7 @@ choice, the compile fallback, Phase, and the flags every script shares."""
 
 import argparse
 import errno
+import os
 
 import pytest
 import torch
@@ -130,3 +131,20 @@ def test_every_help_ends_with_examples(cli, script):
     examples = out[out.rindex("example"):].splitlines()
     assert rc == 0 and 3 <= len(examples) <= 4 and all(f"python {script}" in line
                                                         for line in examples[1:])
+
+
+def test_threads_default_to_the_physical_cores_and_a_busy_machine_is_named(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(common.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        cores = common.physical_cores()
+        assert 1 <= cores <= os.cpu_count()
+        assert common.set_threads() == f"CPU threads: {cores} ({cores} physical cores)"
+        assert torch.get_num_threads() == cores
+        assert common.set_threads(1).startswith("CPU threads: 1 (--threads)")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))      # torchrun shares the cores
+        assert common.set_threads().startswith("CPU threads: 1 ")
+        monkeypatch.setattr(common.os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))
+        assert "this machine is busy (load average" in common.set_threads()
+    finally:
+        torch.set_num_threads(before)

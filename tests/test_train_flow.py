@@ -5,7 +5,6 @@ cache rebuilt when it is stale or damaged."""
 
 import json
 import re
-import socket
 
 import torch
 from PIL import Image
@@ -33,7 +32,7 @@ def test_flow_run_writes_checkpoint_sample_grids_and_log_and_its_loss_falls(runs
     assert (d / "prompts.txt").read_text().splitlines() == prompts
     assert json.loads((d / "args.json").read_text()) == ckpt["args"]
     lines = expect.log_lines(d)
-    assert [line["step"] for line in lines if "loss" in line] == [3, 6]
+    assert [line["step"] for line in lines if "loss" in line] == [1, 3, 6]
     assert {"VAE (train_vae.py)", "encoding the latent cache", "DiT training",
             "sample grids"} <= set(lines[-1]["seconds"])            # where the time went
     # Six noisy steps are too few for the logged batch losses to fall reliably; on fixed noise
@@ -94,14 +93,8 @@ def test_flow_resumed_after_half_the_steps_equals_the_straight_run(runs, tmp_pat
     assert steps == sorted(set(steps))                          # no step logged twice
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_run_and_its_resume_keep_ranks_identical_and_rank0_writes(
-        runs, tmp_path, expect, tiny, run):
+        runs, tmp_path, expect, tiny, run, free_port):
     out = tmp_path / "ddp"
     flags = ["--vae", runs["vae"], "--out", out, "--n-builtin", 64, "--batch-size", 8, "--log-every", 1,
              "--sample-every", 100, "--sample-steps", 1, "--warmup", 1, *tiny.cpu]
@@ -122,8 +115,9 @@ def test_two_process_gloo_run_and_its_resume_keep_ranks_identical_and_rank0_writ
 
 
 def test_image_size_not_divisible_by_vae_factor_times_patch(cli, runs, tmp_path, expect, tiny, flow_args):
-    expect.one_line_error(cli(*flow_args(tmp_path / "f", "--image-size", 36)),
-                          "divisible by the VAE factor 4 x patch size 2 = 8")
+    rc, out, err = cli(*flow_args(tmp_path / "f", "--image-size", 40, "--patch-size", 4))
+    expect.one_line_error((rc, out, err), "divisible by the VAE factor 4 x patch size 4 = 16")
+    assert "estimate" not in out and not (tmp_path / "f").exists()     # before any slow work
     expect.one_line_error(cli("train_vae.py", "--image-size", 33, "--out", tmp_path / "v", *tiny.cpu),
                           "not divisible by the downsampling factor 4")
 
@@ -159,14 +153,18 @@ def test_latent_cache_is_rebuilt_when_corrupt_or_stale(cli, runs, tmp_path, caps
     # then the cache is valid: reused; another key (data, VAE, size) or count: rebuilt
     vae, _ = checkpoint.load_vae(runs["vae"], "cpu")
     cache, cpu = tmp_path / "latents.pt", torch.device("cpu")
+    no_vae_cache = tmp_path / "elsewhere" / "ckpt.pt"
     images = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
-    mu = train_flow.cached_latents(cache, "key-a", vae, images, cpu, write=True)
+
+    def latents(key, images):
+        return train_flow.cached_latents(tmp_path, no_vae_cache, key, vae, images, cpu, write=True)
+    mu = latents("key-a", images)
     capsys.readouterr()
-    assert torch.equal(train_flow.cached_latents(cache, "key-a", vae, images, cpu, write=True), mu)
+    assert torch.equal(latents("key-a", images), mu)
     assert capsys.readouterr().out == ""
-    train_flow.cached_latents(cache, "key-b", vae, images, cpu, write=True)
+    latents("key-b", images)
     assert "stale" in capsys.readouterr().out
-    mu3 = train_flow.cached_latents(cache, "key-b", vae, images[:3], cpu, write=True)
+    mu3 = latents("key-b", images[:3])
     assert "stale" in capsys.readouterr().out and mu3.shape[0] == 3
     assert torch.load(cache, weights_only=True)["count"] == 3
 
@@ -260,6 +258,18 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(cli, runs, tmp_path, ex
                           "damaged file (checksum mismatch")
 
 
+def test_the_images_are_encoded_once_by_the_vae_run_and_its_latents_reused(runs, tmp_path, cli,
+                                                                           flow_args):
+    vae_cache = runs["vae_dir"] / "latents.pt"
+    rc, stdout, err = cli(*flow_args(tmp_path / "flow", "--sample-every", 100))
+    assert rc == 0 and "encoded 64 images" not in stdout, stdout + err   # no second encoding
+    train = data_lib.load_dataset(None, 32, "train", n_builtin=64, seed=0)
+    vae, _ = checkpoint.load_vae(runs["vae"], "cpu")
+    mu = train_vae.encode_means(vae, train.images, torch.device("cpu"))
+    for cache in (vae_cache, tmp_path / "flow" / "latents.pt"):       # the flow run keeps a copy
+        assert torch.equal(torch.load(cache, weights_only=True)["mu"], mu)
+
+
 def test_a_latent_cache_holding_nan_is_rebuilt(cli, runs, tmp_path, flow_args):
     out = tmp_path / "flow"
     assert cli(*flow_args(out, "--sample-every", 100))[0] == 0
@@ -309,3 +319,16 @@ def test_args_json_round_trips_into_a_resumed_run_and_loss_png_is_redrawn(cli, r
     resumed = json.loads((out / "args.json").read_text())
     assert resumed == dict(settings, steps=6)                     # lr 3e-4 and the rest restored
     assert (out / "loss.png").read_bytes() != first               # two more points drawn
+
+
+def test_the_estimate_scales_with_the_counts_and_never_moves_the_random_state(one_thread):
+    args, _ = train_flow.parse_args(["--batch-size", "4", "--grid-prompts", "1", "--grid-images",
+                                     "2", "--sample-steps", "3", "--device", "cpu", "--amp", "off"])
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    one = train_flow.estimate_phases(args, torch.device("cpu"), 1, 1, 256, 1, 1, 16)
+    assert torch.equal(torch.get_rng_state(), state)               # the run's numbers stay put
+    assert list(one) == ["VAE", "encoding", "DiT", "sample grids"] and min(one.values()) > 0
+    assert train_flow.estimate_phases(args, torch.device("cpu"), 1, 0, 0, 0, 0, 16) == {}
+    many = train_flow.estimate_phases(args, torch.device("cpu"), 1, 1000, 0, 0, 0, 16)
+    assert 100 * one["VAE"] < many["VAE"] < 10_000 * one["VAE"]   # ~1000x, timing noise aside

@@ -21,8 +21,8 @@ import train_vae
 
 def test_vae_run_writes_checkpoint_recon_grid_and_log_and_its_loss_falls(runs, expect, tiny):
     d = runs["vae_dir"]
-    assert sorted(p.name for p in d.iterdir()) == ["args.json", "ckpt.pt", "log.jsonl", "loss.png",
-                                                   "recon.png"]
+    assert sorted(p.name for p in d.iterdir()) == ["args.json", "ckpt.pt", "latents.pt",
+                                                   "log.jsonl", "loss.png", "recon.png"]
     assert json.loads((d / "args.json").read_text()) == checkpoint.load_checkpoint(
         runs["vae"], "vae")["args"]                                 # the settings it ran with
     ckpt = checkpoint.load_checkpoint(runs["vae"], "vae")
@@ -31,7 +31,7 @@ def test_vae_run_writes_checkpoint_recon_grid_and_log_and_its_loss_falls(runs, e
     assert Image.open(d / "recon.png").size == expect.grid_size(2, 8, px=64)
     lines = expect.log_lines(d)
     progress = [line for line in lines if "loss" in line]
-    assert [line["step"] for line in progress] == list(range(4, tiny.vae_steps + 1, 4))
+    assert [line["step"] for line in progress] == [1] + list(range(4, tiny.vae_steps + 1, 4))
     assert progress[-1]["loss"] < progress[0]["loss"]
     assert "heldout_psnr" in lines[-1] and len(lines[-1]["latent_std"]) == 4
 
@@ -180,11 +180,25 @@ def test_a_second_signal_during_a_save_never_tears_the_file_or_prints_a_tracebac
     assert ckpt["step"] == 2 and not list(out.glob("*.tmp"))
 
 
-def test_torchrun_is_refused_for_the_vae(cli, tmp_path, monkeypatch, expect, tiny):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    expect.one_line_error(cli("train_vae.py", "--out", tmp_path / "v", *tiny.cpu),
-                          "train_vae.py trains in one process")
-    assert not (tmp_path / "v").exists()
+def test_two_process_gloo_vae_keeps_ranks_identical_and_its_resume_equals_the_straight_run(
+        tmp_path, expect, tiny, run, free_port):
+    flags = ["--n-builtin", 64, "--batch-size", 8, "--log-every", 1, "--ckpt-every", 100,
+             "--eval-images", 8, *tiny.cpu]
+
+    def torchrun(out, steps, *extra):
+        proc = run("torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                   "train_vae.py", "--out", out, *flags, "--steps", steps, *extra, module=True,
+                   timeout=300)
+        assert "weights identical on all 2 ranks: yes" in proc.stdout, proc.stdout + proc.stderr
+        return proc
+    torchrun(tmp_path / "straight", 4)
+    torchrun(tmp_path / "halves", 2)
+    assert "resumed" in torchrun(tmp_path / "halves", 4, "--resume").stdout
+    expect.same_weights(tmp_path / "straight" / "ckpt.pt", tmp_path / "halves" / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=True)
+    assert len(ckpt["rng"]) == 2 and ckpt["finished"]
+    assert [line["step"] for line in expect.log_lines(tmp_path / "halves") if "loss" in line] == \
+        [1, 2, 3, 4]
 
 
 def test_a_folder_of_under_20_images_says_its_psnr_is_on_training_images(cli, tmp_path, tiny):
@@ -214,7 +228,7 @@ def test_a_finished_run_is_not_overwritten_and_resume_says_it_is_done(cli, runs,
     assert (out / "ckpt.pt").read_bytes() == before
     rc, stdout, err = cli("train_vae.py", "--out", out, *tiny.vae_flags, "--steps", 2, "--overwrite")
     assert rc == 0, err
-    assert [line["step"] for line in expect.log_lines(out)] == [2, 2]   # progress + final report
+    assert [line["step"] for line in expect.log_lines(out)] == [1, 2, 2]   # progress + final report
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
 
 
@@ -245,9 +259,9 @@ def test_resume_keeps_the_log_free_of_repeated_steps_and_its_clock_running(cli, 
     rc, _, err = cli("train_vae.py", "--out", out, "--resume", "--steps", 8)
     assert rc == 0, err
     progress = [line for line in expect.log_lines(out) if "loss" in line]
-    assert [line["step"] for line in progress] == [2, 4, 6, 8]
+    assert [line["step"] for line in progress] == [1, 2, 4, 5, 6, 8]   # each process reports its first step
     times = [line["time"] for line in progress]
-    assert times == sorted(times) and times[2] != 99.0
+    assert times == sorted(times) and 99.0 not in times
 
 
 def test_diverging_loss_stops_like_a_nan_naming_the_step_and_checkpoint(cli, tmp_path, tiny):

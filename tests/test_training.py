@@ -69,3 +69,33 @@ def test_out_of_memory_is_recognised_and_names_a_smaller_batch():
     assert common.is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
     assert not common.is_oom(RuntimeError("shape mismatch"))
     assert "--batch-size 32" in str(training.oom_error(64))
+
+
+def test_fused_adamw_takes_the_same_steps_as_the_reference_implementation():
+    torch.manual_seed(0)
+    a = torch.nn.Linear(8, 4)
+    b = torch.nn.Linear(8, 4)
+    b.load_state_dict(a.state_dict())
+    fast = training.adamw(a.parameters(), 1e-2, (0.9, 0.95), 0.01)
+    reference = torch.optim.AdamW(b.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.01,
+                                  foreach=False)
+    for _ in range(5):
+        x = torch.randn(16, 8)
+        for model, opt in ((a, fast), (b, reference)):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+def test_progress_leaves_paused_work_out_of_the_images_per_second(tmp_path, capsys, monkeypatch):
+    clock = iter([0.0, 1.0, 3.0])                # start; a pause from 1 s to 3 s; then 4 s
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock, 4.0))
+    progress = training.Progress(tmp_path / "log.jsonl", total_steps=20, start_step=0, batch_size=10)
+    with progress.paused():                      # e.g. a sample grid
+        pass
+    progress.report(4, {"loss": 1.0})
+    line = json.loads((tmp_path / "log.jsonl").read_text())
+    assert line["img_per_s"] == 20.0             # 40 images in the 2 s that were training
+    assert "| 20 img/s |" in capsys.readouterr().out
