@@ -14,7 +14,6 @@ and log.jsonl (one JSON line per progress report).
 """
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
@@ -27,8 +26,8 @@ from common import (HelpFormatter, Phase, UserError, autocast, is_oom, maybe_com
                     pick_device, positive, run_main, setup_backends)
 from kl import kl_to_standard_normal
 from metrics import psnr
-from runs import (RunFolder, parse_with_given, plot_loss, restore_settings, settings_of,
-                  trim_log, write_json)
+from runs import (RunFolder, append_json, parse_with_given, plot_loss, restore_settings,
+                  settings_of, trim_log, write_json)
 from training import EMA, LossGuard, Progress, StopFlag, add_training_flags, oom_error
 from vae import DEFAULT_BETA, DEFAULT_SIGMA, VAE, VAE_PRESETS, latent_stats, vae_loss, vae_preset
 
@@ -96,7 +95,7 @@ def train_vae(args, device, folder, resume=None):
                               args=settings_of(args))
 
     stopper = StopFlag()
-    guard = LossGuard(ckpt_path)
+    guard = LossGuard(ckpt_path, amp)
     stream = batches(images, args.batch_size)
     sums = torch.zeros(3, device=device)                       # loss terms since the last report
     pending, start = 0, step                                   # steps summed in `sums`
@@ -163,10 +162,9 @@ def train_vae(args, device, folder, resume=None):
     print(f"{where} PSNR {psnr_db:.2f} dB | KL {kl_per_dim:.3f} nats/dim | latent mean "
           f"{[round(v, 3) for v in mean.tolist()]} std {[round(v, 3) for v in std.tolist()]}")
     print(f"wrote {ckpt_path}, {out / 'recon.png'}, {out / 'log.jsonl'}")
-    with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "heldout_psnr": psnr_db, "kl_nats_per_dim": kl_per_dim,
-                            "held_out": test.held_out, "latent_mean": mean.tolist(),
-                            "latent_std": std.tolist()}) + "\n")
+    append_json(out / "log.jsonl", {"step": step, "heldout_psnr": psnr_db,
+                                    "kl_nats_per_dim": kl_per_dim, "held_out": test.held_out,
+                                    "latent_mean": mean.tolist(), "latent_std": std.tolist()})
     return ckpt_path
 
 
@@ -242,7 +240,8 @@ def main(argv=None):
                         "train the same VAE into the same files); run python train_vae.py")
     device = pick_device(args.device)
     setup_backends(device)
-    folder = RunFolder(args.out, args.resume, args.overwrite)      # nothing is made yet
+    folder = RunFolder(args.out, args.resume, args.overwrite, settings_of(args),
+                       [("--data", args.data)])                    # nothing is made yet
     resume = None
     if args.resume:
         resume = load_checkpoint(folder.path / "ckpt.pt", "vae", flag="--resume")

@@ -181,8 +181,7 @@ def _unfinished_copy(runs, path):
     ckpt.update(step=8, finished=False, latent_mean=torch.zeros(4), latent_std=torch.ones(4))
     for key in ("model", "ema"):
         ckpt[key]["latent_mean"], ckpt[key]["latent_std"] = torch.zeros(4), torch.ones(4)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, path)
+    checkpoint.save_checkpoint(path, ckpt)
     return path
 
 
@@ -265,7 +264,7 @@ def test_a_latent_cache_holding_nan_is_rebuilt(cli, runs, tmp_path, flow_args):
     assert cli(*flow_args(out, "--sample-every", 100))[0] == 0
     cache = torch.load(out / "latents.pt", weights_only=True)
     cache["mu"][0, 0, 0, 0] = float("nan")
-    torch.save(cache, out / "latents.pt")
+    checkpoint.save_checkpoint(out / "latents.pt", cache)
     rc, stdout, err = cli(*flow_args(out, "--sample-every", 100, "--overwrite"))
     assert rc == 0 and "is damaged (it holds inf/NaN); rebuilding it" in stdout, err
     assert torch.isfinite(torch.load(out / "latents.pt", weights_only=True)["mu"]).all()
@@ -309,3 +308,28 @@ def test_args_json_round_trips_into_a_resumed_run_and_loss_png_is_redrawn(cli, r
     resumed = json.loads((out / "args.json").read_text())
     assert resumed == dict(settings, steps=6)                     # lr 3e-4 and the rest restored
     assert (out / "loss.png").read_bytes() != first               # two more points drawn
+
+
+# -----------------------------------------------------------------------------
+# resume from anywhere (issue 22)
+
+
+def test_resume_works_from_another_folder_and_with_the_vae_spelled_otherwise(
+        cli, runs, tmp_path, monkeypatch, flow_args):
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "ckpt.pt").write_bytes(runs["vae"].read_bytes())
+    args = flow_args("f", "--sample-every", 100, "--grid-prompts", 1, "--grid-images", 1)
+    args[args.index("--vae") + 1] = "v/ckpt.pt"                       # relative, as typed
+    assert cli(*args)[0] == 0                                         # cli runs in tmp_path
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    rc, stdout, err = cli("train_flow.py", "--resume", "--out", tmp_path / "f", "--steps", 2)
+    assert rc == 0 and "resumed" in stdout, err                       # no --vae given
+    monkeypatch.chdir(tmp_path)
+    rc, stdout, err = cli("train_flow.py", "--resume", "--out", "f", "--steps", 3, "--vae",
+                          "./v/../v/ckpt.pt", "--cfg", 2)
+    assert rc == 0 and "another experiment" not in err, err
+    assert "resuming with changed settings: --steps 3 (was 2), --cfg 2.0 (was 4.0)" in stdout
+    assert torch.load(tmp_path / "f" / "ckpt.pt", weights_only=True)["args"]["vae"] == \
+        str(tmp_path / "v" / "ckpt.pt")
