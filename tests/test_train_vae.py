@@ -294,7 +294,7 @@ def test_a_run_stopped_before_its_first_checkpoint_restarts_with_the_same_comman
         cli, tmp_path, tiny, monkeypatch, expect):
     out = tmp_path / "vae"
     args = ["train_vae.py", "--out", out, *tiny.vae_flags, "--steps", 4, "--ckpt-every", 100,
-            "--log-every", 1]
+            "--log-every", 1, "--n-builtin", 16]
 
     def killed(*a, **k):                       # the process dies as it would write its checkpoint
         raise KeyboardInterrupt
