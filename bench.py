@@ -50,7 +50,7 @@ from common import (HelpFormatter, autocast, cpu_has_native_bf16, physical_cores
 from dit import PRESETS, DiT, dit_config
 from embeddings import null_prompt, tokenize
 from flow import flow_matching_loss
-from runs import write_json
+from runs import check_output, write_json
 from sample import euler_sample, guided_field
 from vae import VAE, vae_loss, vae_preset
 
@@ -417,6 +417,9 @@ def parse_args(argv=None):
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                    help="write one JSON object (rows, device, torch, threads, peaks) to PATH; "
                         "--json alone or --json - prints it instead of the table")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --json PATH replace an existing file (refused otherwise, before any "
+                        "measurement)")
     return p.parse_args(argv)
 
 
@@ -488,6 +491,8 @@ def main(argv=None):
     args = parse_args(argv)
     args.batch = args.batch_size
     device = pick_device(args.device)
+    if args.json not in (None, "-"):
+        check_output(args.json, "--json", args.overwrite)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True   # as in training: fp32 matmuls use TF32
         torch.backends.cudnn.allow_tf32 = True

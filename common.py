@@ -6,7 +6,8 @@ script reads as its recipe step:
 - user mistakes: `UserError` (a mistake the user can fix) and `run_main` (turns it, a full disk
   or Ctrl-C into one line on stderr and an exit status, never a traceback);
 - command-line flags: `HelpFormatter` (every flag's help ends with its default) and the argparse
-  types `positive`, `finite`, `fraction`, `seed_value` (none accepts nan or inf);
+  types `positive`, `finite`, `fraction`, `seed_value` (none accepts nan or inf), with the bounds
+  `MAX_STEPS` and `MAX_BATCH` of step counts and batch sizes;
 - device and precision: `pick_device` (cpu, cuda, mps), `pick_amp` (the autocast dtype),
   `autocast`, `setup_backends`, `cpu_has_native_bf16`, and `maybe_compile` with its
   `EagerFallback`; `is_oom` recognises an out-of-memory error, `available_memory` measures room;
@@ -16,9 +17,9 @@ script reads as its recipe step:
 What only the two trainers use is in training.py; run folders and their files in runs.py.
 Imports no project module.
 
-Offers: UserError, run_main, HelpFormatter, positive, finite, fraction, seed_value, pick_device,
-cpu_has_native_bf16, pick_amp, autocast, setup_backends, maybe_compile, EagerFallback, is_oom,
-available_memory, physical_cores, set_threads, Phase
+Offers: UserError, run_main, HelpFormatter, MAX_STEPS, MAX_BATCH, positive, finite, fraction,
+seed_value, pick_device, cpu_has_native_bf16, pick_amp, autocast, setup_backends, maybe_compile,
+EagerFallback, is_oom, available_memory, physical_cores, set_threads, Phase
 """
 import argparse
 import math
@@ -77,8 +78,12 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text}. Default: %(default)s"
 
 
-def positive(kind, allow_zero=False):
-    """argparse type: a finite int or float > 0 (>= 0 with allow_zero)."""
+MAX_STEPS = 10 ** 7      # optimizer or sampler steps: more is a typo, and overflows a time grid
+MAX_BATCH = 2 ** 16      # images per batch: more does not fit in any machine's memory
+
+
+def positive(kind, allow_zero=False, at_most=None):
+    """argparse type: a finite int or float > 0 (>= 0 with allow_zero), and <= at_most if given."""
     bound = ">= 0" if allow_zero else "> 0"
 
     def parse(text):
@@ -89,6 +94,8 @@ def positive(kind, allow_zero=False):
                                              f"got {text!r}")
         if not (math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
             raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
+        if at_most is not None and value > at_most:
+            raise argparse.ArgumentTypeError(f"must be at most {at_most}, got {text}")
         return value
     parse.__name__ = f"{'non-negative' if allow_zero else 'positive'} {kind.__name__}"
     return parse

@@ -292,8 +292,9 @@ def _caption_for(root, f):
     if sidecar.is_file():
         return sidecar.read_text(encoding="utf-8", errors="replace").strip()
     parts = f.relative_to(root).parts
-    if len(parts) > 1:  # in a class sub-folder
-        return parts[0].replace("_", " ").replace("-", " ").strip()
+    if len(parts) > 1:  # in a class sub-folder (a name that is not UTF-8: U+FFFD for its bytes)
+        name = _name_bytes(parts[0]).decode("utf-8", "replace")
+        return name.replace("_", " ").replace("-", " ").strip()
     return ""
 
 
@@ -340,7 +341,13 @@ def _load_builtin(image_size, split, n_builtin, seed):
 
 
 def _is_test_file(root, f):
-    return zlib.crc32(f.relative_to(root).as_posix().encode("utf-8")) % 20 == 0
+    return zlib.crc32(_name_bytes(f.relative_to(root).as_posix())) % 20 == 0
+
+
+def _name_bytes(name):
+    """A file name's bytes as stored, even when they are not UTF-8 (Python holds such bytes as
+    lone surrogates): the UTF-8 of every valid name."""
+    return name.encode("utf-8", "surrogateescape")
 
 
 def dataset_key(data, image_size, n_builtin=20000, seed=0):
@@ -355,6 +362,6 @@ def dataset_key(data, image_size, n_builtin=20000, seed=0):
         for g in (f, f.with_suffix(".txt")):
             if g.is_file():
                 st = g.stat()
-                sha.update(f"{g.relative_to(root).as_posix()}\t{st.st_size}\t"
-                           f"{st.st_mtime_ns}\n".encode("utf-8"))
+                sha.update(_name_bytes(f"{g.relative_to(root).as_posix()}\t{st.st_size}\t"
+                                       f"{st.st_mtime_ns}\n"))
     return f"folder-{image_size}px-{sha.hexdigest()[:16]}"

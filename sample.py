@@ -29,10 +29,11 @@ from PIL import Image
 
 import data as data_lib
 from checkpoint import export_flow, load_flow
-from common import (HelpFormatter, Phase, UserError, autocast, available_memory, finite,
-                    maybe_compile, pick_amp, pick_device, positive, run_main, seed_value)
+from common import (MAX_BATCH, MAX_STEPS, HelpFormatter, Phase, UserError, autocast,
+                    available_memory, finite, maybe_compile, pick_amp, pick_device, positive,
+                    run_main, seed_value)
 from embeddings import null_prompt, prompt_is_truncated, tokenize
-from runs import atomic_write, check_writable
+from runs import check_output, write_prompts
 
 
 def euler_sample(u, x, steps):
@@ -83,6 +84,8 @@ def generate(model, vae, prompts, steps=50, cfg_scale=4.0, seed=0, batch_size=64
 
     model: the DiT (EMA weights; may be torch.compile'd), vae: the VAE whose latent statistics the
     model was trained with. The noise of image i depends only on (seed, i): same seed, same image.
+    Latents or pixels that are not finite stop it (a UserError naming the guidance weight when it
+    is huge, else the weights): a picture of NaNs is never returned.
     """
     config = getattr(model, "_orig_mod", model).config
     device = next(model.parameters()).device
@@ -96,10 +99,21 @@ def generate(model, vae, prompts, steps=50, cfg_scale=4.0, seed=0, batch_size=64
         with autocast(device, amp):
             u = guided_field(model, tokens[i:i + batch_size], null, cfg_scale)
             z = euler_sample(lambda x, t: u(x, t).float(), noise[i:i + batch_size], steps)
+        _check_finite(z, "latents", cfg_scale, steps)
         x = vae.decode(vae.denormalize_latents(z))           # (b, 3, H, W) in [-1, 1]
+        _check_finite(x, "pixels", cfg_scale, steps)
         images.append(data_lib.from_model_range(x.float()).cpu())
         phase.update(i + len(images[-1]))
     return torch.cat(images)
+
+
+def _check_finite(x, what, cfg_scale, steps):
+    if bool(torch.isfinite(x).all()):
+        return
+    cause = (f"the guidance weight {cfg_scale:g} is far too large; use one like 1-10"
+             if abs(cfg_scale) > 100 else "the model's weights give inf/NaN (a damaged checkpoint "
+             "or a diverged training); use another checkpoint")
+    raise UserError(f"sampling gave inf/NaN {what} (cfg {cfg_scale:g}, {steps} steps): {cause}")
 
 
 def to_pil(images):
@@ -128,14 +142,16 @@ def parse_args(argv=None):
                         "Default: the prompts the training run used for its sample grids")
     p.add_argument("--n", type=positive(int), default=8, help="images per prompt and setting")
     p.add_argument("--sample-steps", "--steps", dest="sample_steps", metavar="N", nargs="+",
-                   type=positive(int), default=[50],
+                   type=positive(int, at_most=MAX_STEPS), default=[50],
                    help="Euler steps (model evaluations); several give a sweep (--steps is the "
                         "old spelling)")
     p.add_argument("--cfg", dest="cfg_scales", metavar="W", nargs="+", type=finite, default=[4.0],
                    help="guidance weight w: (1 - w) u(x|empty) + w u(x|y); 1 = no guidance; "
                         "several give a sweep")
     p.add_argument("--seed", type=seed_value, default=0, help="noise seed: same seed, same images")
-    p.add_argument("--out", default="samples.png", help="output picture (png)")
+    p.add_argument("--out", default="samples.png",
+                   help="output picture (png), and OUT.prompts.txt beside it; neither may exist "
+                        "(see --overwrite)")
     p.add_argument("--scale", type=positive(int), default=None,
                    help="enlarge every image this many times (nearest neighbour). Default: "
                         "enough for 64-pixel images (2 for 32 px)")
@@ -147,12 +163,17 @@ def parse_args(argv=None):
                    help="autocast for the DiT forward passes (auto = bf16 on CUDA/bf16 CPUs)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model call")
-    p.add_argument("--batch-size", type=positive(int), default=64, help="images per sampler batch")
+    p.add_argument("--batch-size", type=positive(int, at_most=MAX_BATCH), default=64,
+                   help="images per sampler batch")
     p.add_argument("--export", default=None, metavar="PATH",
                    help="instead of sampling, write the EMA DiT and its VAE to PATH as one small "
                         "file that sample.py and sample.load_flow read")
     p.add_argument("--export-dtype", choices=["fp32", "bf16"], default="fp32",
                    help="weights' dtype in the --export file (bf16: half the size)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out and OUT.prompts.txt (or the --export file) if they exist, "
+                        "even a file this command reads; without it they are refused before any "
+                        "work")
     return p.parse_args(argv)
 
 
@@ -160,12 +181,12 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)                # flag mistakes first, before any loading
     if args.export is not None:
-        path = export_flow(args.ckpt, args.export, args.export_dtype, args.vae)
+        path = export_flow(args.ckpt, args.export, args.export_dtype, args.vae, args.overwrite)
         print(f"wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MiB, {args.export_dtype}); "
               f"sample from it with: python sample.py --ckpt {path}")
         return 0
     amp = pick_amp(args.amp, device)
-    out = _check_out(Path(args.out))
+    out, text = _check_out(Path(args.out), args)
     if args.prompt is not None:
         _check_prompts(args.prompt)
     model, vae, ckpt = load_flow(args.ckpt, device, args.vae)
@@ -173,7 +194,8 @@ def main(argv=None):
     _warn_truncated(prompts, model.config.max_prompt_len)
     settings = [(w, s) for s in args.sample_steps for w in args.cfg_scales]
     _check_memory(len(prompts) * args.n * len(settings), model.config, ckpt["image_size"],
-                  args.n, args.scale or data_lib.grid_scale(ckpt["image_size"]))
+                  args.n, args.scale or data_lib.grid_scale(ckpt["image_size"]),
+                  args.scale is not None)
     model, _ = maybe_compile(model, device, args.compile)
     all_prompts = [p for p in prompts for _ in range(args.n)]
     blocks = []
@@ -188,8 +210,7 @@ def main(argv=None):
                        if args.labels else None,
                        col_labels=_setting_labels(args) if args.labels else None,
                        scale=args.scale or data_lib.grid_scale(ckpt["image_size"]), info=info)
-    text = out.with_suffix(".prompts.txt")
-    atomic_write(text, lambda f: f.write("".join(p + "\n" for p in prompts).encode()), "file")
+    write_prompts(text, prompts)
     print(f"wrote {out} and {text}: {len(prompts)} prompts x {args.n} images for cfg "
           f"{' '.join(f'{w:g}' for w in args.cfg_scales)} and "
           f"{' '.join(map(str, args.sample_steps))} steps")
@@ -209,23 +230,33 @@ def _setting_labels(args):
     return labels
 
 
-def _check_out(out):
-    """--out must name an image file (by its extension) in a folder we can write or make."""
+def _check_out(out, args):
+    """--out must name an image file (by its extension) in a folder we can write or make; it and
+    OUT.prompts.txt must be new (or --overwrite) and none of the files this command reads.
+    Returns (picture, prompts file)."""
     if out.suffix.lower() not in Image.registered_extensions():
         raise UserError(f"--out {out}: not an image file name; use e.g. samples.png")
     if out.is_dir():
         raise UserError(f"--out {out}: is a folder; name an image file, e.g. {out / 'samples.png'}")
-    check_writable(out.parent)
-    return out
+    inputs = [("--ckpt", args.ckpt), ("--vae", args.vae)]
+    text = out.with_suffix(".prompts.txt")
+    return (check_output(out, "--out", args.overwrite, inputs),
+            check_output(text, "--out (its prompts file)", args.overwrite, inputs))
 
 
-def _check_memory(count, config, image_size, n, scale=1):
-    """Refuse, before any work, a grid whose images (noise, pixels, grid) would not fit in memory."""
+def _check_memory(count, config, image_size, n, scale=1, scale_given=False):
+    """Refuse, before any work, a grid whose images (noise, pixels, grid) would not fit in memory,
+    naming --scale when the enlargement it asks for is what does not fit, else --n."""
     latent = config.in_channels * config.height * config.width * 4      # float32 noise
     pixels = 3 * (image_size * scale) ** 2                               # uint8, twice: + grid
     need = count * (latent + 2 * pixels + 8 * config.max_prompt_len)
     have = available_memory()
     if need > 0.8 * have:
+        unscaled = count * (latent + 6 * image_size ** 2 + 8 * config.max_prompt_len)
+        if scale_given and unscaled <= 0.8 * have:
+            raise UserError(f"--scale {scale}: {count} images drawn {scale} times larger need about "
+                            f"{need / 2 ** 30:.3g} GiB, more than the {have / 2 ** 30:.1f} GiB "
+                            f"available; lower --scale")
         raise UserError(f"--n {n}: {count} images need about {need / 2 ** 30:.1f} GiB, more than "
                         f"the {have / 2 ** 30:.1f} GiB available; lower --n or use fewer prompts")
 

@@ -23,7 +23,6 @@ samples_<step>.png, log.jsonl, latents.pt (cache).
 """
 import argparse
 import hashlib
-import json
 import re
 import sys
 import time
@@ -37,13 +36,13 @@ import data as data_lib
 import train_vae
 from checkpoint import (config_mismatch, load_checkpoint, load_vae, restore_training, rng_state,
                         save_checkpoint, set_rng_state, training_state, vae_finished)
-from common import (HelpFormatter, UserError, autocast, finite, fraction, is_oom, maybe_compile,
-                    pick_amp, positive, run_main, set_threads, setup_backends)
+from common import (MAX_STEPS, HelpFormatter, UserError, autocast, finite, fraction, is_oom,
+                    maybe_compile, pick_amp, positive, run_main, set_threads, setup_backends)
 from dit import PRESETS, DiT, DiTConfig, count_parameters, dit_config
 from embeddings import null_prompt, tokenize
 from flow import flow_matching_loss
-from runs import (RunFolder, atomic_write, parse_with_given, plot_loss, restore_settings,
-                  run_files, settings_of, trim_log, write_json)
+from runs import (RunFolder, append_json, parse_with_given, plot_loss, restore_settings,
+                  run_files, settings_of, trim_log, write_json, write_prompts)
 from sample import generate
 from training import (EMA, LossGuard, Progress, StopFlag, Stopwatch, adamw, add_training_flags,
                       all_ranks_sum, any_rank, barrier, check_ranks_agree, gather_objects,
@@ -75,12 +74,15 @@ DEFAULTS = {
 def train(args, given, rank, world, device):
     """The recipe: latents (steps 1-3), then the DiT (step 4) with its sample grids (step 5)."""
     setup_backends(device)
-    folder = RunFolder(args.out, args.resume, args.overwrite) if rank == 0 else None
+    folder = RunFolder(args.out, args.resume, args.overwrite, settings_of(args),
+                       [("--vae", args.vae), ("--data", args.data)]) if rank == 0 else None
     resume = None
     if args.resume:
         resume = load_checkpoint(Path(args.out) / "ckpt.pt", "flow", flag="--resume")
         restore_settings(args, given, resume.get("args", {}), EXPERIMENT, args.allow_changes,
                          verbose=rank == 0)
+        if "vae" not in given:          # the VAE it was trained with, found from any folder
+            args.vae = _resumed_vae(resume, args.vae)
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     if resume is not None and resume["step"] >= args.steps:
@@ -98,14 +100,24 @@ def train(args, given, rank, world, device):
             folder.release()
     if rank == 0:
         print(watch.report())                                      # where the time went
-        with open(Path(args.out) / "log.jsonl", "a") as f:
-            f.write(json.dumps({"step": args.steps, "seconds": watch.seconds}) + "\n")
+        append_json(Path(args.out) / "log.jsonl", {"step": args.steps, "seconds": watch.seconds})
     return 0
 
 
 # Settings whose change makes another experiment: --resume refuses them without --allow-changes.
 EXPERIMENT = {"data", "n_builtin", "seed", "image_size", "preset", "patch_size", "vae",
               "vae_steps"}
+
+
+def _resumed_vae(resume, stored):
+    """The VAE file a resumed run was trained with, found from any working folder: its stored
+    --vae when that names a file from here, else the absolute path its checkpoint holds (also
+    for the automatic VAE, stored as None)."""
+    for path in (stored, resume["vae"]["path"]):
+        if path is not None and Path(path).is_file():
+            return path
+    raise UserError(f"--resume: the run was trained with the VAE {resume['vae']['path']}, which "
+                    f"is not there any more; pass that VAE (or a copy) with --vae")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +393,7 @@ def train_dit(args, latents, out, resume, amp, rank, world, device, watch):
         return all_ranks_sum(loss_sum, world).item() / (pending * world) if pending else None
 
     stopper = StopFlag()
-    guard = LossGuard(ckpt_path)
+    guard = LossGuard(ckpt_path, amp)
     loss_sum = torch.zeros((), device=device)
     pending, start = 0, step                       # steps summed in loss_sum
     t_start = time.perf_counter()
@@ -455,7 +467,7 @@ def sample_grid(path, model, latents, args, amp):
                        info=info, row_labels=labels)
     prompts = path.parent / "prompts.txt"
     if not prompts.exists():
-        atomic_write(prompts, lambda f: f.write("".join(p + "\n" for p in latents.prompts).encode()))
+        write_prompts(prompts, latents.prompts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,7 +570,7 @@ def parse_args(argv=None):
                    help="VAE checkpoint from train_vae.py. Default: the automatic VAE of this data, "
                         "runs/vae-<data>-<size>px.../ckpt.pt, trained first (train_vae.py's "
                         "defaults) when it does not exist")
-    p.add_argument("--vae-steps", type=positive(int), default=None,
+    p.add_argument("--vae-steps", type=positive(int, at_most=MAX_STEPS), default=None,
                    help="training steps of the automatic VAE (e.g. 3 for a smoke test; its folder "
                         "name says so). Default: train_vae.py's")
     p.add_argument("--preset", default=DEFAULTS["preset"], choices=sorted(PRESETS), help="DiT size")
@@ -579,7 +591,8 @@ def parse_args(argv=None):
                    help="rows of the sample grids: the first distinct captions of the data")
     p.add_argument("--grid-images", type=positive(int), default=DEFAULTS["grid_images"],
                    help="images per row of the sample grids")
-    p.add_argument("--sample-steps", type=positive(int), default=DEFAULTS["sample_steps"],
+    p.add_argument("--sample-steps", type=positive(int, at_most=MAX_STEPS),
+                   default=DEFAULTS["sample_steps"],
                    help="Euler steps for the sample grids")
     p.add_argument("--cfg", dest="cfg_scale", metavar="W", type=finite, default=DEFAULTS["cfg_scale"],
                    help="guidance weight for the sample grids")

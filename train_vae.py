@@ -15,7 +15,6 @@ and log.jsonl (one JSON line per progress report).
 import argparse
 import dataclasses
 import hashlib
-import json
 import sys
 from pathlib import Path
 
@@ -29,8 +28,8 @@ from common import (HelpFormatter, Phase, UserError, autocast, is_oom, maybe_com
                     positive, run_main, set_threads, setup_backends)
 from kl import kl_to_standard_normal
 from metrics import psnr
-from runs import (RunFolder, parse_with_given, plot_loss, restore_settings, settings_of,
-                  trim_log, write_json)
+from runs import (RunFolder, append_json, parse_with_given, plot_loss, restore_settings,
+                  settings_of, trim_log, write_json)
 from training import (EMA, LossGuard, Progress, StopFlag, adamw, add_training_flags, all_ranks_sum,
                       any_rank, barrier, check_ranks_agree, gather_objects, init_distributed,
                       oom_error)
@@ -60,7 +59,8 @@ def train(args, given, rank, world, device, resume_command=None):
     run (train_flow.py names its own command). Returns the checkpoint path (None when the run was
     already finished)."""
     setup_backends(device)
-    folder = RunFolder(args.out, args.resume, args.overwrite) if rank == 0 else None
+    folder = RunFolder(args.out, args.resume, args.overwrite, settings_of(args),
+                       [("--data", args.data)]) if rank == 0 else None
     ckpt_path = Path(args.out) / "ckpt.pt"
     resume = None
     if args.resume:
@@ -171,7 +171,7 @@ def train_vae(args, folder, resume, rank, world, device, resume_command=None):
         return all_ranks_sum(sums, world) / (pending * world) if pending else None
 
     stopper = StopFlag()
-    guard = LossGuard(ckpt_path)
+    guard = LossGuard(ckpt_path, amp)
     stream = batches(images, args.batch_size // world)
     sums = torch.zeros(3, device=device)                       # loss terms since the last report
     pending, start = 0, step                                   # steps summed in `sums`
@@ -249,10 +249,9 @@ def report_heldout(vae, test, mean, std, args, device, out):
     print(f"{where} PSNR {psnr_db:.2f} dB | KL {kl_per_dim:.3f} nats/dim | latent mean "
           f"{[round(v, 3) for v in mean.tolist()]} std {[round(v, 3) for v in std.tolist()]}")
     print(f"wrote {out / 'ckpt.pt'}, {out / 'recon.png'}, {out / 'log.jsonl'}")
-    with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps({"step": args.steps, "heldout_psnr": psnr_db,
-                            "kl_nats_per_dim": kl_per_dim, "held_out": test.held_out,
-                            "latent_mean": mean.tolist(), "latent_std": std.tolist()}) + "\n")
+    append_json(out / "log.jsonl", {"step": args.steps, "heldout_psnr": psnr_db,
+                                    "kl_nats_per_dim": kl_per_dim, "held_out": test.held_out,
+                                    "latent_mean": mean.tolist(), "latent_std": std.tolist()})
 
 
 def _rng_list(ckpt):

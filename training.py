@@ -14,19 +14,19 @@ oom_error, init_distributed, barrier, all_ranks_sum, any_rank, gather_objects, c
 """
 import argparse
 import copy
-import json
 import math
 import os
 import signal
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from common import UserError, fraction, pick_device, positive, seed_value
-from runs import SIGNALS
+from common import MAX_BATCH, MAX_STEPS, UserError, fraction, pick_device, positive, seed_value
+from runs import SIGNALS, append_json
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,10 +41,12 @@ def add_training_flags(p, defaults, out_default):
     p.add_argument("--image-size", type=positive(int), default=defaults["image_size"],
                    help="train at this size in pixels (short side resized, centre-cropped)")
     p.add_argument("--out", default=out_default, help="run folder for checkpoint, pictures and log")
-    p.add_argument("--steps", type=positive(int), default=defaults["steps"],
-                   help="optimizer steps in total (a resumed run continues up to this)")
-    p.add_argument("--batch-size", type=positive(int), default=defaults["batch_size"],
-                   help="images per optimizer step")
+    p.add_argument("--steps", type=positive(int, at_most=MAX_STEPS), default=defaults["steps"],
+                   help=f"optimizer steps in total (a resumed run continues up to this; at most "
+                        f"{MAX_STEPS:,})")
+    p.add_argument("--batch-size", type=positive(int, at_most=MAX_BATCH),
+                   default=defaults["batch_size"],
+                   help=f"images per optimizer step (at most {MAX_BATCH})")
     p.add_argument("--lr", type=positive(float), default=defaults["lr"], help="AdamW learning rate")
     p.add_argument("--weight-decay", type=positive(float, allow_zero=True),
                    default=defaults["weight_decay"], help="AdamW weight decay")
@@ -166,9 +168,8 @@ class Progress:
         text = " ".join(f"{k} {v:.4g}" for k, v in terms.items())
         print(f"step {step}/{self.total} {text} | {ips:.0f} img/s | ETA {eta / 60:.1f} min", flush=True)
         if self.log_path is not None:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps({"step": step, **terms, "img_per_s": round(ips, 2),
-                                    "time": round(self.elapsed(), 2)}) + "\n")
+            append_json(self.log_path, {"step": step, **terms, "img_per_s": round(ips, 2),
+                                        "time": round(self.elapsed(), 2)})
 
 
 class Stopwatch:
@@ -209,12 +210,13 @@ class LossGuard:
     """Stops a run whose loss is not finite, or has grown by orders of magnitude (more than
     DIVERGED times) over the lowest value seen, before anything is saved over the last good
     checkpoint. The first step's loss is the first reference (`reference`), so an explosion
-    within the first log interval is caught too. `check` takes the mean loss since the last one."""
+    within the first log interval is caught too. `check` takes the mean loss since the last one.
+    `amp`: the run's autocast dtype (None: float32), for the advice."""
 
     DIVERGED = 100.0
 
-    def __init__(self, ckpt_path):
-        self.ckpt_path, self.lowest = ckpt_path, math.inf
+    def __init__(self, ckpt_path, amp=None):
+        self.ckpt_path, self.amp, self.lowest = ckpt_path, amp, math.inf
 
     def reference(self, loss):
         """A loss known to be sane (the first step's), as a float."""
@@ -232,8 +234,10 @@ class LossGuard:
         elif model is not None and not weights_finite(model):
             what = "the weights became inf/NaN"
         if what:
-            raise UserError(f"{what} by step {step}; stopped without saving, the last good "
-                            f"checkpoint ({self.ckpt_path}) is untouched; lower --lr or use --amp off")
+            kept = (f"the last good checkpoint ({self.ckpt_path}) is untouched"
+                    if Path(self.ckpt_path).is_file() else "no checkpoint had been written yet")
+            advice = "lower --lr" + (" or use --amp off" if self.amp is not None else "")
+            raise UserError(f"{what} by step {step}; stopped without saving, {kept}; {advice}")
         if loss is not None:
             self.reference(loss)
 

@@ -3,11 +3,17 @@ files give one clear line and never run code), the training state round trip, an
 load_flow makes on the VAE a flow model is sampled with."""
 
 import errno
+import io
 import os
 import pickle
 import random
 import shutil
+import struct
+import subprocess
+import sys
+import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +23,8 @@ import common
 import training
 import train_flow
 from vae import VAE, VAEConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("fail", ["torch.save", "os.replace"])
@@ -83,7 +91,7 @@ def vae_checkpoint_like(runs, path, config=None, **changes):
         model = VAE(VAEConfig.from_dict(config))
         ckpt["ema"] = ckpt["model"] = model.state_dict()
     ckpt.update(changes)
-    torch.save(ckpt, path)
+    checkpoint.save_checkpoint(path, ckpt)              # a new digest: well-formed, not damaged
     return path
 
 
@@ -96,7 +104,7 @@ def test_sample_refuses_a_vae_that_does_not_match_the_flow_model(cli, runs, tmp_
         expect.one_line_error(cli("sample.py", "--ckpt", runs["flow"], "--vae", path), fragment)
     ckpt = torch.load(runs["vae"], weights_only=True)
     ckpt["ema"]["latent_std"] = ckpt["ema"]["latent_std"] * 2
-    torch.save(ckpt, tmp_path / "stats.pt")
+    checkpoint.save_checkpoint(tmp_path / "stats.pt", ckpt)
     expect.one_line_error(cli("sample.py", "--ckpt", runs["flow"], "--vae", tmp_path / "stats.pt"),
                           "latent statistics differ")
 
@@ -105,7 +113,7 @@ def test_damaged_checkpoint_whose_weights_do_not_fit_its_config(cli, runs, tmp_p
     path = vae_checkpoint_like(runs, tmp_path / "bad.pt")
     ckpt = torch.load(path, weights_only=True)
     ckpt["config"]["base_channels"] = 16
-    torch.save(ckpt, path)
+    checkpoint.save_checkpoint(path, ckpt)
     expect.one_line_error(cli("sample.py", "--ckpt", runs["flow"], "--vae", path),
                           "weights do not fit its configuration")
 
@@ -216,3 +224,180 @@ def test_an_unreadable_checkpoint_says_permission_denied_not_corrupt(monkeypatch
     monkeypatch.setattr(zipfile, "ZipFile", denied)
     with pytest.raises(common.UserError, match="cannot read it \\(permission denied\\)"):
         checkpoint.load_checkpoint(runs["vae"], "vae")
+
+
+# -----------------------------------------------------------------------------
+# checkpoints that prove their bytes; configurations checked before anything is built
+
+
+def _small_checkpoint(path):
+    g = torch.Generator().manual_seed(0)
+    obj = {"format": checkpoint.FORMAT, "version": checkpoint.FORMAT_VERSION, "kind": "vae",
+           "step": 3, "config": {"base_channels": 8, "channel_mults": (1, 2)},
+           "model": {"w": torch.randn(16, 8, generator=g), "b": torch.arange(6.0)},
+           "ema": {"w": torch.randn(40, generator=g).bfloat16()}, "prompts": ["a red circle", ""]}
+    checkpoint.save_checkpoint(path, obj)
+    return obj
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and \
+            torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return type(a) is type(b) and a == b
+
+
+def _zip_regions(data):
+    """(kind, start, end) of every part of a zip file: local headers, member data, central
+    directory entries, end records (zip64's and the classic one)."""
+    regions = []
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        members = archive.infolist()
+    for info in members:
+        o = info.header_offset
+        n, m = struct.unpack("<HH", data[o + 26:o + 30])
+        regions += [("local header", o, o + 30 + n + m),
+                    ("data", o + 30 + n + m, o + 30 + n + m + info.compress_size)]
+    end = data.rindex(b"PK\x05\x06")
+    o = struct.unpack("<I", data[end + 16:end + 20])[0]
+    while data[o:o + 4] == b"PK\x01\x02":
+        n, m, k = struct.unpack("<HHH", data[o + 28:o + 34])
+        regions.append(("central directory", o, o + 46 + n + m + k))
+        o += 46 + n + m + k
+    return regions + [("end record", o, len(data))]
+
+
+def _flip(data, pos, bit):
+    flipped = bytearray(data)
+    flipped[pos] ^= 1 << bit
+    return bytes(flipped)
+
+
+def test_a_flipped_directory_flag_in_the_zip_directory_is_refused_not_read_as_garbage(tmp_path):
+    """torch reads an entry whose DOS "directory" attribute is set as empty, and returns
+    uninitialised memory for that tensor (which may, by chance, hold the right bytes); zipfile's
+    CRC check passes. The digest refuses every such file whose tensor came out different."""
+    path = tmp_path / "ckpt.pt"
+    original = _small_checkpoint(path)                     # kept: its memory is not reused
+    data = path.read_bytes()
+    entries = [(start, data[start + 46:start + 46 + struct.unpack("<H", data[start + 28:start + 30])[0]])
+               for kind, start, _ in _zip_regions(data) if kind == "central directory"]
+    tensors = [start for start, name in entries if b"/data/" in name]
+    assert len(tensors) == 3
+    refused = 0
+    for start in tensors:
+        bad = tmp_path / "bad.pt"
+        bad.write_bytes(_flip(data, start + 38, 4))          # external attributes: 0x10
+        try:
+            loaded = checkpoint.load_checkpoint(bad, "vae")
+        except common.UserError as e:
+            assert f"{bad}: damaged file" in str(e)
+            refused += 1
+            continue
+        assert _same(loaded, original), "a tensor was read as other bytes, silently"
+    assert refused >= 1
+
+
+def test_bit_flips_anywhere_in_a_checkpoint_are_refused_in_one_line_or_harmless(tmp_path):
+    path, bad = tmp_path / "ckpt.pt", tmp_path / "flipped.pt"
+    original = _small_checkpoint(path)
+    data = path.read_bytes()
+    regions = _zip_regions(data)
+    assert {kind for kind, _, _ in regions} == {"local header", "data", "central directory",
+                                                "end record"}
+    flips = []
+    for kind, start, end in regions:
+        if kind == "central directory":              # what zipfile and torch read as flags:
+            flips += [(start + 6, 4), (start + 8, 0), (start + 8, 5), (start + 8, 6),
+                      (start + 10, 3), (start + 38, 4)]   # version, encrypted, patched, strong
+    rng = random.Random(22)                             # encryption, method, DOS directory
+    for kind, start, end in regions:                    # ~250 random bits over every part
+        flips += [(rng.randrange(start, end), rng.randrange(8)) for _ in range(
+            min(12, 2 * (end - start)))]
+    outcomes = {"refused": 0, "harmless": 0}
+    for pos, bit in flips:
+        bad.write_bytes(_flip(data, pos, bit))
+        try:
+            loaded = checkpoint.load_checkpoint(bad, "vae")
+        except common.UserError as e:
+            assert str(bad) in str(e) and "\n" not in str(e)
+            outcomes["refused"] += 1
+            continue
+        except Exception as e:
+            raise AssertionError(f"byte {pos} bit {bit}: {type(e).__name__}: {e}") from None
+        assert _same(loaded, original), f"byte {pos} bit {bit}: loaded something else, silently"
+        outcomes["harmless"] += 1
+    assert outcomes["refused"] > 100 and sum(outcomes.values()) == len(flips) > 200, outcomes
+
+
+def test_an_edited_checkpoint_is_refused_and_one_without_a_digest_still_loads(runs, tmp_path):
+    ckpt = torch.load(runs["vae"], weights_only=True)
+    assert ckpt["digest"] == checkpoint.payload_digest(ckpt)
+    ckpt["ema"]["decoder.out.weight" if "decoder.out.weight" in ckpt["ema"] else
+                next(iter(ckpt["ema"]))].view(-1)[0] += 1
+    torch.save(ckpt, tmp_path / "edited.pt")                 # every CRC right, the digest stale
+    with pytest.raises(common.UserError, match="does not match the digest stored in it"):
+        checkpoint.load_vae(tmp_path / "edited.pt", "cpu")
+    del ckpt["digest"]                                       # as written before the digest
+    torch.save(ckpt, tmp_path / "old.pt")
+    vae, loaded = checkpoint.load_vae(tmp_path / "old.pt", "cpu")
+    assert "digest" not in loaded and loaded["step"] == ckpt["step"]
+
+
+def test_a_hostile_configuration_allocates_nothing_before_it_is_refused(runs, tmp_path, expect):
+    ckpt = torch.load(runs["flow"], weights_only=True)
+    for key in ("model", "optimizer"):                       # what sampling does not read
+        del ckpt[key]
+    ckpt["config"].update(dim=8192, depth=48)                # ~40G parameters if it were built
+    checkpoint.save_checkpoint(tmp_path / "hostile.pt", ckpt)
+    code = ("import resource, runpy, sys\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n"
+            "sys.argv = ['sample.py', '--ckpt', sys.argv[1], '--device', 'cpu', '--out', sys.argv[2]]\n"
+            "try:\n"
+            "    runpy.run_path('sample.py', run_name='__main__')\n"
+            "finally:\n"
+            "    print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "hostile.pt"),
+                           str(tmp_path / "x.png")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    seconds = time.perf_counter() - t0
+    rss_mb = int(proc.stderr.split("maxrss")[-1]) / 1024
+    err = proc.stderr.split("maxrss")[0]
+    expect.one_line_error((proc.returncode, proc.stdout, err), "weights do not fit its configuration")
+    assert rss_mb < 1024 and seconds < 30, (rss_mb, seconds)
+
+
+@pytest.mark.parametrize("where,field,value,fragment", [
+    ("flow", "heads", 0, "heads = 0"), ("flow", "patch_size", 0, "patch_size = 0"),
+    ("flow", "heads", "4", "heads = '4'"), ("flow", "mlp_ratio", float("nan"), "mlp_ratio = nan"),
+    ("flow", "image_size", "32", "image size"), ("vae", "groups", 0, "groups = 0"),
+    ("vae", "attn_heads", 0, "attn_heads = 0"), ("vae", "image_size", "32", "image_size = '32'"),
+    ("vae", "groups", 3, "describes no model (ValueError: groups=3 does not divide")])
+def test_zero_or_wrongly_typed_config_values_are_one_line(cli, runs, tmp_path, expect, flow_args,
+                                                          where, field, value, fragment):
+    ckpt = torch.load(runs[where], weights_only=True)
+    for key in ("model", "optimizer") if where == "flow" else ():   # what sampling does not read
+        del ckpt[key]
+    (ckpt if field == "image_size" and where == "flow" else ckpt["config"])[field] = value
+    bad = checkpoint.save_checkpoint(tmp_path / "bad.pt", ckpt) or tmp_path / "bad.pt"
+    if where == "flow":
+        expect.one_line_error(cli("sample.py", "--ckpt", bad, "--out", tmp_path / "x.png"), fragment)
+        return
+    expect.one_line_error(cli("sample.py", "--ckpt", runs["flow"], "--vae", bad, "--out",
+                              tmp_path / "x.png"), fragment)
+    args = flow_args(tmp_path / "f")
+    args[args.index("--vae") + 1] = bad
+    expect.one_line_error(cli(*args), fragment)
+    assert not (tmp_path / "f").exists()
+
+
+def test_an_export_passed_as_a_vae_is_named_with_the_right_article(cli, runs, tmp_path, expect):
+    export = checkpoint.export_flow(runs["flow"], tmp_path / "export.pt")
+    expect.one_line_error(cli("sample.py", "--ckpt", runs["flow"], "--vae", export),
+                          "this is an export checkpoint from sample.py --export (pass it as "
+                          "--ckpt); a vae checkpoint is needed here")

@@ -199,3 +199,22 @@ def test_dataset_key_is_stable_and_changes_with_the_data(tmp_path):
     _save(Image.new("RGB", (8, 8)), tmp_path / "b.png")
     k3 = dataset_key(str(tmp_path), 32, 100, 0)
     assert len({k1, k2, k3}) == 3 and dataset_key(str(tmp_path), 64, 100, 0) != k3
+
+
+def test_a_file_name_that_is_not_utf8_loads_splits_and_keys_like_any_other(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "cats").mkdir(parents=True)
+    for i in range(24):
+        Image.new("RGB", (16, 16), (10 * i, 80, 160)).save(root / f"{i}.png")
+    odd = os.path.join(os.fsencode(root), b"caf\xe9.png")                 # Latin-1 bytes
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(odd, format="PNG")
+    odd_class = os.path.join(os.fsencode(root), b"caf\xe9s")
+    os.mkdir(odd_class)
+    Image.new("RGB", (16, 16), (4, 5, 6)).save(os.path.join(odd_class, b"x.png"), format="PNG")
+    train = load_dataset(root, 8, "train")                               # the split hashes names
+    assert len(train) in (25, 26) and len(load_dataset(root, 8, "test")) >= 1
+    every = load_dataset(root, 8, "all")
+    assert len(every) == 26 and "caf\ufffds" in every.captions            # the class, readable
+    key = dataset_key(root, 8)
+    os.rename(odd, os.path.join(os.fsencode(root), b"caf\xe8.png"))
+    assert dataset_key(root, 8) != key                                   # its name is in the key

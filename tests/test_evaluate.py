@@ -6,6 +6,7 @@ and the "tiny" DiT preset shrunk for the duration (the real tiny DiT, 9M paramet
 minutes on 2 CPU cores), so the checkpoints have exactly the format the scripts write."""
 
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -281,3 +282,67 @@ def test_format_table_aligns_columns():
     assert lines[3].split() == ["dit-b", "7.5", "-"]
     # numeric columns are right-aligned: the numbers end where the header ends
     assert lines[2].index("12.35") + len("12.35") == lines[0].index("fd") + len("fd")
+
+
+# -----------------------------------------------------------------------------
+# the --json output is checked before the evaluation and never clobbers (issue 22)
+
+
+def _no_evaluation(*args, **kwargs):
+    return {"settings": [], "vae": {}, "evaluated": True}
+
+
+def test_json_never_replaces_a_file_it_did_not_write_unless_overwrite(ckpts, monkeypatch, tmp_path):
+    monkeypatch.setattr(ev, "evaluate_checkpoint", _no_evaluation)     # the refusal comes first
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(ckpts["flow"].read_bytes())
+    before = ckpt.read_bytes()
+    with pytest.raises(ev.UserError, match="is the file this command reads as --ckpt"):
+        ev.main(["--ckpt", str(ckpt), "--json", str(ckpt)] + FAST)
+    other = tmp_path / "vae-copy.pt"
+    other.write_bytes(b"a checkpoint")
+    with pytest.raises(ev.UserError, match="exists and this command did not write it"):
+        ev.main(["--ckpt", str(ckpt), "--json", str(other)] + FAST)
+    assert ckpt.read_bytes() == before and other.read_bytes() == b"a checkpoint"
+    assert ev.main(["--ckpt", str(ckpt), "--json", str(other), "--overwrite"] + FAST) == 0
+    assert json.loads(other.read_text())["evaluated"]
+
+
+def test_an_unwritable_json_path_fails_before_the_evaluation(ckpts, monkeypatch, tmp_path):
+    def evaluation_started(*args, **kwargs):
+        raise AssertionError("the evaluation ran before --json was checked")
+    monkeypatch.setattr(ev, "evaluate_checkpoint", evaluation_started)
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(ev.UserError, match="--json .*file: cannot write there"):
+        ev.main(["--ckpt", str(ckpts["flow"]), "--json", str(a_file / "r.json")] + FAST)
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 64), "1.5"])
+def test_evaluate_seed_is_bounded_like_the_other_scripts(cli, seed):
+    rc, _, err = cli("evaluate.py", "--seed", seed)
+    assert rc == 2 and "usage:" in err and "--seed" in err and "Traceback" not in err
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.l(x)
+
+
+def test_a_torchscript_file_with_a_swapped_data_pkl_is_refused_with_its_reason(tmp_path):
+    torch.jit.save(torch.jit.script(_Linear()), str(tmp_path / "a.pt"))
+    torch.jit.save(torch.jit.script(_NotInception()), str(tmp_path / "b.pt"))
+    with zipfile.ZipFile(tmp_path / "a.pt") as a, zipfile.ZipFile(tmp_path / "b.pt") as b:
+        swapped = next(n for n in b.namelist() if n.endswith("/data.pkl"))
+        with zipfile.ZipFile(tmp_path / "swapped.pt", "w") as out:
+            for name in a.namelist():
+                out.writestr(name, b.read(swapped) if name.endswith("/data.pkl") else a.read(name))
+    args = ev.parse_args(["--inception", str(tmp_path / "swapped.pt")])
+    with pytest.raises(ev.UserError) as refused:
+        ev.pick_features(args, None, None, None, "cpu")
+    reason = str(refused.value).split("not a TorchScript model (")[1].rstrip(")")
+    assert reason.strip() and "\n" not in str(refused.value), str(refused.value)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import sample
 from embeddings import BOS_ID, PAD_ID, null_prompt, tokenize
 from sample import cfg_velocity, euler_sample, guided_field
@@ -161,7 +162,8 @@ def test_a_sweep_grid_has_a_block_of_columns_per_guidance_weight_and_step_count(
             "a blue square", "--device", "cpu", "--scale", 1, "--no-labels"]
 
     def draw(*extra, out="s.png"):
-        assert sample.main([str(a) for a in (*args, *extra, "--out", tmp_path / out)]) == 0
+        assert sample.main([str(a) for a in (*args, *extra, "--out", tmp_path / out,
+                                             "--overwrite")]) == 0
         return np.asarray(Image.open(tmp_path / out))
     sweep = draw("--cfg", 1, 2, 4, "--sample-steps", 1, 3)
     assert sweep.shape[:2][::-1] == expect.grid_size(2, 2 * 3 * 2)   # rows: prompts; 6 blocks of 2
@@ -215,7 +217,8 @@ def test_sample_on_a_full_disk_is_one_line_and_keeps_the_old_picture(cli, runs, 
     png = small_disk / "samples.png"
     png.write_bytes(b"old picture")
     (small_disk / "filler").write_bytes(b"\0" * (512 * 1024 - 8192))    # the disk is now full
-    rc, out, err = cli("sample.py", "--ckpt", runs["flow"], "--n", 8, "--steps", 1, "--out", png)
+    rc, out, err = cli("sample.py", "--ckpt", runs["flow"], "--n", 8, "--steps", 1, "--out", png,
+                       "--overwrite")
     expect.one_line_error((rc, out, err), f"could not write {png} (No space left on device")
     assert png.read_bytes() == b"old picture"
     assert sorted(os.listdir(small_disk)) == ["filler", "samples.png"]
@@ -231,3 +234,73 @@ def test_a_failing_sample_command_makes_no_folder(cli, tmp_path, expect):
     expect.one_line_error(cli("sample.py", "--ckpt", tmp_path / "nope.pt", "--out",
                               tmp_path / "new" / "x.png"), "file not found")
     assert not (tmp_path / "new").exists()
+
+
+# -----------------------------------------------------------------------------
+# outputs never clobber; pictures are never silently wrong (issue 22)
+
+
+def test_export_never_replaces_its_own_checkpoint_or_another_file_unless_overwrite(cli, runs,
+                                                                                  tmp_path, expect):
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(runs["flow"].read_bytes())
+    before = ckpt.read_bytes()
+    expect.one_line_error(cli("sample.py", "--ckpt", ckpt, "--export", tmp_path / "run" / "." /
+                              "ckpt.pt"), "is the file this command reads as --ckpt")
+    notes = tmp_path / "vae.pt"
+    notes.write_bytes(b"a VAE other runs name")
+    expect.one_line_error(cli("sample.py", "--ckpt", ckpt, "--export", notes),
+                          f"--export {notes} exists and this command did not write it")
+    assert ckpt.read_bytes() == before and notes.read_bytes() == b"a VAE other runs name"
+    assert cli("sample.py", "--ckpt", ckpt, "--export", notes, "--overwrite")[0] == 0
+    assert checkpoint.load_checkpoint(notes, "export")["kind"] == "export"
+
+
+def test_sample_refuses_an_existing_picture_or_prompts_file_unless_overwrite(cli, runs, tmp_path,
+                                                                            expect):
+    png = tmp_path / "keep.png"
+    png.write_bytes(b"a picture of mine")
+    args = ["sample.py", "--ckpt", runs["flow"], "--n", 1, "--steps", 1, "--prompt", "a red circle"]
+    expect.one_line_error(cli(*args, "--out", png), f"--out {png} exists")
+    assert png.read_bytes() == b"a picture of mine" and not (tmp_path / "keep.prompts.txt").exists()
+    (tmp_path / "new.prompts.txt").write_text("my notes\n")
+    expect.one_line_error(cli(*args, "--out", tmp_path / "new.png"), "new.prompts.txt exists")
+    assert not (tmp_path / "new.png").exists()
+    assert cli(*args, "--out", png, "--overwrite")[0] == 0
+    assert Image.open(png).width == 64                            # now the picture
+
+
+def test_nan_weights_or_a_huge_guidance_weight_stop_with_the_cause_not_a_picture(cli, runs,
+                                                                                 tmp_path, expect):
+    export = checkpoint.export_flow(runs["flow"], tmp_path / "export.pt")
+    tampered = torch.load(export, weights_only=True)
+    next(iter(tampered["ema"].values())).view(-1)[0] = float("nan")
+    checkpoint.save_checkpoint(tmp_path / "nan.pt", tampered)   # a valid digest: only the NaN
+    args = ["sample.py", "--n", 1, "--steps", 2, "--prompt", "a red circle"]
+    expect.one_line_error(cli(*args, "--ckpt", tmp_path / "nan.pt", "--out", tmp_path / "a.png"),
+                          "its weights hold inf/NaN")
+    expect.one_line_error(cli(*args, "--ckpt", export, "--cfg", "1e308", "--out", tmp_path / "b.png"),
+                          "the guidance weight 1e+308 is far too large")
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.txt"))
+
+
+def test_integers_nothing_can_use_are_refused_when_parsed(cli, runs, tmp_path):
+    for flag, values in [("--sample-steps", ["1", "99999999999999999999"]),
+                         ("--batch-size", ["99999999999999999999999"])]:
+        rc, _, err = cli("sample.py", "--ckpt", runs["flow"], flag, *values, "--out",
+                         tmp_path / "x.png")
+        assert rc == 2 and "usage:" in err and flag in err and "at most" in err, err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_huge_scale_is_blamed_on_scale_and_a_multiline_prompt_takes_one_line(cli, runs, tmp_path,
+                                                                             expect):
+    expect.one_line_error(cli("sample.py", "--ckpt", runs["flow"], "--n", 1, "--scale", 10 ** 6,
+                              "--out", tmp_path / "x.png"), "--scale 1000000: ")
+    prompts = ["a red\ncircle", "a blue\r\nsquare\u2028here"]
+    rc, _, err = cli("sample.py", "--ckpt", runs["flow"], "--n", 1, "--steps", 1, "--prompt",
+                     prompts[0], "--prompt", prompts[1], "--out", tmp_path / "p.png")
+    assert rc == 0, err
+    assert (tmp_path / "p.prompts.txt").read_text().splitlines() == \
+        ["a red\\ncircle", "a blue\\r\\nsquare\\u2028here"]

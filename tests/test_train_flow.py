@@ -179,8 +179,7 @@ def _unfinished_copy(runs, path):
     ckpt.update(step=8, finished=False, latent_mean=torch.zeros(4), latent_std=torch.ones(4))
     for key in ("model", "ema"):
         ckpt[key]["latent_mean"], ckpt[key]["latent_std"] = torch.zeros(4), torch.ones(4)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, path)
+    checkpoint.save_checkpoint(path, ckpt)
     return path
 
 
@@ -275,7 +274,7 @@ def test_a_latent_cache_holding_nan_is_rebuilt(cli, runs, tmp_path, flow_args):
     assert cli(*flow_args(out, "--sample-every", 100))[0] == 0
     cache = torch.load(out / "latents.pt", weights_only=True)
     cache["mu"][0, 0, 0, 0] = float("nan")
-    torch.save(cache, out / "latents.pt")
+    checkpoint.save_checkpoint(out / "latents.pt", cache)
     rc, stdout, err = cli(*flow_args(out, "--sample-every", 100, "--overwrite"))
     assert rc == 0 and "is damaged (it holds inf/NaN); rebuilding it" in stdout, err
     assert torch.isfinite(torch.load(out / "latents.pt", weights_only=True)["mu"]).all()
@@ -332,3 +331,25 @@ def test_the_estimate_scales_with_the_counts_and_never_moves_the_random_state(on
     assert train_flow.estimate_phases(args, torch.device("cpu"), 1, 0, 0, 0, 0, 16) == {}
     many = train_flow.estimate_phases(args, torch.device("cpu"), 1, 1000, 0, 0, 0, 16)
     assert 100 * one["VAE"] < many["VAE"] < 10_000 * one["VAE"]   # ~1000x, timing noise aside
+
+
+# -----------------------------------------------------------------------------
+# resume from anywhere (issue 22)
+
+
+def test_resume_works_from_another_folder_and_names_the_flags_it_changes(
+        cli, runs, tmp_path, monkeypatch, flow_args):
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "ckpt.pt").write_bytes(runs["vae"].read_bytes())
+    args = flow_args("f", "--sample-every", 100, "--grid-prompts", 1, "--grid-images", 1)
+    args[args.index("--vae") + 1] = "v/ckpt.pt"                       # relative, as typed
+    assert cli(*args)[0] == 0                                         # cli runs in tmp_path
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    rc, stdout, err = cli("train_flow.py", "--resume", "--out", tmp_path / "f", "--steps", 2,
+                          "--cfg", 2)
+    assert rc == 0 and "resumed" in stdout, err                       # no --vae given
+    assert "resuming with changed settings: --steps 2 (was 1), --cfg 2.0 (was 4.0)" in stdout
+    assert torch.load(tmp_path / "f" / "ckpt.pt", weights_only=True)["args"]["vae"] == \
+        str(tmp_path / "v" / "ckpt.pt")                               # stored absolute

@@ -298,3 +298,54 @@ def test_long_tiny_run_does_not_grow_in_memory(tmp_path, expect, tiny, start):
 def vm_rss_mb(pid):
     text = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) / 1024
+
+
+# -----------------------------------------------------------------------------
+# runs that restart, logs that are never written through (issue 22)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_restarts_with_the_same_command(
+        cli, tmp_path, tiny, monkeypatch, expect):
+    out = tmp_path / "vae"
+    args = ["train_vae.py", "--out", out, *tiny.vae_flags, "--steps", 4, "--ckpt-every", 100,
+            "--log-every", 1, "--n-builtin", 16]
+
+    def killed(*a, **k):                       # the process dies as it would write its checkpoint
+        raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint, "save_checkpoint", killed)
+    assert cli(*args)[0] == 130
+    monkeypatch.undo()
+    assert sorted(os.listdir(out)) == ["args.json", "log.jsonl", "loss.png"]   # no checkpoint
+    expect.one_line_error(cli("train_vae.py", "--out", out, "--resume"),
+                          "stopped before its first checkpoint, there is nothing to resume")
+    rc, stdout, err = cli(*args)
+    assert rc == 0, err
+    assert "starting it again; deleting the previous run's files args.json, log.jsonl, " \
+           "loss.png" in err
+    assert [line["step"] for line in expect.log_lines(out)] == [1, 2, 3, 4, 4]   # not twice
+    assert checkpoint.load_checkpoint(out / "ckpt.pt", "vae")["finished"]
+
+
+def test_resume_through_a_symlinked_log_with_a_torn_line_copies_it_and_goes_on(
+        cli, runs, tmp_path, tiny, expect):
+    out = tmp_path / "vae"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(runs["vae"].read_bytes())
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    elsewhere.write_text((runs["vae_dir"] / "log.jsonl").read_text() + '\n{"step": 17, "lo')
+    before = elsewhere.read_text()
+    (out / "log.jsonl").symlink_to(elsewhere)
+    rc, stdout, err = cli("train_vae.py", "--out", out, "--resume", "--steps", tiny.vae_steps + 1,
+                          "--log-every", 1)
+    assert rc == 0 and "Traceback" not in err, err
+    assert elsewhere.read_text() == before                      # never written through
+    assert not (out / "log.jsonl").is_symlink()
+    steps = [line["step"] for line in expect.log_lines(out)]
+    assert steps[-2:] == [tiny.vae_steps + 1] * 2 and "dropped 2 lines" in err
+
+
+def test_a_batch_size_nothing_can_hold_is_refused_at_parse_time(cli, tmp_path, tiny):
+    for flag, value in [("--batch-size", 99999999999999999999999), ("--steps", 10 ** 12)]:
+        rc, _, err = cli("train_vae.py", "--out", tmp_path / "v", flag, value, *tiny.cpu)
+        assert rc == 2 and "usage:" in err and flag in err and "at most" in err, err
+    assert not (tmp_path / "v").exists()

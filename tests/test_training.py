@@ -1,12 +1,15 @@
 """Tests for training.py: the EMA against its closed form, the progress log, the NaN /
 divergence guard and the out-of-memory message."""
 
+import errno
 import json
+import os
 
 import pytest
 import torch
 
 import common
+import runs
 import training
 
 
@@ -40,6 +43,7 @@ def test_progress_prints_a_line_and_appends_one_json_object_per_report(tmp_path,
 
 def test_loss_guard_names_the_step_and_the_checkpoint_for_nan_loss_or_weights(tmp_path):
     model = torch.nn.Linear(2, 2)
+    (tmp_path / "ckpt.pt").write_bytes(b"the last good one")
     guard = training.LossGuard(tmp_path / "ckpt.pt")
     guard.check(1.0, 3, model)                                     # all finite: quiet
     with pytest.raises(common.UserError, match=r"loss became nan by step 3; .*ckpt\.pt"):
@@ -51,6 +55,7 @@ def test_loss_guard_names_the_step_and_the_checkpoint_for_nan_loss_or_weights(tm
 
 
 def test_loss_guard_stops_a_loss_that_grows_by_orders_of_magnitude(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"the last good one")
     guard = training.LossGuard(tmp_path / "ckpt.pt")
     guard.reference(2.0)                          # the first step's loss
     for step, loss in enumerate([1.5, 0.9, 0.5, 0.8, 30.0], start=1):   # noisy, 60x the lowest
@@ -99,3 +104,40 @@ def test_progress_leaves_paused_work_out_of_the_images_per_second(tmp_path, caps
     line = json.loads((tmp_path / "log.jsonl").read_text())
     assert line["img_per_s"] == 20.0             # 40 images in the 2 s that were training
     assert "| 20 img/s |" in capsys.readouterr().out
+
+
+def test_loss_guard_says_no_checkpoint_exists_and_advises_amp_off_only_under_autocast(tmp_path):
+    guard = training.LossGuard(tmp_path / "ckpt.pt")                  # no checkpoint yet, float32
+    with pytest.raises(common.UserError) as stopped:
+        guard.check(float("nan"), 3)
+    assert "no checkpoint had been written yet; lower --lr" in str(stopped.value)
+    assert "untouched" not in str(stopped.value) and "--amp off" not in str(stopped.value)
+    under_bf16 = training.LossGuard(tmp_path / "ckpt.pt", amp=torch.bfloat16)
+    with pytest.raises(common.UserError, match="lower --lr or use --amp off"):
+        under_bf16.check(float("inf"), 3)
+
+
+def test_a_log_that_is_a_symlink_is_replaced_by_a_copy_never_appended_through(tmp_path):
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    elsewhere.write_text('{"step": 1, "loss": 2.0}\n')
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").symlink_to(elsewhere)
+    training.Progress(run / "log.jsonl", total_steps=4, start_step=1, batch_size=2).report(
+        2, {"loss": 1.0})
+    assert elsewhere.read_text() == '{"step": 1, "loss": 2.0}\n'       # untouched
+    assert not (run / "log.jsonl").is_symlink()
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == \
+        [1, 2]
+
+
+def test_a_full_disk_while_appending_to_the_log_names_the_file(tmp_path, monkeypatch):
+    log = tmp_path / "log.jsonl"
+    progress = training.Progress(log, total_steps=4, start_step=0, batch_size=2)
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(runs.os, "write", full)
+    with pytest.raises(common.UserError, match=f"could not append to {log} \\(No space left on "
+                                               f"device\\)"):
+        progress.report(2, {"loss": 1.0})
