@@ -108,9 +108,12 @@ def sincos_2d(dim, h, w):
     half the column, each with the 1-D transformer sinusoid (periods up to 10000)."""
     if dim % 4 != 0:
         raise ValueError(f"position embedding dim must be a multiple of 4, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64),
-                                torch.arange(w, dtype=torch.float64), indexing="ij")
+    # A fixed table, always computed on the CPU (also inside a `torch.device("meta")` block, where
+    # a model is only measured); the module moves it with .to(device).
+    cpu = torch.device("cpu")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64, device=cpu) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64, device=cpu),
+                                torch.arange(w, dtype=torch.float64, device=cpu), indexing="ij")
     parts = []
     for pos in (rows.flatten(), cols.flatten()):            # (L,) each, row-major order
         angle = pos[:, None] * omega[None, :]               # (L, dim/4)

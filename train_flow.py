@@ -47,7 +47,7 @@ from sample import generate
 from training import (EMA, LossGuard, Progress, StopFlag, Stopwatch, adamw, add_training_flags,
                       all_ranks_sum, any_rank, barrier, check_ranks_agree, gather_objects,
                       init_distributed, oom_error)
-from vae import VAE, VAEConfig
+from vae import VAE
 
 # The recipe's numbers, all in one place; every flag's default is read from here. The same on
 # every device: the measured 15-minute CPU recipe, which a GPU runs with torch.compile and bf16
@@ -144,13 +144,13 @@ def prepare_latents(args, folder, resume, rank, world, device, watch):
         train_set = data_lib.load_dataset(args.data, args.image_size, "train",
                                           n_builtin=args.n_builtin, seed=args.seed)
         vae_path, vae_todo = vae_plan(args)
-        factor = vae_factor(args, vae_path)
+        factor = vae_factor(args, vae_path, vae_todo)
     if args.image_size % factor or (args.image_size // factor) % args.patch_size:
         raise UserError(f"--image-size {args.image_size} must be divisible by the VAE factor "
                         f"{factor} x patch size {args.patch_size} = {factor * args.patch_size}")
     longest = max(len(c.encode("utf-8")) for c in train_set.captions) + 1   # + BOS
     max_len = min(256, -(-longest // 8) * 8)                     # fit the data, multiple of 8
-    if rank == 0:
+    if rank == 0 and args.steps + (vae_todo[1] if vae_todo else 0) >= ESTIMATE_MIN_STEPS:
         with watch("estimate"):
             print(estimate_report(args, device, resume, vae_path, vae_todo, len(train_set),
                                   max_len, world), flush=True)
@@ -233,16 +233,12 @@ def vae_plan(args):
     return str(path), None
 
 
-def vae_factor(args, vae_path):
-    """The downsampling factor of the VAE this run uses (from its checkpoint, or the preset the
-    automatic VAE will have), known before any training."""
-    if Path(vae_path).is_file():
-        config = load_checkpoint(vae_path, "vae", flag="--vae")["config"]
-        try:
-            return VAEConfig.from_dict(config).factor
-        except (TypeError, ValueError) as e:
-            raise UserError(f"--vae {vae_path}: damaged checkpoint: its configuration is not a "
-                            f"VAE's ({type(e).__name__}); use another file or retrain")
+def vae_factor(args, vae_path, todo):
+    """The downsampling factor of the VAE this run uses, known before any training: from the
+    checkpoint (checked as load_vae checks it) when it is finished, else from the preset the
+    automatic VAE is trained with."""
+    if todo is None:
+        return load_vae(vae_path, "cpu")[0].config.factor
     return train_vae.vae_config_from_args(argparse.Namespace(image_size=args.image_size,
                                                              preset=None)).factor
 
@@ -472,6 +468,10 @@ def sample_grid(path, model, latents, args, amp):
 
 # ---------------------------------------------------------------------------------------------
 # How long the whole command will take: a few timed steps of each phase, before the slow work
+
+# Runs this short start at once: timing their phases would take a noticeable share of them.
+ESTIMATE_MIN_STEPS = 200
+
 
 def estimate_phases(args, device, world=1, vae_steps=0, encode_images=0, dit_steps=0, grids=0,
                     max_prompt_len=80, timed=1):

@@ -32,7 +32,8 @@ MARK = "<!-- runnable -->"
 MAX_README_LINES = 300
 SMOKE_OUT = "runs/smoke"
 SMOKE_CKPT = f"{SMOKE_OUT}/ckpt.pt"
-SMOKE_LIMITS = {"--steps": 50, "--vae-steps": 50, "--n-builtin": 1000}   # largest allowed values
+SMOKE_LIMITS = {"--steps": 50, "--vae-steps": 50, "--n-builtin": 1000,   # largest allowed values
+                "--sample-steps": 50}
 
 
 def runnable_blocks(text):
