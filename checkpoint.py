@@ -94,15 +94,21 @@ def load_checkpoint(path, kind, flag="--ckpt"):
     """Load a checkpoint safely (weights_only: no code runs), verify it, check format and kind
     (`kind`: one kind, or a tuple of the kinds accepted)."""
     path = Path(path)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
     if not path.is_file():
-        raise UserError(f"{flag} {path}: {'is a folder, not a file' if path.is_dir() else 'file not found'}")
+        what = "is a folder, not a file" if path.is_dir() else "file not found"
+        make = {"flow": "; train one with python train_flow.py (13-14 min on 2 CPU cores), or in "
+                        "under a minute a smoke-test one: python train_flow.py --steps 20 "
+                        "--vae-steps 20 --n-builtin 500 --sample-steps 10 --out runs/smoke "
+                        "(then --ckpt runs/smoke/ckpt.pt)",
+                "vae": "; train one with python train_vae.py"}.get(kinds[0], "")
+        raise UserError(f"{flag} {path}: {what}{make if flag != '--resume' else ''}")
     ckpt = safe_load(path, flag)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{flag} {path}: not a latent-flow checkpoint")
     if ckpt.get("version") != FORMAT_VERSION:
         raise UserError(f"{flag} {path}: checkpoint format version {ckpt.get('version')} is not "
                         f"supported by this code (version {FORMAT_VERSION}); use the matching code")
-    kinds = kind if isinstance(kind, tuple) else (kind,)
     if ckpt.get("kind") not in kinds:
         other = {"vae": "train_vae.py (pass it as --vae)", "flow": "train_flow.py (pass it as --ckpt)",
                  "export": "sample.py --export (pass it as --ckpt)"}

@@ -135,10 +135,13 @@ def seed_value(text):
 # Device and precision
 
 def pick_device(name):
-    """torch.device from --device: auto (CUDA, else CPU), cpu, cuda[:N] or mps (Apple GPUs; the
-    CPU, with one line, where MPS is missing). Asking for CUDA without CUDA is a user error."""
+    """torch.device from --device: auto (CUDA, else Apple's MPS, else CPU), cpu, cuda[:N] or mps
+    (Apple GPUs; the CPU, with one line, where MPS is missing). Asking for CUDA without CUDA is a
+    user error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -13,7 +13,7 @@ of the scripts, `dataset_key` names the data for cache keys, and the grid helper
 sample and reconstruction pictures.
 
 Offers: DataError, ImageSet, to_model_range, from_model_range, images_to_grid, grid_scale,
-save_grid, build_shapes, IMAGE_EXTENSIONS, load_folder, N_TEST_BUILTIN, TEST_SEED_OFFSET,
+save_grid, build_shapes, IMAGE_EXTENSIONS, load_folder, announce, N_TEST_BUILTIN, TEST_SEED_OFFSET,
 load_dataset, dataset_key
 """
 
@@ -21,7 +21,7 @@ import hashlib
 import json
 import sys
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +51,16 @@ class ImageSet:
     images: uint8 tensor (N, 3, H, W); captions: N strings ("" = unconditional);
     attributes: N attribute dicts for the shapes data, None for folder data;
     name: where the images came from, e.g. "shapes-32-seed0" or the folder path;
-    held_out: False for a test split that is a copy of the training images (a small folder)."""
+    held_out: False for a test split that is a copy of the training images (a small folder);
+    summary: how the data was read, in words (counts, captions, held-out split, resizing), and
+    warnings (e.g. unreadable files), for the scripts to print once (`announce`)."""
     images: torch.Tensor
     captions: list
     attributes: list | None = None
     name: str = ""
     held_out: bool = True
+    summary: str = ""
+    warnings: list = field(default_factory=list)
 
     def __post_init__(self):
         assert self.images.dtype == torch.uint8 and self.images.ndim == 4 and \
@@ -204,8 +208,10 @@ _FIX = ("pass a folder of images (png/jpg/jpeg/webp/bmp/gif) "
 def load_folder(path, image_size):
     """Every image under `path` (recursive, sorted, hidden files skipped), converted to RGB
     (alpha composited over white, 16-bit scaled to 8-bit), short side resized to image_size
-    and centre-cropped. Captions: sidecar name.txt, else the first-level class folder name
-    ('_' and '-' -> spaces), else "". Unreadable files are skipped with one warning line."""
+    and centre-cropped. Captions: sidecar name.txt, else the `text` of the image's line in a
+    metadata.jsonl (Hugging Face imagefolder: {"file_name": ..., "text": ...}), else the
+    first-level class folder name ('_' and '-' -> spaces), else "". Unreadable files are
+    skipped; the set's `summary` counts them and says where the captions came from."""
     root = _check_folder(path)
     return _load_files(root, _list_images(root), image_size, name=str(path))
 
@@ -231,35 +237,83 @@ def _list_images(root):
 
 
 def _load_files(root, files, image_size, name):
-    """Load the given files; skip unreadable ones with one warning line on stderr."""
+    """Load the given files into an ImageSet whose summary counts what was read: unreadable
+    files (skipped), where the captions came from, nested folders, upscaled images."""
     if not (isinstance(image_size, int) and image_size >= 8):
         raise DataError(f"image_size {image_size!r}: must be an integer >= 8")
-    pixels, captions, skipped = [], [], []
+    metadata = _read_metadata(root)
+    pixels, captions, skipped, sources, upscaled, nested = [], [], [], {}, 0, set()
     for f in files:
         try:
-            pixels.append(_load_image(f, image_size))
+            array, small = _load_image(f, image_size)
         except Exception as e:  # any decoder error: truncated, not an image, bomb, ...
             skipped.append(f"{f.relative_to(root).as_posix()}: {e}")
             continue
-        captions.append(_caption_for(root, f))
+        pixels.append(array)
+        upscaled += small
+        caption, source = _caption_for(root, f, metadata)
+        captions.append(caption)
+        sources[source] = sources.get(source, 0) + 1
+        parts = f.relative_to(root).parts
+        if source == "class folder" and len(parts) > 2:
+            nested.add(f"{parts[0]}/{parts[1]}/")
     if not pixels:
         raise DataError(f"--data {root}: none of the {len(files)} image files could be read "
                         f"(first: {skipped[0]}); {_FIX}")
-    if skipped:
-        print(f"warning: skipped {len(skipped)} unreadable images in {root} "
-              f"(first: {skipped[0]})", file=sys.stderr)
     images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()  # (N,3,H,W)
-    return ImageSet(images, captions, attributes=None, name=name)
+    lines = [f"{len(pixels)} images read"]
+    warnings = []
+    if skipped:
+        lines.append(f"{len(skipped)} unreadable files skipped (first: {skipped[0][:120]})")
+        warnings.append(f"skipped {len(skipped)} unreadable images in {root} (first: "
+                        f"{skipped[0][:160]})")
+    lines.append("captions: " + ", ".join(f"{n} from {s}" for s, n in sources.items()))
+    if sources.get("nothing (trained unconditionally)"):
+        lines.append("an image without a caption is learned unconditionally (the empty prompt)")
+    if nested:
+        example = sorted(nested)[0]
+        lines.append(f"nested folders take their first-level name as caption ({example} -> "
+                     f"{example.split('/')[0]!r})")
+    if upscaled:
+        lines.append(f"{upscaled} images smaller than {image_size} px were upscaled")
+    return ImageSet(images, captions, attributes=None, name=name, summary="\n".join(lines),
+                    warnings=warnings)
+
+
+def announce(images):
+    """Print how a set was read (its summary) and, once, each of its warnings on stderr."""
+    print(images.summary, flush=True)
+    for warning in images.warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+
+
+def _read_metadata(root):
+    """{image path: caption} from every metadata.jsonl under root (Hugging Face imagefolder's
+    format: one JSON object per line with "file_name", relative to that file's folder, and
+    "text"). Lines that are not such objects are left out."""
+    captions = {}
+    for meta in sorted(root.rglob("metadata.jsonl")):
+        if any(part.startswith(".") for part in meta.relative_to(root).parts):
+            continue
+        for line in meta.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("file_name"), str) \
+                    and isinstance(entry.get("text"), str):
+                captions[(meta.parent / entry["file_name"]).resolve()] = entry["text"].strip()
+    return captions
 
 
 def _load_image(path, image_size):
-    """One file -> uint8 (image_size, image_size, 3)."""
+    """One file -> (uint8 (image_size, image_size, 3), whether it had to be enlarged)."""
     with Image.open(path) as img:
         if img.format == "JPEG":  # decode big JPEGs at a reduced scale, still >= 2x the target
             img.draft(img.mode, (2 * image_size, 2 * image_size))
         img.load()  # inside the caller's try: this is where truncated files fail
         rgb = _to_rgb(img)
-    return np.asarray(_resize_center_crop(rgb, image_size))
+    return np.asarray(_resize_center_crop(rgb, image_size)), min(rgb.size) < image_size
 
 
 def _to_rgb(img):
@@ -287,15 +341,18 @@ def _resize_center_crop(img, size):
     return img.crop((left, top, left + size, top + size))
 
 
-def _caption_for(root, f):
+def _caption_for(root, f, metadata):
+    """(caption, where it came from): sidecar name.txt, metadata.jsonl, class folder, or none."""
     sidecar = f.with_suffix(".txt")
     if sidecar.is_file():
-        return sidecar.read_text(encoding="utf-8", errors="replace").strip()
+        return sidecar.read_text(encoding="utf-8", errors="replace").strip(), "name.txt sidecars"
+    if f.resolve() in metadata:
+        return metadata[f.resolve()], "metadata.jsonl"
     parts = f.relative_to(root).parts
     if len(parts) > 1:  # in a class sub-folder (a name that is not UTF-8: U+FFFD for its bytes)
         name = _name_bytes(parts[0]).decode("utf-8", "replace")
-        return name.replace("_", " ").replace("-", " ").strip()
-    return ""
+        return name.replace("_", " ").replace("-", " ").strip(), "class folder"
+    return "", "nothing (trained unconditionally)"
 
 
 # -----------------------------------------------------------------------------
@@ -315,23 +372,36 @@ def load_dataset(data, image_size, split="train", n_builtin=20000, seed=0):
         return _load_builtin(image_size, split, n_builtin, seed)
     root = _check_folder(data)
     files = _list_images(root)
-    held_out = True
+    held_out, split_note = True, ""
     if split != "all":
         test = [f for f in files if _is_test_file(root, f)]
         train = [f for f in files if not _is_test_file(root, f)]
         if len(files) >= 20 and test and train:
             files = test if split == "test" else train
+            split_note = (f"{len(test)} of {len(test) + len(train)} image files held out for "
+                          f"evaluation (a fixed ~5% by file-name hash), {len(train)} for training")
         else:
             held_out = split != "test"
+            why = ("the folder has under 20 images" if len(test) + len(train) < 20 else
+                   f"the file-name hash put {'none' if not test else 'all'} of its "
+                   f"{len(test) + len(train)} images in the held-out split")
+            split_note = f"{why}: none held out, evaluation reuses training images"
     images = _load_files(root, files, image_size, name=str(data))
     images.held_out = held_out
+    what = {"train": "training split", "test": "held-out split", "all": "every image"}[split]
+    items = ([split_note] if split_note else []) + images.summary.splitlines()
+    images.summary = f"data {data} ({what}):\n" + "\n".join(f"  {item}" for item in items)
     return images
 
 
 def _load_builtin(image_size, split, n_builtin, seed):
     name = f"shapes-{image_size}-seed{seed}"
     if split == "train":
-        return build_shapes(n_builtin, seed, image_size)
+        train = build_shapes(n_builtin, seed, image_size)
+        train.summary = (f"data: the built-in shapes, {n_builtin} training images drawn from "
+                         f"stream {seed} ({image_size} px), {N_TEST_BUILTIN} held-out images "
+                         f"from another stream; captions name every shape")
+        return train
     test = build_shapes(N_TEST_BUILTIN, seed + TEST_SEED_OFFSET, image_size)
     if split == "test":
         return ImageSet(test.images, test.captions, test.attributes, name=f"{name}-test")
@@ -353,13 +423,14 @@ def _name_bytes(name):
 def dataset_key(data, image_size, n_builtin=20000, seed=0):
     """A stable string naming the data, for cache keys. Built-in: the rendering version, size,
     count and seed. Folder: a sha1 of the sorted relative paths, sizes and mtimes of its
-    images and caption sidecars, plus the image size."""
+    images, caption sidecars and metadata.jsonl files, plus the image size."""
     if data is None:
         return f"shapes-v{shapes.SHAPES_VERSION}-{image_size}px-n{n_builtin}-seed{seed}"
     root = _check_folder(data)
     sha = hashlib.sha1(f"{image_size}\n".encode())
-    for f in _list_images(root):
-        for g in (f, f.with_suffix(".txt")):
+    metadata = sorted(root.rglob("metadata.jsonl"))
+    for f in _list_images(root) + metadata:
+        for g in (f, f.with_suffix(".txt")) if f.suffix != ".jsonl" else (f,):
             if g.is_file():
                 st = g.stat()
                 sha.update(_name_bytes(f"{g.relative_to(root).as_posix()}\t{st.st_size}\t"

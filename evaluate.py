@@ -466,7 +466,7 @@ def parse_args(argv=None):
     p.add_argument("--n", type=positive(int), default=1000,
                    help="generated images per setting, and the size of each real set (capped by "
                         "the held-out images available, with a warning)")
-    p.add_argument("--cfg", dest="cfg_scales", metavar="W", type=finite, nargs="+",
+    p.add_argument("--cfg", "--cfg-scale", dest="cfg_scales", metavar="W", type=finite, nargs="+",
                    default=[1.0, 2.0, 4.0],
                    help="guidance weights w to evaluate (1 = no guidance)")
     p.add_argument("--sample-steps", "--steps", dest="sample_steps", metavar="N",
@@ -489,8 +489,9 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="let --json replace an existing file, even one this command reads")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="off",
-                   help="autocast for the DiT forward passes while sampling")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="autocast for the DiT forward passes while sampling (auto = bf16 on CUDA "
+                        "and on CPUs with native bf16, else off)")
     p.add_argument("--seed", type=seed_value, default=0,
                    help="sampling noise seed (same seed, same images) and fallback-CNN seed")
     return p.parse_args(argv)

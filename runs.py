@@ -175,14 +175,15 @@ def read_log(path):
 def plot_loss(log_path, png_path, key="loss", size=(640, 400)):
     """Draw log.jsonl's `key` against the step (log-scale step axis, log-scale loss) with Pillow:
     the logged values (light) and their running mean (dark), with the step and loss ranges
-    written on the axes. Written atomically; nothing is drawn before two logged points."""
+    written on the axes. Written atomically, from the first logged point on (one point is drawn
+    as a dot), so every run folder has one as soon as its first progress line."""
     points = []
     for entry in read_log(log_path)[0]:
         value = entry.get(key)
         if isinstance(value, (int, float)) and entry.get("step", 0) > 0 and value > 0 and \
                 math.isfinite(value):
             points.append((entry["step"], value))
-    if len(points) < 2:
+    if not points:
         return
     smooth, mean = [], None
     for _, y in points:
@@ -200,6 +201,9 @@ def plot_loss(log_path, png_path, key="loss", size=(640, 400)):
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     draw.rectangle([left, pad, W - pad, H - bottom], outline=(160, 160, 160))
+    if len(points) == 1:
+        (px, py), r = xy(*points[0]), 3
+        draw.ellipse([px - r, py - r, px + r, py + r], fill=(20, 60, 160))
     draw.line([xy(x, y) for x, y in points], fill=(170, 200, 240), width=1)
     draw.line([xy(x, y) for (x, _), y in zip(points, smooth)], fill=(20, 60, 160), width=2)
     draw.text((left, H - bottom + 6), f"step {points[0][0]}", fill="black")
@@ -275,6 +279,12 @@ class RunFolder:
                             "start it over")
         check_writable(self.path)
         self._check_contents()                       # fail before the slow work, nothing made
+        if self.overwrite and self.replaced:         # say now, before the slow work starts
+            changed = self._changed_settings(limit=None) if "args.json" in self.replaced else ""
+            print(f"note: --overwrite replaces the run in {self.path}"
+                  f"{f' (settings that differ from its args.json: {changed})' if changed else ''}; "
+                  f"its files {', '.join(self.replaced)} are deleted when this run starts",
+                  file=sys.stderr, flush=True)
 
     def _check_contents(self):
         found = self.run_files()
@@ -311,8 +321,9 @@ class RunFolder:
                                     f"this command reads as {flag}; choose another --out")
         self.replaced = found
 
-    def _changed_settings(self):
-        """How this command's settings differ from the stopped run's args.json ('' if not)."""
+    def _changed_settings(self, limit=4):
+        """How this command's settings differ from the previous run's args.json ('' if not):
+        the first `limit` of them (all with None)."""
         try:
             stored = json.loads((self.path / "args.json").read_text())
         except (OSError, ValueError):
@@ -321,7 +332,7 @@ class RunFolder:
         if not isinstance(stored, dict) or now is None:
             return "its args.json is unreadable"
         keys = [k for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)]
-        return ", ".join(f"{_flag(k)} {now.get(k)} (was {stored.get(k)})" for k in keys[:4])
+        return ", ".join(f"{_flag(k)} {now.get(k)} (was {stored.get(k)})" for k in keys[:limit])
 
     def run_files(self):
         return run_files(self.path)

@@ -79,14 +79,21 @@ def guided_field(model, cond, null_cond, cfg_scale):
 # From a trained checkpoint to pictures: python sample.py --ckpt runs/flow/ckpt.pt --prompt ...
 
 @torch.inference_mode()
-def generate(model, vae, prompts, steps=50, cfg_scale=4.0, seed=0, batch_size=64, amp=None):
+def generate(model, vae, prompts, sample_steps=50, cfg_scale=4.0, seed=0, batch_size=64, amp=None,
+             steps=None):
     """Images (N, 3, H, W) uint8 for a list of prompts: noise -> Euler + CFG -> denormalise -> decode.
 
+    sample_steps and cfg_scale are the CLI's --sample-steps and --cfg-scale (`steps=` is the old
+    spelling and still works, with a note).
     model: the DiT (EMA weights; may be torch.compile'd), vae: the VAE whose latent statistics the
     model was trained with. The noise of image i depends only on (seed, i): same seed, same image.
     Latents or pixels that are not finite stop it (a UserError naming the guidance weight when it
     is huge, else the weights): a picture of NaNs is never returned.
     """
+    if steps is not None:
+        print("note: generate(steps=...) is now generate(sample_steps=...), as --sample-steps",
+              file=sys.stderr)
+        sample_steps = steps
     config = getattr(model, "_orig_mod", model).config
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -98,10 +105,10 @@ def generate(model, vae, prompts, steps=50, cfg_scale=4.0, seed=0, batch_size=64
     for i in range(0, len(prompts), batch_size):
         with autocast(device, amp):
             u = guided_field(model, tokens[i:i + batch_size], null, cfg_scale)
-            z = euler_sample(lambda x, t: u(x, t).float(), noise[i:i + batch_size], steps)
-        _check_finite(z, "latents", cfg_scale, steps)
+            z = euler_sample(lambda x, t: u(x, t).float(), noise[i:i + batch_size], sample_steps)
+        _check_finite(z, "latents", cfg_scale, sample_steps)
         x = vae.decode(vae.denormalize_latents(z))           # (b, 3, H, W) in [-1, 1]
-        _check_finite(x, "pixels", cfg_scale, steps)
+        _check_finite(x, "pixels", cfg_scale, sample_steps)
         images.append(data_lib.from_model_range(x.float()).cpu())
         phase.update(i + len(images[-1]))
     return torch.cat(images)
@@ -145,7 +152,7 @@ def parse_args(argv=None):
                    type=positive(int, at_most=MAX_STEPS), default=[50],
                    help="Euler steps (model evaluations); several give a sweep (--steps is the "
                         "old spelling)")
-    p.add_argument("--cfg", dest="cfg_scales", metavar="W", nargs="+", type=finite, default=[4.0],
+    p.add_argument("--cfg", "--cfg-scale", dest="cfg_scales", metavar="W", nargs="+", type=finite, default=[4.0],
                    help="guidance weight w: (1 - w) u(x|empty) + w u(x|y); 1 = no guidance; "
                         "several give a sweep")
     p.add_argument("--seed", type=seed_value, default=0, help="noise seed: same seed, same images")
@@ -159,7 +166,7 @@ def parse_args(argv=None):
                    help="write each row's prompt above it and each block's setting on top")
     p.add_argument("--vae", default=None, help="VAE checkpoint. Default: the one the flow checkpoint names")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="off",
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="autocast for the DiT forward passes (auto = bf16 on CUDA/bf16 CPUs)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model call")
@@ -272,11 +279,14 @@ def _check_prompts(prompts):
 
 
 def _warn_truncated(prompts, max_len):
-    """One warning line per prompt longer than the model reads (tokenize truncates it)."""
+    """One warning line per prompt longer than the model reads (tokenize truncates it), quoting
+    the part the model reads."""
     for prompt in prompts:
         if prompt_is_truncated(prompt, max_len):
-            print(f"warning: prompt {prompt[:40]!r}... is longer than the model's "
-                  f"{max_len - 1} bytes; it was truncated", file=sys.stderr)
+            kept = prompt.encode("utf-8")[:max_len - 1].decode("utf-8", "ignore")
+            print(f"warning: prompt {prompt[:60]!r}{'...' if len(prompt) > 60 else ''} is longer "
+                  f"than the {max_len - 1} bytes this model reads; it reads only {kept!r}",
+                  file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -150,6 +150,10 @@ def prepare_latents(args, folder, resume, rank, world, device, watch):
                         f"{factor} x patch size {args.patch_size} = {factor * args.patch_size}")
     longest = max(len(c.encode("utf-8")) for c in train_set.captions) + 1   # + BOS
     max_len = min(256, -(-longest // 8) * 8)                     # fit the data, multiple of 8
+    if rank == 0:
+        data_lib.announce(train_set)
+        print(f"prompts: the model reads up to {max_len - 1} bytes of a prompt (the longest "
+              f"caption has {longest - 1}); longer prompts are cut", flush=True)
     if rank == 0 and args.steps + (vae_todo[1] if vae_todo else 0) >= ESTIMATE_MIN_STEPS:
         with watch("estimate"):
             print(estimate_report(args, device, resume, vae_path, vae_todo, len(train_set),
@@ -240,7 +244,7 @@ def vae_factor(args, vae_path, todo):
     if todo is None:
         return load_vae(vae_path, "cpu")[0].config.factor
     return train_vae.vae_config_from_args(argparse.Namespace(image_size=args.image_size,
-                                                             preset=None)).factor
+                                                             vae_preset=None)).factor
 
 
 def ensure_vae(args, path, todo, rank, world, device):
@@ -258,7 +262,7 @@ def ensure_vae(args, path, todo, rank, world, device):
     flags += ["--steps", str(args.vae_steps)] if args.vae_steps is not None else []
     flags += [] if args.compile is None else ["--compile" if args.compile else "--no-compile"]
     vae_args, vae_given = train_vae.parse_args(flags)
-    train_vae.train(vae_args, vae_given, rank, world, device,
+    train_vae.train(vae_args, vae_given, rank, world, device, quiet_data=True,
                     resume_command=f"the same python train_flow.py command (it finishes the VAE "
                                    f"in {Path(path).parent}, then trains the flow model)")
 
@@ -439,7 +443,10 @@ def train_dit(args, latents, out, resume, amp, rank, world, device, watch):
         minutes = (time.perf_counter() - t_start) / 60
         print(f"done: {step} steps in {minutes:.1f} min; wrote {ckpt_path} and "
               f"{out / f'samples_{step:06d}.png'}")
-        print(f"sample more with: python sample.py --ckpt {ckpt_path} --prompt \"...\"")
+        print(f"sample more with: python sample.py --ckpt {ckpt_path} --prompt \"...\"; a file "
+              f"for sampling only (no optimizer, bf16 weights: about an eighth of ckpt.pt's "
+              f"{ckpt_path.stat().st_size / 2 ** 20:.0f} MiB): python sample.py --ckpt "
+              f"{ckpt_path} --export model.pt --export-dtype bf16")
 
 
 def run_state(args, latents, step, model, ema, opt, scaler, world, elapsed):
@@ -484,7 +491,7 @@ def estimate_phases(args, device, world=1, vae_steps=0, encode_images=0, dit_ste
     local = args.batch_size // world
     seconds = {}
     try:
-        vae_args = argparse.Namespace(**train_vae.DEFAULTS, seed=args.seed, preset=None)
+        vae_args = argparse.Namespace(**train_vae.DEFAULTS, seed=args.seed, vae_preset=None)
         vae_args.image_size = args.image_size
         vae_config = train_vae.vae_config_from_args(vae_args)
         vae, ema, opt, scaler = train_vae.build(vae_config, vae_args, device, amp)
@@ -594,7 +601,7 @@ def parse_args(argv=None):
     p.add_argument("--sample-steps", type=positive(int, at_most=MAX_STEPS),
                    default=DEFAULTS["sample_steps"],
                    help="Euler steps for the sample grids")
-    p.add_argument("--cfg", dest="cfg_scale", metavar="W", type=finite, default=DEFAULTS["cfg_scale"],
+    p.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", metavar="W", type=finite, default=DEFAULTS["cfg_scale"],
                    help="guidance weight for the sample grids")
     return parse_with_given(p, argv)
 

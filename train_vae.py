@@ -1,7 +1,7 @@
 """Train the beta-VAE that makes the latent space (Lecture 04, Section 6, Algorithm 7).
 
     python train_vae.py                      # built-in shapes, 32 px, CPU or GPU
-    python train_vae.py --data ~/photos --image-size 64 --preset 64
+    python train_vae.py --data ~/photos --image-size 64 --vae-preset 64
 
 Algorithm 7, "beta-VAE Training Procedure": for each mini-batch, encode (mu, log sigma^2),
 reparameterize z = mu + sigma * eps, decode, and minimise L_recon + beta * L_KL (vae.vae_loss).
@@ -52,12 +52,12 @@ DEFAULTS = {
 }
 
 
-def train(args, given, rank, world, device, resume_command=None):
+def train(args, given, rank, world, device, resume_command=None, quiet_data=False):
     """The command: resume or start the run in --out, train the VAE (Algorithm 7), then store its
     latent statistics and the latents of its training set (Recipe step 2). Every process of a
     torchrun takes part; rank 0 writes all files. `resume_command`: what Ctrl-C tells the user to
-    run (train_flow.py names its own command). Returns the checkpoint path (None when the run was
-    already finished)."""
+    run (train_flow.py names its own command); `quiet_data`: the caller has described the data
+    already. Returns the checkpoint path (None when the run was already finished)."""
     setup_backends(device)
     folder = RunFolder(args.out, args.resume, args.overwrite, settings_of(args),
                        [("--data", args.data)]) if rank == 0 else None
@@ -75,7 +75,8 @@ def train(args, given, rank, world, device, resume_command=None):
                   f"larger --steps trains on)")
         return None
     try:
-        return train_vae(args, folder, resume, rank, world, device, resume_command)
+        return train_vae(args, folder, resume, rank, world, device, resume_command,
+                         quiet_data)
     finally:
         if folder is not None:
             folder.release()
@@ -109,7 +110,8 @@ def train_step(net, model, ema, opt, scaler, images, step, args, amp):
     return torch.stack([total.detach(), recon.detach(), kl.detach()])
 
 
-def train_vae(args, folder, resume, rank, world, device, resume_command=None):
+def train_vae(args, folder, resume, rank, world, device, resume_command=None,
+              quiet_data=False):
     """Train (or resume) the VAE configured by parsed args into the RunFolder `folder` (rank 0's;
     None elsewhere); `resume`: the checkpoint to continue. Returns the checkpoint path."""
     torch.manual_seed(args.seed)
@@ -144,6 +146,8 @@ def train_vae(args, folder, resume, rank, world, device, resume_command=None):
         torch.manual_seed(args.seed + rank)                    # per-rank data order and noise
     if rank == 0:
         write_json(out / "args.json", settings_of(args), "settings")
+        if not quiet_data:
+            data_lib.announce(train)
         print(f"VAE {config.image_size}px -> {config.latent_channels}x{config.latent_size}x"
               f"{config.latent_size} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
               f"params) on {device}{f' x{world}' if world > 1 else ''}, amp {amp}, {len(train)} "
@@ -350,8 +354,9 @@ def parse_args(argv=None):
   python train_vae.py --resume --out runs/vae --steps 4000    # continue a run further
 """, formatter_class=HelpFormatter)
     add_training_flags(p, DEFAULTS, "runs/vae")
-    p.add_argument("--preset", default=None,
-                   help="VAE size: '32', '64' or 'large'. Default: the preset named by --image-size "
+    p.add_argument("--vae-preset", "--preset", dest="vae_preset", default=None,
+                   help="VAE size: '32', '64' or 'large' (--preset is the old spelling; in "
+                        "train_flow.py --preset is the DiT's). Default: the preset named by --image-size "
                         "('32' up to 32 px, '64' up to 64 px), 'large' above 64 px")
     p.add_argument("--beta", type=positive(float, allow_zero=True), default=DEFAULTS["beta"],
                    help="KL weight beta of Algorithm 7 (>= 0)")
@@ -363,11 +368,14 @@ def parse_args(argv=None):
 
 
 # Settings whose change makes another experiment: --resume refuses them without --allow-changes.
-EXPERIMENT = {"data", "n_builtin", "seed", "image_size", "preset", "beta", "sigma"}
+EXPERIMENT = {"data", "n_builtin", "seed", "image_size", "vae_preset", "beta", "sigma"}
 
 
 def main(argv=None):
     args, given = parse_args(argv)
+    if "--preset" in (sys.argv[1:] if argv is None else argv):
+        print("note: train_vae.py's --preset is now --vae-preset (train_flow.py's --preset is "
+              "the DiT's)", file=sys.stderr)
     rank, world, device = init_distributed(args.device)
     line = set_threads(args.threads)
     if rank == 0 and device.type == "cpu":
@@ -381,11 +389,12 @@ def main(argv=None):
 
 
 def vae_config_from_args(args):
-    """The VAE preset named by --preset (or by --image-size), at --image-size."""
+    """The VAE preset named by --vae-preset (or by --image-size), at --image-size."""
     size = args.image_size
-    name = args.preset or ("32" if size <= 32 else "64" if size <= 64 else "large")
+    name = args.vae_preset or ("32" if size <= 32 else "64" if size <= 64 else "large")
     if name not in VAE_PRESETS:
-        raise UserError(f"--preset {name}: unknown VAE preset; choose from {sorted(VAE_PRESETS)}")
+        raise UserError(f"--vae-preset {name}: unknown VAE preset; choose from "
+                        f"{sorted(VAE_PRESETS)}")
     factor = VAE_PRESETS[name].factor
     if size % factor:
         raise UserError(f"--image-size {size} is not divisible by the downsampling factor {factor} "
@@ -394,7 +403,7 @@ def vae_config_from_args(args):
 
 
 # Which flag sets each config field, for the --resume mismatch message ("" = the rest).
-RESUME_FLAGS = {"image_size": "--image-size", "": "--preset"}
+RESUME_FLAGS = {"image_size": "--image-size", "": "--vae-preset"}
 
 
 def _check_config(ckpt, config, ckpt_path):

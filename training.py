@@ -55,8 +55,8 @@ def add_training_flags(p, defaults, out_default):
     p.add_argument("--ema-decay", type=fraction, default=defaults["ema_decay"],
                    help="decay of the weights' moving average (with warm-up), in [0, 1)")
     p.add_argument("--device", default="auto",
-                   help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps (Apple "
-                        "GPUs). Default: auto")
+                   help="auto (CUDA when available, else MPS on Apple GPUs, else CPU), cpu, "
+                        "cuda, cuda:N or mps. Default: auto")
     p.add_argument("--threads", type=positive(int), default=None,
                    help="torch's CPU threads. Default: the machine's physical cores (shared "
                         "between the processes of a torchrun)")

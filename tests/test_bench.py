@@ -6,6 +6,9 @@ import pytest
 import torch
 
 import bench
+import common
+import train_flow
+import train_vae
 
 
 def test_count_flops_of_a_matmul_is_exactly_2mnk():
@@ -103,3 +106,15 @@ def test_old_flag_spellings_still_parse_and_json_takes_a_path():
     assert (old.batch_size, old.steps, old.untimed, old.json) == \
         (new.batch_size, new.steps, new.untimed, new.json) == (8, 5, 2, "-")
     assert bench.parse_args(["--json", "out.json"]).json == "out.json"
+
+
+def test_a_busy_machine_is_named_next_to_the_peaks_and_rows_default_to_the_training_batch(
+        monkeypatch):
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert bench.busy_note() is None
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (bench.physical_cores() + 4.0, 0.0, 0.0))
+    assert "this machine is busy" in bench.busy_note()
+    assert bench.BATCH["dit"] == train_flow.DEFAULTS["batch_size"] == 64
+    assert bench.BATCH["vae"] == train_vae.DEFAULTS["batch_size"]
+    auto = common.pick_amp("auto", torch.device("cpu"))               # --amp auto, as training
+    assert bench.modes(bench.parse_args([]), torch.device("cpu")) == [(False, auto)]

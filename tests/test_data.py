@@ -1,6 +1,8 @@
 """Tests for data.py: image sets, grids, the built-in splits, folder loading and cache keys."""
 
+import json
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ from PIL import Image
 
 from data import (DataError, build_shapes, dataset_key, from_model_range, grid_scale,
                   images_to_grid, load_dataset, load_folder, save_grid, to_model_range)
+import data as data_lib
 from shapes import render_shape_image
 
 
@@ -101,9 +104,9 @@ def image_folder(tmp_path):
 
 def test_folder_converts_every_mode_to_rgb_and_skips_bad_files_with_one_warning(image_folder, capsys):
     s = load_folder(image_folder, 16)
-    warning = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(warning) == 1 and "skipped 2 unreadable" in warning[0], warning
-    assert "0k_truncated.png" in warning[0]
+    assert capsys.readouterr().err == ""                     # the scripts print it, once
+    assert len(s.warnings) == 1 and "skipped 2 unreadable" in s.warnings[0], s.warnings
+    assert "0k_truncated.png" in s.warnings[0] and "2 unreadable files skipped" in s.summary
     assert s.attributes is None and s.images.shape == (12, 3, 16, 16)
     # sorted by relative path: 0a..0j, then birds/deep/y.webp, cats_and-dogs/x.png
     px = {name: s.images[i].permute(1, 2, 0).numpy().astype(int) for i, name in enumerate(
@@ -218,3 +221,52 @@ def test_a_file_name_that_is_not_utf8_loads_splits_and_keys_like_any_other(tmp_p
     key = dataset_key(root, 8)
     os.rename(odd, os.path.join(os.fsencode(root), b"caf\xe8.png"))
     assert dataset_key(root, 8) != key                                   # its name is in the key
+
+
+# -----------------------------------------------------------------------------
+# how a folder was read, said once (issue 23)
+
+
+def test_a_folder_summary_counts_captions_by_source_nesting_upscaling_and_the_split(tmp_path):
+    root = tmp_path / "pics"
+    for i in range(12):
+        _save(Image.new("RGB", (40, 40), (i, 0, 0)), root / "cats" / f"c{i}.png")
+    for i in range(3):
+        _save(Image.new("RGB", (8, 8), (0, i, 0)), root / "cats" / "deep" / f"d{i}.png")
+    for i in range(4):
+        _save(Image.new("RGB", (40, 40), (0, 0, i)), root / f"m{i}.png")
+    (root / "m0.txt").write_text("a sidecar caption")
+    (root / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"m{i}.png", "text": f"meta {i}"}) + "\n"
+                for i in range(3)) + "not json\n")
+    s = load_dataset(str(root), 16, "all")
+    captions = dict(zip([f"m{i}" for i in range(4)], s.captions[-4:]))
+    assert captions == {"m0": "a sidecar caption", "m1": "meta 1", "m2": "meta 2", "m3": ""}
+    assert "captions: 15 from class folder, 1 from name.txt sidecars, 2 from metadata.jsonl, " \
+           "1 from nothing (trained unconditionally)" in s.summary
+    assert "nested folders take their first-level name as caption (cats/deep/ -> 'cats')" in s.summary
+    assert "3 images smaller than 16 px were upscaled" in s.summary
+    assert s.warnings == [] and "unreadable" not in s.summary
+    small = load_dataset(str(root / "cats" / "deep"), 16, "train")
+    assert "the folder has under 20 images: none held out" in small.summary
+
+
+def test_a_split_that_holds_out_nothing_says_so_and_not_that_the_folder_is_small(tmp_path):
+    root = tmp_path / "many"
+    names, i = [], 0
+    while len(names) < 25:                                   # 25 names the hash keeps in train
+        name = f"x{i}.png"
+        i += 1
+        if zlib.crc32(name.encode()) % 20:
+            names.append(name)
+    for name in names:
+        _save(Image.new("RGB", (16, 16)), root / name)
+    s = load_dataset(str(root), 16, "train")
+    assert "the file-name hash put none of its 25 images in the held-out split" in s.summary
+    assert "under 20" not in s.summary
+
+
+def test_announce_prints_the_summary_and_each_warning_once(image_folder, capsys):
+    data_lib.announce(load_folder(image_folder, 16))
+    out, err = capsys.readouterr()
+    assert "12 images read" in out and err.count("warning: skipped 2 unreadable images") == 1

@@ -323,3 +323,16 @@ def test_path_settings_are_stored_absolute_and_compared_so(tmp_path, monkeypatch
                                     False)
     assert changes == {"cfg_scale": 4.0}                     # the same VAE, spelled otherwise
     assert "resuming with changed settings: --cfg 2.0 (was 4.0)" in capsys.readouterr().out
+
+
+def test_overwrite_says_at_once_which_settings_differ_and_which_files_go(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "args.json").write_text(json.dumps({"data": "B", "steps": 5, "lr": 0.001}))
+    (out / "loss.png").write_bytes(b"png")
+    runs.RunFolder(out, overwrite=True, settings={"data": None, "steps": 5, "lr": 0.002})
+    err = capsys.readouterr().err
+    assert "--overwrite replaces the run in" in err
+    assert "--data None (was B)" in err and "--lr 0.002 (was 0.001)" in err
+    assert "args.json, loss.png are deleted when this run starts" in err
+    assert (out / "loss.png").exists()                     # nothing deleted before claim()

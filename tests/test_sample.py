@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import checkpoint
+import evaluate
 import sample
 from embeddings import BOS_ID, PAD_ID, null_prompt, tokenize
 from sample import cfg_velocity, euler_sample, guided_field
@@ -204,7 +205,8 @@ def test_unicode_empty_and_overlong_prompts(cli, runs, tmp_path):
     rc, out, err = cli(*args)
     assert rc == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("warning")]
-    assert len(warnings) == 1 and "truncated" in warnings[0] and "xxxx" in warnings[0]
+    assert len(warnings) == 1 and "longer than the 79 bytes" in warnings[0]
+    assert warnings[0].endswith("it reads only '" + "x" * 79 + "'")   # what the model reads
     assert Image.open(tmp_path / "p.png").size[0] == 64                 # one 32 px image, drawn 2x
 
 
@@ -304,3 +306,25 @@ def test_a_huge_scale_is_blamed_on_scale_and_a_multiline_prompt_takes_one_line(c
     assert rc == 0, err
     assert (tmp_path / "p.prompts.txt").read_text().splitlines() == \
         ["a red\\ncircle", "a blue\\r\\nsquare\\u2028here"]
+
+
+# -----------------------------------------------------------------------------
+# a newcomer's first hour (issue 23)
+
+
+def test_sample_without_a_run_names_the_command_that_makes_one(cli, expect):
+    rc, out, err = cli("sample.py", "--prompt", "a red circle")            # runs/flow/ckpt.pt: none
+    expect.one_line_error((rc, out, err), "--ckpt runs/flow/ckpt.pt: file not found; train one "
+                                          "with python train_flow.py")
+    assert "--out runs/smoke" in err
+
+
+def test_sample_and_evaluate_use_autocast_by_default_and_the_api_matches_the_flags(runs, capsys):
+    assert sample.parse_args([]).amp == evaluate.parse_args([]).amp == "auto"
+    assert sample.parse_args(["--cfg-scale", "2"]).cfg_scales == [2.0]    # the API's name works
+    assert evaluate.parse_args(["--cfg-scale", "2"]).cfg_scales == [2.0]
+    model, vae, _ = sample.load_flow(runs["flow"])
+    new = sample.generate(model, vae, ["a red circle"], sample_steps=2, cfg_scale=2.0, seed=1)
+    assert capsys.readouterr().err == ""
+    old = sample.generate(model, vae, ["a red circle"], steps=2, cfg_scale=2.0, seed=1)
+    assert torch.equal(new, old) and "generate(sample_steps=...)" in capsys.readouterr().err

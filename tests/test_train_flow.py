@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import checkpoint
+import common
 import data as data_lib
 import train_flow
 import train_vae
@@ -353,3 +354,52 @@ def test_resume_works_from_another_folder_and_names_the_flags_it_changes(
     assert "resuming with changed settings: --steps 2 (was 1), --cfg 2.0 (was 4.0)" in stdout
     assert torch.load(tmp_path / "f" / "ckpt.pt", weights_only=True)["args"]["vae"] == \
         str(tmp_path / "v" / "ckpt.pt")                               # stored absolute
+
+
+# -----------------------------------------------------------------------------
+# a newcomer's first hour (issue 23)
+
+
+def test_a_missing_data_folder_fails_before_anything_is_trained(cli, tmp_path, expect, tiny):
+    rc, out, err = cli("train_flow.py", "--data", tmp_path / "nowhere", "--out", tmp_path / "f",
+                       "--steps", 1, *tiny.cpu)
+    expect.one_line_error((rc, out, err), "folder not found")
+    assert "training the VAE first" not in out and not (tmp_path / "runs").exists()
+
+
+def test_ctrl_c_in_the_automatic_vae_names_the_train_flow_command(cli, tmp_path, monkeypatch, tiny):
+    stops = iter([False, False, True])                     # Ctrl-C during the VAE's second step
+
+    class Stopped(train_vae.StopFlag):
+        @property
+        def stop(self):
+            return next(stops, True)
+    monkeypatch.setattr(train_vae, "StopFlag", Stopped)
+    monkeypatch.setattr(Stopped, "exit_code", 130)
+    rc, out, err = cli("train_flow.py", "--out", tmp_path / "flow", "--steps", 1, "--vae-steps",
+                       5, "--n-builtin", 16, "--batch-size", 8, *tiny.cpu)
+    assert rc == 130 and "resume with: the same python train_flow.py command" in err, err
+    assert "python train_vae.py --resume" not in err
+
+
+def test_a_one_step_run_reports_step_1_draws_loss_png_and_names_export(cli, runs, tmp_path,
+                                                                       flow_args, expect):
+    rc, out, err = cli(*flow_args(tmp_path / "f", "--log-every", 50, "--sample-every", 100))
+    assert rc == 0, err
+    assert out.count("step 1/1 loss") == 1 and (tmp_path / "f" / "loss.png").is_file()
+    assert [line["step"] for line in expect.log_lines(tmp_path / "f") if "loss" in line] == [1]
+    assert "--export model.pt --export-dtype bf16" in out
+
+
+def test_the_defaults_are_one_recipe_on_every_device_and_auto_picks_apple_gpus(monkeypatch):
+    assert "cuda" not in train_flow.DEFAULTS and "cpu" not in train_flow.DEFAULTS
+    assert train_flow.parse_args([])[0].preset == "tiny" and train_vae.DEFAULTS["steps"] == 3000
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert common.pick_device("auto") == torch.device("mps")
+
+
+def test_train_vae_preset_is_vae_preset_and_the_old_spelling_works_with_a_note(cli, tmp_path, tiny):
+    assert train_vae.parse_args(["--preset", "64"])[0].vae_preset == "64"
+    rc, _, err = cli("train_vae.py", "--preset", "nope", "--out", tmp_path / "v", *tiny.cpu)
+    assert rc == 2 and "--preset is now --vae-preset" in err and "--vae-preset nope" in err
