@@ -291,7 +291,8 @@ def set_threads(threads=None):
     cores = physical_cores()
     chosen = threads or max(1, cores // local)
     torch.set_num_threads(chosen)
-    why = "--threads" if threads else f"{cores} physical cores" + (f" / {local} processes" if local > 1 else "")
+    shared = f" / {local} processes" if local > 1 else ""
+    why = "--threads" if threads else f"{cores} physical cores{shared}"
     line = f"CPU threads: {chosen} ({why})"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > cores + 0.5:

@@ -41,7 +41,7 @@ class DataError(UserError, ValueError):
     """A user mistake about data (bad folder, no readable images, bad image size...)."""
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # image sets
 
 @dataclass
@@ -197,7 +197,7 @@ def build_shapes(n, seed=0, image_size=32):
 
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # a folder of the user's own images
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -355,7 +355,7 @@ def _caption_for(root, f, metadata):
     return "", "nothing (trained unconditionally)"
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # one entry point for train/sample/eval
 
 def load_dataset(data, image_size, split="train", n_builtin=20000, seed=0):

@@ -23,7 +23,7 @@ mmd2_unbiased, precision_recall, distribution_metrics
 import torch
 import torch.nn.functional as F
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # Reconstruction: PSNR and SSIM
 
 
@@ -70,7 +70,7 @@ def _gaussian_window(size, sigma):
     return torch.outer(g, g)
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # Distribution distance: Frechet distance, KID, precision / recall
 
 

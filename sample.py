@@ -75,7 +75,7 @@ def guided_field(model, cond, null_cond, cfg_scale):
     return u
 
 
-# =============================================================================================
+# ---------------------------------------------------------------------------------------------
 # From a trained checkpoint to pictures: python sample.py --ckpt runs/flow/ckpt.pt --prompt ...
 
 @torch.inference_mode()
@@ -152,7 +152,8 @@ def parse_args(argv=None):
                    type=positive(int, at_most=MAX_STEPS), default=[50],
                    help="Euler steps (model evaluations); several give a sweep (--steps is the "
                         "old spelling)")
-    p.add_argument("--cfg", "--cfg-scale", dest="cfg_scales", metavar="W", nargs="+", type=finite, default=[4.0],
+    p.add_argument("--cfg", "--cfg-scale", dest="cfg_scales", metavar="W", nargs="+", type=finite,
+                   default=[4.0],
                    help="guidance weight w: (1 - w) u(x|empty) + w u(x|y); 1 = no guidance; "
                         "several give a sweep")
     p.add_argument("--seed", type=seed_value, default=0, help="noise seed: same seed, same images")

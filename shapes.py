@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # the vocabulary
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -59,7 +59,7 @@ _CENTER_JITTER = 0.08  # a single object's centre x is 0.5 +- this
 _CROSS_ARM = 0.36      # arm thickness of the cross, as a fraction of its size
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # rendering the shapes dataset
 
 def render_shape_image(seed, index, image_size=32):
@@ -179,7 +179,7 @@ def parse_caption(caption):
 
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # the attribute checker: read the attributes back from pixels
 
 _MASK_THRESHOLD = 60.0     # L2 RGB distance from the background that marks an object pixel

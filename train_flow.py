@@ -2,13 +2,17 @@
 
     python train_flow.py                 # built-in shapes: VAE (if needed) -> latents -> DiT -> samples
     python train_flow.py --data ~/photos --image-size 64 --vae runs/vae64/ckpt.pt
-    torchrun --nproc_per_node=4 train_flow.py --preset B     # several GPUs (DDP)
+    torchrun --nproc_per_node=4 train_flow.py --preset B     # several GPUs (DDP), VAE included
+
+The file reads top to bottom: DEFAULTS (every number of the recipe), `train` (the command), the
+recipe's steps, the training step `train_step` (which bench.py times too), the estimate of the
+whole command printed before the slow work (`estimate_phases`), then the command line.
 
 Slide "Latent Diffusion Models (LDMs) - Recipe", one function per step:
   1. Data: the images x_1..x_N (data.py), and the VAE that makes their latent space
-     (`ensure_vae`: with no --vae and no runs/vae/ckpt.pt, train_vae.py trains one first).
+     (`ensure_vae`: with no --vae, the automatic VAE of this data, trained first by train_vae.py).
   2. Encoding: convert every image into a latent with the VAE encoder's *mean* (`cached_latents`:
-     done once and cached on disk, keyed by the VAE checkpoint, the data and the image size).
+     done once, by the VAE run, and cached on disk, keyed by the VAE checkpoint and the data).
   3. Latent data: z_1..z_N, normalised per channel with the VAE's latent statistics
      (`prepare_latents` returns them with the prompts).
   4. Latent diffusion model: a DiT trained with the CondOT flow matching loss (flow.py), with each
@@ -601,7 +605,8 @@ def parse_args(argv=None):
     p.add_argument("--sample-steps", type=positive(int, at_most=MAX_STEPS),
                    default=DEFAULTS["sample_steps"],
                    help="Euler steps for the sample grids")
-    p.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", metavar="W", type=finite, default=DEFAULTS["cfg_scale"],
+    p.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", metavar="W", type=finite,
+                   default=DEFAULTS["cfg_scale"],
                    help="guidance weight for the sample grids")
     return parse_with_given(p, argv)
 

@@ -2,15 +2,20 @@
 
     python train_vae.py                      # built-in shapes, 32 px, CPU or GPU
     python train_vae.py --data ~/photos --image-size 64 --vae-preset 64
+    torchrun --nproc_per_node=2 train_vae.py             # one VAE, DDP over 2 processes or GPUs
 
 Algorithm 7, "beta-VAE Training Procedure": for each mini-batch, encode (mu, log sigma^2),
 reparameterize z = mu + sigma * eps, decode, and minimise L_recon + beta * L_KL (vae.vae_loss).
 Then Recipe step 2 needs the encoder *mean* of every image; the flow model works on latents
 normalised per channel with the statistics computed here and stored in the checkpoint.
 
+The file reads like train_flow.py: DEFAULTS, `train` (the command), `build` and `train_step`
+(Algorithm 7's loop body, which bench.py times too), the loop `train_vae`, then the command line.
+
 Outputs under --out (default runs/vae): ckpt.pt (weights, EMA weights, optimizer, step, RNG
-states, config, latent statistics), recon.png (held-out originals above their reconstructions)
-and log.jsonl (one JSON line per progress report).
+states, config, latent statistics), latents.pt (the encoder means of the training images, which
+train_flow.py reads instead of encoding them again), recon.png (held-out originals above their
+reconstructions) and log.jsonl (one JSON line per progress report).
 """
 import argparse
 import dataclasses
@@ -52,6 +57,9 @@ DEFAULTS = {
 }
 
 
+# ---------------------------------------------------------------------------------------------
+# The command: start or resume a run
+
 def train(args, given, rank, world, device, resume_command=None, quiet_data=False):
     """The command: resume or start the run in --out, train the VAE (Algorithm 7), then store its
     latent statistics and the latents of its training set (Recipe step 2). Every process of a
@@ -81,6 +89,9 @@ def train(args, given, rank, world, device, resume_command=None, quiet_data=Fals
         if folder is not None:
             folder.release()
 
+
+# ---------------------------------------------------------------------------------------------
+# Algorithm 7: the model, one step of its loop, the loop
 
 def build(config, args, device, amp):
     """Algorithm 7's state: the VAE, its EMA, AdamW and the GradScaler (fp16 only)."""
@@ -263,6 +274,9 @@ def _rng_list(ckpt):
     rng = ckpt["rng"]
     return rng if isinstance(rng, list) else [rng]
 
+
+# ---------------------------------------------------------------------------------------------
+# The data, and its latents (Recipe step 2)
 
 def batches(images, batch_size, generator=None):
     """Endless random mini-batches of uint8 images (sampling with replacement across steps)."""

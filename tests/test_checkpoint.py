@@ -226,7 +226,7 @@ def test_an_unreadable_checkpoint_says_permission_denied_not_corrupt(monkeypatch
         checkpoint.load_checkpoint(runs["vae"], "vae")
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # checkpoints that prove their bytes; configurations checked before anything is built
 
 

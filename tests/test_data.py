@@ -223,7 +223,7 @@ def test_a_file_name_that_is_not_utf8_loads_splits_and_keys_like_any_other(tmp_p
     assert dataset_key(root, 8) != key                                   # its name is in the key
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # how a folder was read, said once (issue 23)
 
 

@@ -12,7 +12,7 @@ from embeddings import (BOS_ID, PAD_ID, VOCAB_SIZE, PatchEmbedding, PromptEmbedd
                         tokenize, unpatchify)
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # time
 
 @pytest.mark.parametrize("dim", [4, 16, 64, 256])
@@ -61,7 +61,7 @@ def test_time_embedding_layout_is_cos_half_then_sin_half():
     torch.testing.assert_close(e[:, dim // 2:], c * torch.sin(angle), rtol=0, atol=1e-12)
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # patchify
 
 @pytest.mark.parametrize("C,H,W,p", [(3, 8, 12, 2), (1, 6, 4, 2), (4, 9, 3, 3), (2, 4, 4, 4)])
@@ -121,7 +121,7 @@ def test_patch_embedding_positions_are_non_persistent_distinct_and_non_square():
         emb(torch.randn(2, 4, 12, 8))            # same number of patches, transposed layout
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # prompts
 
 @pytest.mark.parametrize("prompt", ["a red circle", "🎨🐈‍⬛ emoji", "汉字とかな", "e\u0301 combining", ""])

@@ -49,7 +49,7 @@ def _heldout(n):
     return data_lib.load_dataset(None, 32, "test", n_builtin=64, seed=0).subset(range(n))
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # the whole command
 
 
@@ -256,7 +256,7 @@ def test_with_inception_features_are_inceptions_and_class_folders_still_get_a_cl
     assert ev.pick_features(args, plain, plain, ev.prompt_task("folder", plain), "cpu") == (fake, None)
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # feature extractors and tables
 
 
@@ -284,7 +284,7 @@ def test_format_table_aligns_columns():
     assert lines[2].index("12.35") + len("12.35") == lines[0].index("fd") + len("fd")
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # the --json output is checked before the evaluation and never clobbers (issue 22)
 
 

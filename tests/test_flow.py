@@ -12,7 +12,7 @@ from flow import condot_path, drop_prompts, flow_matching_loss, sample_t
 from sample import euler_sample
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # the path
 
 def test_condot_path_endpoints_are_noise_at_0_and_data_at_1():
@@ -43,7 +43,7 @@ def test_condot_path_with_eps_none_draws_standard_gaussian_noise():
     torch.testing.assert_close(target, z - x0)
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # t samplers and prompt dropout
 
 def test_sample_t_uniform_has_unit_interval_range_and_mean_half():
@@ -91,7 +91,7 @@ def test_drop_prompts_takes_any_condition_tensor_and_null_of_batch_size():
     assert abs(dropped.float().mean().item() - 0.3) < 0.04
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # the loss
 
 def _marginal_field(m, s):

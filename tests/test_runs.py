@@ -163,7 +163,7 @@ def test_plot_loss_draws_the_logged_curve_and_redraws_it_with_more_points(tmp_pa
     assert png.read_bytes() != first
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # nothing lost, nothing silently wrong (issue 22)
 
 

@@ -117,7 +117,7 @@ def test_guided_field_equals_cfg_of_two_separate_calls():
     assert not torch.allclose(guided_field(model, tokens, null[:1], 4.0)(x, t), model(x, t, tokens))
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # the command line
 
 def test_sample_grid_has_a_row_per_prompt_and_same_seed_gives_same_png(runs, tmp_path, expect, run):
@@ -238,7 +238,7 @@ def test_a_failing_sample_command_makes_no_folder(cli, tmp_path, expect):
     assert not (tmp_path / "new").exists()
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # outputs never clobber; pictures are never silently wrong (issue 22)
 
 
@@ -308,7 +308,7 @@ def test_a_huge_scale_is_blamed_on_scale_and_a_multiline_prompt_takes_one_line(c
         ["a red\\ncircle", "a blue\\r\\nsquare\\u2028here"]
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # a newcomer's first hour (issue 23)
 
 

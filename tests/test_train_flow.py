@@ -111,7 +111,7 @@ def test_two_process_gloo_run_and_its_resume_keep_ranks_identical_and_rank0_writ
     assert len(torch.load(out / "ckpt.pt", weights_only=True)["rng"]) == 2
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # mistakes and the latent cache
 
 
@@ -170,7 +170,7 @@ def test_latent_cache_is_rebuilt_when_corrupt_or_stale(cli, runs, tmp_path, caps
     assert torch.load(cache, weights_only=True)["count"] == 3
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # a run folder belongs to one run; an unfinished VAE is finished, never used
 
 
@@ -334,7 +334,7 @@ def test_the_estimate_scales_with_the_counts_and_never_moves_the_random_state(on
     assert 100 * one["VAE"] < many["VAE"] < 10_000 * one["VAE"]   # ~1000x, timing noise aside
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # resume from anywhere (issue 22)
 
 
@@ -356,7 +356,7 @@ def test_resume_works_from_another_folder_and_names_the_flags_it_changes(
         str(tmp_path / "v" / "ckpt.pt")                               # stored absolute
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # a newcomer's first hour (issue 23)
 
 

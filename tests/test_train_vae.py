@@ -36,7 +36,7 @@ def test_vae_run_writes_checkpoint_recon_grid_and_log_and_its_loss_falls(runs, e
     assert "heldout_psnr" in lines[-1] and len(lines[-1]["latent_std"]) == 4
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # mistakes: one line, exit 2, nothing lost
 
 
@@ -107,7 +107,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(cli, ru
     assert not list(out.glob("*.tmp"))
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # crashes: SIGKILL at random moments, Ctrl-C; memory
 
 
@@ -300,7 +300,7 @@ def vm_rss_mb(pid):
     return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) / 1024
 
 
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # runs that restart, logs that are never written through (issue 22)
 
 
