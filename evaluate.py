@@ -8,12 +8,15 @@ through in features.py; this file supplies the real sets, prompt accuracy, and t
     python evaluate.py --vae runs/vae/ckpt.pt            # the VAE section only
 
 For every (cfg, steps) it samples n images prompted with n held-out captions and reports
-prompt accuracy, the distribution metrics beside the real-vs-real floor, and the VAE section
+prompt accuracy (for a run trained with --hold-out-pairs also split into the prompts it saw in
+training and the colour x shape pairs it never saw: does it compose?), the distribution
+metrics beside the real-vs-real floor, and the VAE section
 (held-out PSNR, SSIM, KL nats per latent dim, latent mean/std, rFID and, for the built-in
 shapes, the prompt accuracy of the reconstructions: roughly the generator's ceiling), as a
 table and as JSON. In reading order:
     load_models, real_sets               what is evaluated: the models, the two real sets
     prompt_task, prompt_accuracy         what prompt accuracy can mean for a dataset, and its score
+    composition_accuracy                 seen prompts vs held-out colour x shape pairs
     feature_task, pick_features          Inception, or the labels the fallback feature net learns
     evaluate_checkpoint                  one checkpoint: evaluate_settings, evaluate_vae_section
     summarize                            several trainings (--ckpt a b c): median, min, max
@@ -48,6 +51,7 @@ DEFAULT_CKPT = "runs/flow/ckpt.pt"
 FLOOR_SEED_OFFSET = 7_000_001  # built-in second real set: stream seed + this, which neither the
 #                                train (seed) nor the test split (seed + 1_000_003) uses
 ATTRIBUTES = ("shape", "color", "size", "count", "background", "position")
+COMPOSITION = ("seen_", "held_out_")  # the keys of composition_accuracy
 MIN_N = 5            # precision/recall with k = 3 needs k + 2 points; KID needs 2
 MAX_CLASSES = 100    # more distinct captions than this are not class names
 ROTATION_IMAGES = 2500  # base images of the rotation task (x4 once rotated)
@@ -59,12 +63,14 @@ ROTATION_IMAGES = 2500  # base images of the rotation task (x4 once rotated)
 @dataclass
 class Source:
     """The data a checkpoint was trained on: folder (None = built-in shapes), image size,
-    built-in training count and data seed; plus the VAE checkpoint's path."""
+    built-in training count and data seed; plus the VAE checkpoint's path and whether the DiT
+    was trained without shapes.HELD_OUT_PAIRS (train_flow.py --hold-out-pairs)."""
     data: str | None
     image_size: int
     n_builtin: int
     seed: int
     vae_path: str
+    hold_out_pairs: bool = False
 
 
 def load_models(args, path, device):
@@ -75,7 +81,8 @@ def load_models(args, path, device):
         saved = ckpt.get("args", {})
         data = args.data if args.data is not None else saved.get("data")
         source = Source(data, int(ckpt["image_size"]), args.n_builtin or saved.get("n_builtin", 20000),
-                        int(saved.get("seed", 0)), args.vae or ckpt["vae"].get("path", str(path)))
+                        int(saved.get("seed", 0)), args.vae or ckpt["vae"].get("path", str(path)),
+                        saved.get("hold_out_pairs") is True)
         return model, vae, source
     vae, vckpt = load_vae(args.vae, device, flag="--vae")
     data, seed = args.data, 0
@@ -168,6 +175,37 @@ def prompt_accuracy(images, attrs):
     return {f"{key}_acc": totals[key] / max(len(attrs), 1) for key in ATTRIBUTES}
 
 
+def composition_accuracy(images, attrs, pairs=shapes.HELD_OUT_PAIRS):
+    """Prompt accuracy split by what a --hold-out-pairs run saw in training. "seen_*": every
+    attribute, over the images whose prompt shows none of `pairs` (seen_n of them); "held_out_*":
+    over the objects whose (colour, shape) is one of `pairs` (held_out_n of them), matched left to
+    right as shapes.score_attributes matches them: the shape right, the colour right, both right
+    ("pair"). The held-out pairs are roughly 28% of the images' prompts, so held_out_n is about
+    0.3 n objects."""
+    seen = dict.fromkeys(ATTRIBUTES, 0.0)
+    held = dict.fromkeys(("shape", "color", "pair"), 0)
+    n_seen = n_held = 0
+    for image, target in zip(images, attrs):
+        pred = shapes.read_attributes(image)
+        objects = shapes.held_out_objects(target, pairs)
+        if not objects:
+            n_seen += 1
+            for key, value in shapes.score_attributes(pred, target).items():
+                seen[key] += value
+            continue
+        p_objs = pred.get("objects") or []
+        for j in objects:
+            t, p = target["objects"][j], p_objs[j] if j < len(p_objs) else {}
+            shape_ok, color_ok = p.get("shape") == t["shape"], p.get("color") == t["color"]
+            held["shape"] += shape_ok
+            held["color"] += color_ok
+            held["pair"] += shape_ok and color_ok
+            n_held += 1
+    row = {f"seen_{key}_acc": seen[key] / n_seen if n_seen else None for key in ATTRIBUTES}
+    row.update({f"held_out_{key}_acc": held[key] / n_held if n_held else None for key in held})
+    return {"seen_n": n_seen, **row, "held_out_n": n_held}
+
+
 def prompt_scores(images, real_a, task, classifier):
     """Prompt accuracy of images generated from real_a's captions, per the task."""
     if task.kind == "attributes":
@@ -256,6 +294,7 @@ def evaluate_checkpoint(args, ckpt, device):
           f"{_accuracy_note(features)}; prompt accuracy: {task.note} "
           f"({time.perf_counter() - t0:.1f}s elapsed)", flush=True)
 
+    composition = source.hold_out_pairs and task.kind == "attributes"
     results = {"checkpoint": ckpt, "vae_checkpoint": source.vae_path, "data": test.name,
                "features": features.name,
                "feature_test_accuracy": getattr(features, "test_accuracy", None),
@@ -282,16 +321,17 @@ def evaluate_checkpoint(args, ckpt, device):
     if model is not None:
         results["n"] = len(real_a)
         results["settings"] = evaluate_settings(model, vae, real_a, real_b, real_feats, features,
-                                                task, classifier, args, device, t0)
+                                                task, classifier, args, device, t0, composition)
     print(report(results))
     return results
 
 
 def evaluate_settings(model, vae, real_a, real_b, real_feats, features, task, classifier, args,
-                      device, t0):
-    """One dict per (cfg, steps): prompt accuracy, distribution metrics of the samples against
-    real_a (whose features are real_feats) beside the floor FD(real_a, real_b), and the seconds
-    it took. The samples are prompted with real_a's captions, so both sets have the same captions."""
+                      device, t0, composition=False):
+    """One dict per (cfg, steps): prompt accuracy (and, with `composition`, its split into seen
+    and held-out pairs), distribution metrics of the samples against real_a (whose features are
+    real_feats) beside the floor FD(real_a, real_b), and the seconds it took. The samples are
+    prompted with real_a's captions, so both sets have the same captions."""
     amp = pick_amp(args.amp, device)
     floor = distribution_metrics(real_feats, features(real_b.images), seed=args.seed)
     floor = {f"floor_{k}": v for k, v in floor.items() if not k.startswith("n_")}
@@ -303,6 +343,8 @@ def evaluate_settings(model, vae, real_a, real_b, real_feats, features, task, cl
                             args.batch_size, amp)
             row = {"cfg": cfg_scale, "steps": steps}
             row.update(prompt_scores(fake, real_a, task, classifier))
+            if composition:
+                row.update(composition_accuracy(fake, real_a.attributes))
             row.update(distribution_metrics(real_feats, features(fake), seed=args.seed))
             row.update(floor)
             row["seconds"] = time.perf_counter() - t
@@ -379,9 +421,13 @@ def summary_report(summary, n_runs):
         return f"{s['median']:.4g} ({s['min']:.4g}-{s['max']:.4g})"
     lines = [f"median (min-max) over {n_runs} trainings"]
     if summary["settings"]:
-        columns = [k for k in summary["settings"][0] if k not in ("seconds", "n_real", "n_fake")]
-        lines.append(format_table([{k: cell(v) for k, v in row.items()}
-                                   for row in summary["settings"]], columns))
+        rows = [{k: cell(v) for k, v in row.items()} for row in summary["settings"]]
+        keys = [k for k in summary["settings"][0] if k not in ("seconds", "n_real", "n_fake")]
+        lines.append(format_table(rows, [k for k in keys if not k.startswith(COMPOSITION)]))
+        composition = [k for k in keys if k.startswith(COMPOSITION)]
+        if composition:
+            lines += ["composition: seen prompts vs held-out colour x shape pairs",
+                      format_table(rows, ["cfg", "steps"] + composition)]
     vae = {k: cell(v) for k, v in summary["vae"].items() if v is not None}
     lines += ["VAE", format_table([vae], list(vae))]
     return "\n".join(lines)
@@ -418,11 +464,16 @@ def report(results):
     lines = []
     settings = results["settings"]
     if settings:
-        acc = [k for k in settings[0] if k.endswith("_acc")]
+        acc = [k for k in settings[0] if k.endswith("_acc") and not k.startswith(COMPOSITION)]
         columns = ["cfg", "steps"] + acc + ["fd", "floor_fd", "kid", "floor_kid", "precision",
                                             "recall", "seconds"]
         lines += [f"samples: n = {results['n']} per setting; features {results['features']}",
                   format_table(settings, columns), ""]
+        composition = [k for k in settings[0] if k.startswith(COMPOSITION)]
+        if composition:
+            lines += ["composition (a --hold-out-pairs run): prompts seen in training vs the "
+                      "colour x shape pairs it never saw (per object)",
+                      format_table(settings, ["cfg", "steps"] + composition), ""]
     if "classifier_test_acc" in results:
         lines += [f"class_acc uses a classifier with held-out accuracy "
                   f"{results['classifier_test_acc']:.3f}", ""]

@@ -15,11 +15,15 @@ Attributes are plain dicts, objects ordered left to right:
 A single object has position "center" (it is drawn near the middle, with some jitter);
 two objects are "left" and "right".
 
+The same exactness measures composition: HELD_OUT_PAIRS names colour x shape pairs that a
+training run may leave out (train_flow.py --hold-out-pairs), so that evaluation can ask whether
+the model draws a "red circle" having seen red things and circles, never the two together.
+
 Imports no project module (data.py wraps the rendered images into its ImageSet).
 
-Offers: SHAPES, COLORS, BACKGROUNDS, SIZES, SIZE_FRACTIONS, SHAPES_VERSION, check_image_size,
-render_shape_image, render_shapes, attributes_to_caption, parse_caption, read_attributes,
-score_attributes
+Offers: SHAPES, COLORS, BACKGROUNDS, SIZES, SIZE_FRACTIONS, SHAPES_VERSION, HELD_OUT_PAIRS,
+check_image_size, render_shape_image, render_shapes, attributes_to_caption, parse_caption,
+held_out_objects, read_attributes, score_attributes
 """
 
 import re
@@ -177,6 +181,23 @@ def parse_caption(caption):
         o["shape"] in SHAPES and o["color"] in COLORS and o["size"] in SIZES for o in objects)
     return {"background": groups[6], "objects": objects} if ok else None
 
+
+
+# ---------------------------------------------------------------------------------------------
+# composition: colour x shape pairs that a training run can leave out
+
+# 8 of the 40 pairs, one per colour, the shapes taken in turn: every colour and every shape still
+# appears in training with other partners (each colour with 4 shapes, each shape with 6 or 7
+# colours), so a model that composes can draw these pairs from words it learned apart.
+HELD_OUT_PAIRS = (("red", "circle"), ("green", "square"), ("blue", "triangle"),
+                  ("yellow", "diamond"), ("magenta", "cross"), ("cyan", "circle"),
+                  ("orange", "square"), ("purple", "triangle"))
+
+
+def held_out_objects(attrs, pairs=HELD_OUT_PAIRS):
+    """Indices (left to right) of the objects of `attrs` whose (colour, shape) is in `pairs`."""
+    pairs = set(pairs)
+    return [j for j, o in enumerate(attrs["objects"]) if (o["color"], o["shape"]) in pairs]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from flow import flow_matching_loss
 from runs import (RunFolder, append_json, parse_with_given, plot_loss, restore_settings,
                   run_files, settings_of, trim_log, write_json, write_prompts)
 from sample import generate
+from shapes import HELD_OUT_PAIRS, held_out_objects
 from training import (EMA, LossGuard, Progress, StopFlag, Stopwatch, adamw, add_training_flags,
                       all_ranks_sum, any_rank, barrier, check_ranks_agree, gather_objects,
                       init_distributed, oom_error)
@@ -58,7 +59,7 @@ from vae import VAE
 # (README: a larger --preset is the next step there). RESULTS.md has how they were found.
 DEFAULTS = {
     # data
-    "image_size": 32, "n_builtin": 20000,
+    "image_size": 32, "n_builtin": 20000, "hold_out_pairs": False,
     # the DiT (dit.PRESETS) on the VAE's latents, p x p latent patches per token
     "preset": "tiny", "patch_size": 2,
     # flow matching: training times t, and the prompt dropped (-> CFG's null condition) at p_uncond
@@ -110,7 +111,7 @@ def train(args, given, rank, world, device):
 
 # Settings whose change makes another experiment: --resume refuses them without --allow-changes.
 EXPERIMENT = {"data", "n_builtin", "seed", "image_size", "preset", "patch_size", "vae",
-              "vae_steps"}
+              "vae_steps", "hold_out_pairs"}
 
 
 def _resumed_vae(resume, stored):
@@ -147,6 +148,9 @@ def prepare_latents(args, folder, resume, rank, world, device, watch):
     with watch("data and checkpoints"):
         train_set = data_lib.load_dataset(args.data, args.image_size, "train",
                                           n_builtin=args.n_builtin, seed=args.seed)
+        if args.hold_out_pairs and train_set.attributes is None:
+            raise UserError(f"--hold-out-pairs needs the built-in shapes, whose captions name "
+                            f"colour and shape; drop --data {args.data} or --hold-out-pairs")
         vae_path, vae_todo = vae_plan(args)
         factor = vae_factor(args, vae_path, vae_todo)
     if args.image_size % factor or (args.image_size // factor) % args.patch_size:
@@ -190,10 +194,26 @@ def prepare_latents(args, folder, resume, rank, world, device, watch):
     vae_info = {"path": str(Path(vae_path).resolve()), "sha1": vae_sha1,
                 "config": vae_ckpt["config"], "latent_mean": vae.latent_mean.cpu(),
                 "latent_std": vae.latent_std.cpu()}
+    captions = train_set.captions
+    if args.hold_out_pairs:
+        keep = composition_split(train_set, rank)
+        mu, captions = mu[keep], [captions[i] for i in keep]
     return Latents(z=vae.normalize_latents(mu.to(device)),
-                   tokens=tokenize(train_set.captions, max_len).to(device),
-                   name=train_set.name, prompts=sample_prompts(train_set.captions, args.grid_prompts),
+                   tokens=tokenize(captions, max_len).to(device),
+                   name=train_set.name, prompts=sample_prompts(captions, args.grid_prompts),
                    vae=vae, vae_info=vae_info, config=config)
+
+
+def composition_split(train_set, rank):
+    """The composition benchmark (--hold-out-pairs): indices of the training images that show
+    none of shapes.HELD_OUT_PAIRS. Only the DiT loses the others: the VAE never reads a prompt,
+    so it (and its latent cache) stays the one of the full data."""
+    keep = [i for i, attrs in enumerate(train_set.attributes) if not held_out_objects(attrs)]
+    pairs = ", ".join(f"{color} {shape}" for color, shape in HELD_OUT_PAIRS)
+    say(rank, f"composition benchmark: {len(train_set) - len(keep)} of {len(train_set)} training "
+              f"images show a held-out colour x shape pair ({pairs}); the DiT never sees them "
+              f"(evaluate.py scores those pairs apart)")
+    return keep
 
 
 def auto_vae_path(args):
@@ -577,6 +597,10 @@ def parse_args(argv=None):
   python train_flow.py --steps 20 --vae-steps 20 --n-builtin 500 --out runs/smoke   # a quick test
 """, formatter_class=HelpFormatter)
     add_training_flags(p, DEFAULTS, "runs/flow")
+    p.add_argument("--hold-out-pairs", action="store_true", default=DEFAULTS["hold_out_pairs"],
+                   help="built-in shapes only: leave the 8 colour x shape pairs of "
+                        "shapes.HELD_OUT_PAIRS (red circle, green square, ...) out of the DiT's "
+                        "training, so that evaluate.py measures whether prompts compose")
     p.add_argument("--vae", default=None,
                    help="VAE checkpoint from train_vae.py. Default: the automatic VAE of this data, "
                         "runs/vae-<data>-<size>px.../ckpt.pt, trained first (train_vae.py's "

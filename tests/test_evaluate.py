@@ -7,6 +7,7 @@ minutes on 2 CPU cores), so the checkpoints have exactly the format the scripts 
 
 import json
 import zipfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -195,6 +196,42 @@ def test_prompt_accuracy_is_one_on_real_images_and_lower_on_shuffled_pairs():
     wrong = ev.prompt_accuracy(real.images, shuffled)
     assert all(wrong[k] <= acc[k] for k in acc)
     assert wrong["shape_acc"] < 0.6 and wrong["color_acc"] < 0.6
+
+
+def test_composition_accuracy_splits_seen_prompts_from_held_out_pairs():
+    real = _heldout(200)
+    held = [shapes.held_out_objects(a) for a in real.attributes]
+    seen = [i for i, h in enumerate(held) if not h]
+    acc = ev.composition_accuracy(real.images, real.attributes)
+    assert acc["seen_n"] == len(seen) and acc["held_out_n"] == sum(map(len, held)) > 30
+    assert all(acc[k] >= 0.98 for k in acc if k.endswith("_acc"))   # real images: all right
+    rolled = real.attributes[1:] + real.attributes[:1]               # each image, another prompt
+    wrong = ev.composition_accuracy(real.images, rolled)
+    seen = [i for i, a in enumerate(rolled) if not shapes.held_out_objects(a)]
+    subset = ev.prompt_accuracy(real.images[seen], [rolled[i] for i in seen])
+    assert {k: wrong[f"seen_{k}"] for k in subset} == subset          # seen: prompt accuracy
+    assert wrong["held_out_pair_acc"] < 0.3 and wrong["held_out_color_acc"] < 0.5
+
+
+def test_a_hold_out_pairs_run_is_evaluated_seen_against_held_out(ckpts, capsys):
+    tmp = ckpts["tmp"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(dit.PRESETS, "tiny", dit.DiTConfig(
+            dim=32, depth=1, heads=2, time_dim=32, prompt_dim=32, prompt_depth=1, prompt_heads=2))
+        train_flow.main(["--vae", str(ckpts["vae"]), "--out", str(tmp / "pairs"), "--steps", "1",
+                         "--batch-size", "8", "--n-builtin", "64", "--hold-out-pairs",
+                         "--sample-every", "1000", "--sample-steps", "1", "--device", "cpu",
+                         "--amp", "off"])
+    out = tmp / "pairs.json"
+    assert ev.main(["--ckpt", str(tmp / "pairs/ckpt.pt"), "--n", "24", "--cfg", "4",
+                    "--sample-steps", "1", "--json", str(out)] + FAST) == 0
+    (row,) = json.loads(out.read_text())["settings"]
+    held = [shapes.held_out_objects(a) for a in _heldout(24).attributes]
+    assert row["seen_n"] == sum(not h for h in held) and row["held_out_n"] == sum(map(len, held))
+    assert 0 <= row["held_out_pair_acc"] <= row["held_out_shape_acc"] <= 1
+    assert "composition (a --hold-out-pairs run)" in capsys.readouterr().out
+    plain = SimpleNamespace(data=None, n_builtin=None, vae=None)      # other runs: no split
+    assert ev.load_models(plain, ckpts["flow"], torch.device("cpu"))[2].hold_out_pairs is False
 
 
 def test_real_vs_real_floor_is_smaller_than_real_vs_noise():

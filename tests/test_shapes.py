@@ -1,14 +1,16 @@
 """Tests for shapes.py: the rendered dataset, its captions, and the attribute checker that reads
 them back from pixels."""
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from shapes import (BACKGROUNDS, COLORS, SHAPES, SIZES, attributes_to_caption, parse_caption,
-                    read_attributes, render_shape_image, render_shapes, score_attributes)
+from shapes import (BACKGROUNDS, COLORS, HELD_OUT_PAIRS, SHAPES, SIZES, attributes_to_caption,
+                    held_out_objects, parse_caption, read_attributes, render_shape_image,
+                    render_shapes, score_attributes)
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +154,15 @@ def test_score_attributes_counts_matches_in_order():
     empty = {"background": "white", "objects": []}
     assert score_attributes(empty, empty)["shape"] == 1.0
     assert score_attributes(target, empty)["count"] == 0.0
+
+
+def test_held_out_pairs_leave_every_colour_and_shape_partners_and_are_read_from_captions(shapes32):
+    pairs = set(HELD_OUT_PAIRS)
+    assert len(pairs) == len(HELD_OUT_PAIRS) == 8 and pairs <= {(c, s) for c in COLORS for s in SHAPES}
+    assert all(sum((c, s) not in pairs for s in SHAPES) == 4 for c in COLORS)
+    assert all(sum((c, s) not in pairs for c in COLORS) >= 6 for s in SHAPES)
+    for caption, attrs in zip(shapes32.captions, shapes32.attributes):   # from the words alone
+        objects = re.findall(r"a \w+ (\w+) (\w+)", caption.split(" on a ")[0])
+        assert held_out_objects(attrs) == [j for j, pair in enumerate(objects) if pair in pairs]
+    shown = sum(bool(held_out_objects(a)) for a in shapes32.attributes) / len(shapes32.attributes)
+    assert 0.24 < shown < 0.32      # 1/2 x 8/40 + 1/2 x (1 - (32/40)^2) = 0.28 of the images

@@ -12,6 +12,7 @@ from PIL import Image
 import checkpoint
 import common
 import data as data_lib
+import shapes
 import train_flow
 import train_vae
 from dit import DiT, DiTConfig
@@ -403,3 +404,28 @@ def test_train_vae_preset_is_vae_preset_and_the_old_spelling_works_with_a_note(c
     assert train_vae.parse_args(["--preset", "64"])[0].vae_preset == "64"
     rc, _, err = cli("train_vae.py", "--preset", "nope", "--out", tmp_path / "v", *tiny.cpu)
     assert rc == 2 and "--preset is now --vae-preset" in err and "--vae-preset nope" in err
+
+
+def test_hold_out_pairs_leaves_those_pairs_out_of_the_dit_only(cli, runs, tmp_path, expect,
+                                                               flow_args):
+    out = tmp_path / "pairs"
+    rc, stdout, err = cli(*flow_args(out, "--hold-out-pairs", "--grid-prompts", 64,
+                                     "--grid-images", 1))
+    assert rc == 0, err
+    _, captions, attrs = shapes.render_shapes(64, 0, 32)
+    kept = [c for c, a in zip(captions, attrs) if not shapes.held_out_objects(a)]
+    assert f"composition benchmark: {64 - len(kept)} of 64 training images" in stdout
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["args"]["hold_out_pairs"] is True and 64 - len(kept) >= 8
+    assert ckpt["sample_prompts"] == list(dict.fromkeys(kept))     # the DiT's captions: no pair
+    assert torch.load(out / "latents.pt", weights_only=True)["mu"].shape[0] == 64   # VAE: all
+    plain = tmp_path / "plain"
+    assert cli(*flow_args(plain, "--sample-every", 100))[0] == 0
+    expect.one_line_error(cli("train_flow.py", "--out", plain, "--resume", "--steps", 2,
+                              "--hold-out-pairs"), "--hold-out-pairs would make another experiment")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(folder / f"{i}.png")
+    expect.one_line_error(cli(*flow_args(tmp_path / "f2", "--hold-out-pairs", "--data", folder)),
+                          "--hold-out-pairs needs the built-in shapes")
