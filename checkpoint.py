@@ -384,7 +384,7 @@ def export_flow(path, out, dtype="fp32", vae_path=None, overwrite=False):
               "step": ckpt["step"], "config": model.config.to_dict(), "ema": weights(model),
               "image_size": ckpt["image_size"], "data": ckpt.get("data"),
               "sample_prompts": ckpt["sample_prompts"], "vae": info,
-              "args": ckpt.get("args", {})}
+              "caption_words": ckpt.get("caption_words"), "args": ckpt.get("args", {})}
     save_checkpoint(out, export, "export")
     return Path(out)
 

@@ -53,8 +53,9 @@ class DiTConfig:
     prompt_dim: int = 256        # prompt token width (the cross-attention context_dim)
     prompt_depth: int = 2        # transformer layers in the prompt encoder
     prompt_heads: int = 4
-    max_prompt_len: int = 80     # S: bytes + BOS; longer prompts are truncated
+    max_prompt_len: int = 80     # S: BOS + bytes (+ word padding); longer prompts are cut
     prompt_bytes_per_token: int = 4  # bytes merged into one prompt token (S' = S / 4)
+    prompt_words: bool = False   # every word starts a new prompt token (embeddings.prompt_ids)
     qk_norm: bool = False        # LayerNorm on q and k in every attention
 
     @property
@@ -64,6 +65,11 @@ class DiTConfig:
     @property
     def width(self):
         return self.input_width or self.input_size
+
+    @property
+    def prompt_word_group(self):
+        """tokenize's word_group for this model: 0 (plain bytes) or the bytes per token."""
+        return self.prompt_bytes_per_token if self.prompt_words else 0
 
     @classmethod
     def from_dict(cls, d):

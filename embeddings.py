@@ -23,15 +23,20 @@ position embeddings, groups of a few bytes merged into one token (bytes are ~4x 
 than word pieces, and every cross-attention pays for each token), then a few transformer
 layers. It returns the token sequence, its key-padding mask, and a pooled vector (mean over
 real tokens) that the DiT adds to the time embedding.
+The groups follow the bytes (today's default) or the words (`word_group`, a DiTConfig's
+`prompt_words`): each word then starts a new group, so the word "circle" becomes the same tokens
+in every caption and what the model learns of it carries over from one prompt to the next
+(RESULTS.md, "Composition").
 Every prompt starts with a BOS token, so the empty prompt "" (the null condition of
 classifier-free guidance, `null_prompt`) still has one real token and no attention row is fully
 masked.
 
 Offers: time_frequencies, time_embedding, TimeEmbedding, patchify, unpatchify, sincos_2d,
-PatchEmbedding, PAD_ID, BOS_ID, VOCAB_SIZE, tokenize, prompt_is_truncated, null_prompt,
-PromptBlock, PromptEmbedding
+PatchEmbedding, PAD_ID, BOS_ID, VOCAB_SIZE, prompt_words, prompt_ids, tokenize,
+prompt_is_truncated, prompt_as_read, null_prompt, PromptBlock, PromptEmbedding
 """
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -149,31 +154,74 @@ PAD_ID, BOS_ID = 0, 257  # byte b is token b + 1
 VOCAB_SIZE = 258
 
 
-def tokenize(prompts, max_len):
+def prompt_words(prompt):
+    """The words of a prompt: runs of letters and digits, and every other non-space character
+    on its own ("flag: Japan" -> ["flag", ":", "Japan"])."""
+    return re.findall(r"\w+|[^\w\s]", prompt)
+
+
+def prompt_ids(prompt, word_group=0):
+    """The token ids of one prompt, untruncated: BOS, then its UTF-8 bytes (byte b -> b + 1).
+
+    word_group = 0: the bytes as they stand, spaces included. word_group = r > 0: every word
+    (prompt_words) starts a new group of r positions, the rest of the previous group padded,
+    spaces dropped: the group boundary is the word boundary. PromptEmbedding merges each group of
+    r bytes into one token, so a word becomes the same tokens wherever it stands in a prompt
+    ("circle" after "red " and after "blue " alike), which plain byte groups do not give.
+    """
+    if not word_group:
+        return [BOS_ID] + [b + 1 for b in prompt.encode("utf-8")]
+    if word_group < 2:
+        raise ValueError("word groups need 2 or more bytes per token (with 1 the words would "
+                         "run together)")
+    ids = [BOS_ID]
+    for word in prompt_words(prompt):
+        ids += [PAD_ID] * (-len(ids) % word_group)                  # start a new group
+        ids += [b + 1 for b in word.encode("utf-8")]
+    return ids
+
+
+def tokenize(prompts, max_len, word_group=0):
     """Byte-level UTF-8 tokenizer: list of str -> LongTensor (B, max_len).
 
-    Token 0 is padding, BOS (257) opens every prompt, byte b becomes b + 1. Prompts longer
-    than max_len - 1 bytes are truncated (a multi-byte character may be cut; the model sees
-    bytes, so that is harmless). Use `prompt_is_truncated` to warn the user.
+    Token 0 is padding, BOS (257) opens every prompt, byte b becomes b + 1; word_group > 0
+    aligns words to groups (prompt_ids). Prompts longer than max_len ids are truncated (a
+    multi-byte character may be cut; the model sees bytes, so that is harmless). Use
+    `prompt_is_truncated` to warn the user.
     """
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     tokens = torch.full((len(prompts), max_len), PAD_ID, dtype=torch.long)
     for i, prompt in enumerate(prompts):
-        ids = [BOS_ID] + [b + 1 for b in prompt.encode("utf-8")]
-        ids = ids[:max_len]
+        ids = prompt_ids(prompt, word_group)[:max_len]
         tokens[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
     return tokens
 
 
-def prompt_is_truncated(prompt, max_len):
+def prompt_is_truncated(prompt, max_len, word_group=0):
     """True when `tokenize` drops bytes of this prompt."""
-    return len(prompt.encode("utf-8")) + 1 > max_len
+    return len(prompt_ids(prompt, word_group)) > max_len
+
+
+def prompt_as_read(prompt, max_len, word_group=0):
+    """The part of a prompt that `tokenize` keeps, as text (for warnings); with word_group > 0,
+    the words it keeps (the last one perhaps cut), joined by spaces."""
+    if not word_group:
+        return prompt.encode("utf-8")[:max_len - 1].decode("utf-8", "ignore")
+    kept, length = [], 1                                            # BOS
+    for word in prompt_words(prompt):
+        length += -length % word_group
+        data = word.encode("utf-8")[:max(0, max_len - length)]
+        if data:
+            kept.append(data.decode("utf-8", "ignore"))
+        length += len(word.encode("utf-8"))
+    return " ".join(kept)
 
 
 def null_prompt(max_len):
-    """The empty prompt "" as tokens (1, max_len): BOS then padding. It is the null condition of
-    classifier-free guidance: training replaces prompts by it, the sampler guides away from it."""
+    """The empty prompt "" as tokens (1, max_len): BOS then padding (with or without word
+    groups). It is the null condition of classifier-free guidance: training replaces prompts by
+    it, the sampler guides away from it."""
     return tokenize([""], max_len)
 
 
@@ -201,7 +249,9 @@ class PromptEmbedding(nn.Module):
     DiT block's cross-attention projects every prompt token, so runs of `bytes_per_token`
     consecutive bytes are merged into one token (their embeddings concatenated, then a Linear:
     patchify for text), giving S' = S / bytes_per_token tokens. A merged token is real when any
-    of its bytes is.
+    of its bytes is. With word-aligned ids (tokenize's word_group = bytes_per_token) a token is
+    a word or a word's next bytes: its embedding is a Linear of the word's bytes plus one of
+    its position.
 
     forward(tokens (B, S)) -> (y (B, S', dim), mask (B, S') bool, pooled (B, dim)).
     """

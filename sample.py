@@ -32,7 +32,7 @@ from checkpoint import export_flow, load_flow
 from common import (MAX_BATCH, MAX_STEPS, HelpFormatter, Phase, UserError, autocast,
                     available_memory, finite, maybe_compile, pick_amp, pick_device, positive,
                     run_main, seed_value)
-from embeddings import null_prompt, prompt_is_truncated, tokenize
+from embeddings import null_prompt, prompt_as_read, prompt_is_truncated, prompt_words, tokenize
 from runs import check_output, write_prompts
 
 
@@ -99,7 +99,7 @@ def generate(model, vae, prompts, sample_steps=50, cfg_scale=4.0, seed=0, batch_
     gen = torch.Generator(device=device).manual_seed(seed)
     noise = torch.randn((len(prompts), config.in_channels, config.height, config.width),
                         generator=gen, device=device)      # (N, C, h, w), X_0 ~ N(0, I)
-    tokens = tokenize(prompts, config.max_prompt_len).to(device)    # (N, S)
+    tokens = tokenize(prompts, config.max_prompt_len, config.prompt_word_group).to(device)  # (N, S)
     null = null_prompt(config.max_prompt_len).to(device)             # (1, S)
     images, phase = [], Phase(f"sampling {len(prompts)} images", len(prompts))
     for i in range(0, len(prompts), batch_size):
@@ -199,7 +199,8 @@ def main(argv=None):
         _check_prompts(args.prompt)
     model, vae, ckpt = load_flow(args.ckpt, device, args.vae)
     prompts = args.prompt if args.prompt is not None else ckpt["sample_prompts"]
-    _warn_truncated(prompts, model.config.max_prompt_len)
+    _warn_truncated(prompts, model.config)
+    _note_unseen_words(prompts, ckpt.get("caption_words"))
     settings = [(w, s) for s in args.sample_steps for w in args.cfg_scales]
     _check_memory(len(prompts) * args.n * len(settings), model.config, ckpt["image_size"],
                   args.n, args.scale or data_lib.grid_scale(ckpt["image_size"]),
@@ -279,16 +280,31 @@ def _check_prompts(prompts):
                             f"terminal's or the file's encoding")
 
 
-def _warn_truncated(prompts, max_len):
+def _warn_truncated(prompts, config):
     """One warning line per prompt longer than the model reads (tokenize truncates it), quoting
     the part the model reads."""
+    max_len, group = config.max_prompt_len, config.prompt_word_group
+    unit = "token positions" if group else "bytes"
     for prompt in prompts:
-        if prompt_is_truncated(prompt, max_len):
-            kept = prompt.encode("utf-8")[:max_len - 1].decode("utf-8", "ignore")
+        if prompt_is_truncated(prompt, max_len, group):
+            kept = prompt_as_read(prompt, max_len, group)
             print(f"warning: prompt {prompt[:60]!r}{'...' if len(prompt) > 60 else ''} is longer "
-                  f"than the {max_len - 1} bytes this model reads; it reads only {kept!r}",
+                  f"than the {max_len - 1} {unit} this model reads; it reads only {kept!r}",
                   file=sys.stderr)
 
+
+def _note_unseen_words(prompts, caption_words):
+    """One note per prompt with words the training captions never had (the checkpoint's
+    caption_words; older checkpoints have none, and get no note): the model reads such a word
+    from its bytes alone, so it is guessed at or ignored, not understood."""
+    if not isinstance(caption_words, dict):
+        return
+    for prompt in prompts:
+        unseen = [w for w in dict.fromkeys(prompt_words(prompt)) if w.lower() not in caption_words]
+        if unseen:
+            print(f"note: prompt {prompt[:60]!r}: {', '.join(map(repr, unseen[:8]))} never occurred "
+                  f"in the training captions; the model guesses at such words from their letters "
+                  f"(expect them ignored or half drawn)", file=sys.stderr)
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

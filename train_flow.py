@@ -30,6 +30,7 @@ import hashlib
 import re
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from checkpoint import (config_mismatch, load_checkpoint, load_vae, restore_trai
 from common import (MAX_STEPS, HelpFormatter, UserError, autocast, finite, fraction, is_oom,
                     maybe_compile, pick_amp, positive, run_main, set_threads, setup_backends)
 from dit import PRESETS, DiT, DiTConfig, count_parameters, dit_config
-from embeddings import null_prompt, tokenize
+from embeddings import null_prompt, prompt_ids, prompt_words, tokenize
 from flow import flow_matching_loss
 from runs import (RunFolder, append_json, parse_with_given, plot_loss, restore_settings,
                   run_files, settings_of, trim_log, write_json, write_prompts)
@@ -60,8 +61,9 @@ from vae import VAE
 DEFAULTS = {
     # data
     "image_size": 32, "n_builtin": 20000, "hold_out_pairs": False,
-    # the DiT (dit.PRESETS) on the VAE's latents, p x p latent patches per token
-    "preset": "tiny", "patch_size": 2,
+    # the DiT (dit.PRESETS) on the VAE's latents, p x p latent patches per token; prompt tokens
+    # of 4 bytes each, following the bytes (prompt_words False) or starting at each word
+    "preset": "tiny", "patch_size": 2, "prompt_words": False,
     # flow matching: training times t, and the prompt dropped (-> CFG's null condition) at p_uncond
     "t_dist": "logit_normal", "p_uncond": 0.1,
     # optimisation: AdamW, linear warm-up then a constant rate, gradients clipped, weights averaged
@@ -111,7 +113,7 @@ def train(args, given, rank, world, device):
 
 # Settings whose change makes another experiment: --resume refuses them without --allow-changes.
 EXPERIMENT = {"data", "n_builtin", "seed", "image_size", "preset", "patch_size", "vae",
-              "vae_steps", "hold_out_pairs"}
+              "vae_steps", "hold_out_pairs", "prompt_words"}
 
 
 def _resumed_vae(resume, stored):
@@ -135,6 +137,7 @@ class Latents:
     tokens: torch.Tensor     # (N, S) the captions as prompt tokens
     name: str                # the data's name (data.ImageSet.name)
     prompts: list            # fixed prompts of the sample grids
+    words: dict              # word -> count over the captions (caption_words): kept in ckpt.pt
     vae: VAE                 # the EMA VAE, to decode samples
     vae_info: dict           # its path, sha1, config and latent statistics: kept in ckpt.pt
     config: DiTConfig        # the DiT that fits these latents and prompts
@@ -156,11 +159,13 @@ def prepare_latents(args, folder, resume, rank, world, device, watch):
     if args.image_size % factor or (args.image_size // factor) % args.patch_size:
         raise UserError(f"--image-size {args.image_size} must be divisible by the VAE factor "
                         f"{factor} x patch size {args.patch_size} = {factor * args.patch_size}")
-    longest = max(len(c.encode("utf-8")) for c in train_set.captions) + 1   # + BOS
+    group = PRESETS[args.preset].prompt_bytes_per_token if args.prompt_words else 0
+    longest = max(len(prompt_ids(c, group)) for c in train_set.captions)   # BOS included
     max_len = min(256, -(-longest // 8) * 8)                     # fit the data, multiple of 8
     if rank == 0:
         data_lib.announce(train_set)
-        print(f"prompts: the model reads up to {max_len - 1} bytes of a prompt (the longest "
+        unit = "token positions (a word starts a new token)" if group else "bytes"
+        print(f"prompts: the model reads up to {max_len - 1} {unit} of a prompt (the longest "
               f"caption has {longest - 1}); longer prompts are cut", flush=True)
     if rank == 0 and args.steps + (vae_todo[1] if vae_todo else 0) >= ESTIMATE_MIN_STEPS:
         with watch("estimate"):
@@ -177,7 +182,7 @@ def prepare_latents(args, folder, resume, rank, world, device, watch):
     vae_sha1 = train_vae.file_sha1(vae_path)
     C, h = vae.config.latent_channels, args.image_size // factor  # latent grid (C, h, h)
     config = dit_config(args.preset, input_size=h, in_channels=C, patch_size=args.patch_size,
-                        max_prompt_len=max_len)
+                        max_prompt_len=max_len, prompt_words=args.prompt_words)
     out = Path(args.out)
     if resume is not None:                                           # before the slow work
         _check_resumable(resume, config, vae_sha1, world, out / "ckpt.pt", args.allow_changes)
@@ -199,9 +204,16 @@ def prepare_latents(args, folder, resume, rank, world, device, watch):
         keep = composition_split(train_set, rank)
         mu, captions = mu[keep], [captions[i] for i in keep]
     return Latents(z=vae.normalize_latents(mu.to(device)),
-                   tokens=tokenize(captions, max_len).to(device),
+                   tokens=tokenize(captions, max_len, config.prompt_word_group).to(device),
                    name=train_set.name, prompts=sample_prompts(captions, args.grid_prompts),
-                   vae=vae, vae_info=vae_info, config=config)
+                   words=caption_words(captions), vae=vae, vae_info=vae_info, config=config)
+
+
+def caption_words(captions):
+    """How often each word (embeddings.prompt_words, lower case) occurs in the training captions:
+    the checkpoint keeps it so that sample.py can name the words of a prompt the model never
+    saw."""
+    return dict(Counter(w.lower() for caption in captions for w in prompt_words(caption)))
 
 
 def composition_split(train_set, rank):
@@ -477,7 +489,8 @@ def run_state(args, latents, step, model, ema, opt, scaler, world, elapsed):
     """The flow checkpoint: training state (every rank's RNG), plus what sampling needs."""
     return training_state("flow", step, latents.config.to_dict(), model, ema, opt, scaler,
                           gather_objects(rng_state(), world), image_size=args.image_size,
-                          data=latents.name, sample_prompts=latents.prompts, vae=latents.vae_info,
+                          data=latents.name, sample_prompts=latents.prompts,
+                          caption_words=latents.words, vae=latents.vae_info,
                           args=settings_of(args), target_steps=args.steps, elapsed=elapsed)
 
 
@@ -601,6 +614,10 @@ def parse_args(argv=None):
                    help="built-in shapes only: leave the 8 colour x shape pairs of "
                         "shapes.HELD_OUT_PAIRS (red circle, green square, ...) out of the DiT's "
                         "training, so that evaluate.py measures whether prompts compose")
+    p.add_argument("--prompt-words", action="store_true", default=DEFAULTS["prompt_words"],
+                   help="every word of a caption starts a new prompt token, so a word is the same "
+                        "tokens in every caption (default: tokens of 4 consecutive bytes, which cut "
+                        "words differently from one caption to the next)")
     p.add_argument("--vae", default=None,
                    help="VAE checkpoint from train_vae.py. Default: the automatic VAE of this data, "
                         "runs/vae-<data>-<size>px.../ckpt.pt, trained first (train_vae.py's "
@@ -651,13 +668,15 @@ def main(argv=None):
 # Which flag sets each DiT config field, for the --resume mismatch message ("" = the rest).
 RESUME_FLAGS = {"patch_size": "--patch-size", "input_size": "--image-size or the VAE",
                 "input_width": "--image-size or the VAE", "in_channels": "the VAE (--vae)",
-                "max_prompt_len": "the captions of --data", "": "--preset"}
+                "max_prompt_len": "the captions of --data", "prompt_words": "--prompt-words",
+                "": "--preset"}
 
 
 def _check_resumable(ckpt, config, vae_sha1, world, ckpt_path, allow_changes):
     """Refuse to resume a run whose model, VAE or number of processes differs from now (another
     VAE only with --allow-changes)."""
-    diff = config_mismatch(ckpt["config"], config.to_dict(), RESUME_FLAGS)
+    saved = {**DiTConfig().to_dict(), **ckpt["config"]}    # fields added since: their defaults
+    diff = config_mismatch(saved, config.to_dict(), RESUME_FLAGS)
     if diff:
         raise UserError(f"--resume {ckpt_path}: model configuration differs ({diff}); use the "
                         f"same flags or another --out")

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from embeddings import (BOS_ID, PAD_ID, VOCAB_SIZE, PatchEmbedding, PromptEmbedding, W_MAX,
-                        W_MIN, patchify, prompt_is_truncated, time_embedding, time_frequencies,
+                        W_MIN, null_prompt, patchify, prompt_as_read, prompt_ids,
+                        prompt_is_truncated, prompt_words, time_embedding, time_frequencies,
                         tokenize, unpatchify)
 
 
@@ -191,3 +192,96 @@ def test_merged_byte_tokens_keep_padding_invariance_and_shorten_the_sequence(r):
     torch.testing.assert_close(pooled2[0], pooled1[0], rtol=0, atol=1e-12)
     y, mask, _ = enc(tokenize([""], max_len=32))
     assert mask[0].tolist() == [True] + [False] * (32 // r - 1)   # BOS keeps the null prompt real
+
+
+# ---------------------------------------------------------------------------------------------
+# prompt tokens that follow the words (word_group > 0)
+
+def _check_word_groups(ids, words, r):
+    """The properties of word-aligned ids, checked without re-deriving them: BOS alone in the
+    first group; the bytes in order are the words' bytes; each group holds bytes of one word
+    only, PAD only at its end; each word starts a group."""
+    assert ids[0] == BOS_ID and all(i == PAD_ID for i in ids[1:r])
+    data = [i - 1 for i in ids if i not in (PAD_ID, BOS_ID)]
+    assert bytes(data) == "".join(words).encode("utf-8")
+    owner = [w for w, word in enumerate(words) for _ in word.encode("utf-8")]   # byte -> word
+    k, starts = 0, []
+    for g in range(r, len(ids), r):
+        group = ids[g:g + r]
+        real = [i for i in group if i != PAD_ID]
+        assert group[:len(real)] == real                      # PAD only after the bytes
+        assert len({owner[k + j] for j in range(len(real))}) == 1
+        if k == 0 or owner[k] != owner[k - 1]:
+            starts.append(owner[k])
+        k += len(real)
+    assert starts == list(range(len(words)))                  # every word opens a group
+
+
+def test_prompt_words_split_at_spaces_and_punctuation_in_any_script():
+    assert prompt_words("flag: Japan!") == ["flag", ":", "Japan", "!"]
+    assert prompt_words("  a red\tcircle  ") == ["a", "red", "circle"]
+    assert prompt_words("汉字 とかな 🎨cat") == ["汉字", "とかな", "🎨", "cat"]
+    assert prompt_words("") == []
+
+
+@pytest.mark.parametrize("r", [2, 4, 8])
+@pytest.mark.parametrize("prompt", ["a red circle", "a blue circle left of a green circle",
+                                    "flag: Japan", "汉字 とかな 🎨 cat", "abcd efgh", ""])
+def test_word_groups_start_every_word_at_a_group_and_keep_its_bytes(prompt, r):
+    ids = prompt_ids(prompt, r)
+    _check_word_groups(ids, prompt_words(prompt), r)
+    tokens = tokenize([prompt], max_len=len(ids) + 3, word_group=r)[0]
+    assert tokens[:len(ids)].tolist() == ids and (tokens[len(ids):] == PAD_ID).all()
+    assert not prompt_is_truncated(prompt, len(ids), r)
+    assert prompt_as_read(prompt, len(ids), r) == " ".join(prompt_words(prompt))
+
+
+def test_a_word_is_the_same_tokens_wherever_it_stands_with_word_groups_and_not_without():
+    r = 4
+    prompts = ["a red circle", "a blue circle", "a large yellow circle right of a circle"]
+    seen = set()
+    for prompt in prompts:
+        ids = tokenize([prompt], 64, r)[0].tolist()            # padded: whole groups
+        groups = [tuple(ids[k:k + r]) for k in range(0, len(ids), r)]
+        starts = [k for k in range(r, len(ids), r) if ids[k] == ord("c") + 1
+                  and bytes(i - 1 for i in ids[k:k + 6]) == b"circle"]
+        assert starts
+        seen |= {tuple(groups[k // r:k // r + 2]) for k in starts}
+    assert len(seen) == 1                                  # "circ" + "le": one pair of tokens
+    plain = set()
+    for prompt in prompts:                                 # 4-byte groups of the plain bytes
+        ids = prompt_ids(prompt)
+        k = bytes(i - 1 for i in ids[1:]).index(b"circle") + 1
+        plain.add(tuple(ids[k // r * r:(k + 6) // r * r + r]))
+    assert len(plain) > 1                                  # cut differently in each prompt
+
+
+def test_word_groups_truncate_whole_groups_and_keep_the_null_prompt():
+    prompt = "a small red circle"          # BOS|a|smal l|red|circ le -> 18 ids with r = 4
+    ids = prompt_ids(prompt, 4)
+    assert len(ids) == 4 + 4 + 8 + 4 + 6
+    assert prompt_is_truncated(prompt, len(ids) - 1, 4) and not prompt_is_truncated(prompt, len(ids), 4)
+    assert prompt_as_read(prompt, 12, 4) == "a smal"
+    assert prompt_as_read(prompt, 20, 4) == "a small red"
+    assert tokenize([prompt], 12, 4)[0].tolist() == ids[:12]
+    for r in (0, 2, 4):
+        assert torch.equal(tokenize([""], 16, r), null_prompt(16))    # CFG's null condition
+
+
+def test_the_encoder_embeds_a_word_apart_from_its_neighbours_with_word_groups():
+    """Before the attention layers (depth 0) a token sees only its own bytes and position:
+    with word groups, "circle" after "red" and after "blue" (same word position) gives the same
+    vectors; with plain 4-byte groups it does not."""
+    torch.manual_seed(4)
+    enc = PromptEmbedding(dim=16, depth=0, heads=2, max_len=24, bytes_per_token=4).double().eval()
+    y, mask, _ = enc(tokenize(["a red circle", "a blue circle"], 24, word_group=4))
+    assert mask.sum(1).tolist() == [5, 5]                  # BOS | a | red | circ | le
+    torch.testing.assert_close(y[0, 3:5], y[1, 3:5], rtol=0, atol=1e-12)
+    assert not torch.allclose(y[0, 2], y[1, 2])            # "red" and "blue" differ
+    b, _, _ = enc(tokenize(["a red circle", "a blue circle"], 24))
+    assert not torch.allclose(b[0, 3], b[1, 3])            # plain bytes: "irc" vs " cir"
+
+
+def test_word_groups_of_one_byte_are_refused():
+    with pytest.raises(ValueError, match="2 or more bytes"):
+        prompt_ids("a red circle", 1)

@@ -328,3 +328,34 @@ def test_sample_and_evaluate_use_autocast_by_default_and_the_api_matches_the_fla
     assert capsys.readouterr().err == ""
     old = sample.generate(model, vae, ["a red circle"], steps=2, cfg_scale=2.0, seed=1)
     assert torch.equal(new, old) and "generate(sample_steps=...)" in capsys.readouterr().err
+
+
+def test_words_the_training_captions_never_had_get_a_note(cli, runs, tmp_path):
+    ckpt = torch.load(runs["flow"], weights_only=True)
+    words = ckpt["caption_words"]
+    assert words["circle"] > 0 and "zebra" not in words
+    rc, _, err = cli("sample.py", "--ckpt", runs["flow"], "--n", 1, "--sample-steps", 1,
+                     "--prompt", "a red Zebra and a circle", "--prompt", "a red circle",
+                     "--out", tmp_path / "z.png")
+    assert rc == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note: prompt")]
+    assert len(notes) == 1 and "'Zebra'" in notes[0] and "'circle'" not in notes[0]
+    assert "'and'" in notes[0]                 # no built-in caption says "and" either
+
+
+def test_an_older_checkpoint_without_word_fields_loads_and_samples_the_same(cli, runs, tmp_path):
+    """Checkpoints written before prompt_words and caption_words existed: the config's missing
+    field means plain byte groups, so the same seed gives the same picture, and no note."""
+    ckpt = torch.load(runs["flow"], weights_only=True)
+    assert ckpt["config"]["prompt_words"] is False
+    del ckpt["config"]["prompt_words"], ckpt["caption_words"]
+    checkpoint.save_checkpoint(tmp_path / "old.pt", ckpt)
+    pictures = []
+    for name in ("flow", "old"):
+        path = runs["flow"] if name == "flow" else tmp_path / "old.pt"
+        rc, _, err = cli("sample.py", "--ckpt", path, "--n", 1, "--sample-steps", 2, "--prompt",
+                         "a red Zebra", "--out", tmp_path / f"{name}.png")
+        assert rc == 0, err
+        assert ("note: prompt" in err) == (name == "flow")
+        pictures.append(np.asarray(Image.open(tmp_path / f"{name}.png")))
+    assert np.array_equal(*pictures)

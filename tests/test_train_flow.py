@@ -16,7 +16,7 @@ import shapes
 import train_flow
 import train_vae
 from dit import DiT, DiTConfig
-from embeddings import null_prompt, tokenize
+from embeddings import null_prompt, prompt_ids, tokenize
 from flow import flow_matching_loss
 
 
@@ -429,3 +429,39 @@ def test_hold_out_pairs_leaves_those_pairs_out_of_the_dit_only(cli, runs, tmp_pa
         Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(folder / f"{i}.png")
     expect.one_line_error(cli(*flow_args(tmp_path / "f2", "--hold-out-pairs", "--data", folder)),
                           "--hold-out-pairs needs the built-in shapes")
+
+
+def test_prompt_words_trains_on_word_aligned_tokens_and_resume_keeps_them(cli, runs, tmp_path,
+                                                                         expect, flow_args):
+    out = tmp_path / "words"
+    rc, stdout, err = cli(*flow_args(out, "--prompt-words", "--sample-every", 100))
+    assert rc == 0, err
+    assert "token positions (a word starts a new token)" in stdout
+    _, captions, _ = shapes.render_shapes(64, 0, 32)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    longest = max(len(prompt_ids(c, 4)) for c in captions)
+    assert ckpt["config"]["prompt_words"] is True and ckpt["args"]["prompt_words"] is True
+    assert ckpt["config"]["max_prompt_len"] == -(-longest // 8) * 8
+    counts = {}
+    for caption in captions:
+        for word in caption.split():
+            counts[word] = counts.get(word, 0) + 1
+    assert ckpt["caption_words"] == counts          # shapes captions: lower case, no punctuation
+    rc, _, err = cli("train_flow.py", "--out", out, "--resume", "--steps", 2, "--sample-steps", 1)
+    assert rc == 0, err                                               # --prompt-words restored
+    assert torch.load(out / "ckpt.pt", weights_only=True)["config"]["prompt_words"] is True
+    plain = tmp_path / "plain"
+    assert cli(*flow_args(plain, "--sample-every", 100))[0] == 0
+    expect.one_line_error(cli("train_flow.py", "--out", plain, "--resume", "--steps", 2,
+                              "--prompt-words"), "--prompt-words would make another experiment")
+
+
+def test_a_run_saved_before_prompt_words_existed_resumes(cli, runs, tmp_path, flow_args):
+    out = tmp_path / "old"
+    assert cli(*flow_args(out, "--sample-every", 100))[0] == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    del ckpt["config"]["prompt_words"]
+    checkpoint.save_checkpoint(out / "ckpt.pt", ckpt)
+    rc, _, err = cli("train_flow.py", "--out", out, "--resume", "--steps", 2, "--sample-steps", 1)
+    assert rc == 0, err
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
