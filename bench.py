@@ -1,39 +1,44 @@
-"""Benchmark: how fast the DiT, the VAE and the sampler run, and how close to the machine's limits.
+"""Benchmark: how fast the DiT, the VAE and the sampler run, how close to the machine's limits,
+and how long the default `python train_flow.py` takes here.
 
-    python bench.py                                    # DiT training step, tiny preset, eager fp32
-    python bench.py --what all --matrix                # everything, {eager, compile} x {fp32, bf16}
-    python bench.py --what dit --preset B --latent-size 32 --amp bf16 --compile --json
+    python bench.py                            # DiT training step, tiny preset, --amp auto
+    python bench.py --what all --matrix        # everything, {eager, compile} x {fp32, bf16}
+    python bench.py --what recipe              # the default run's minutes, phase by phase
 
-Measured, each in one process, with untimed warm-up steps (torch.compile compiles there) and the
+Measured in one process, each with untimed steps first (torch.compile compiles there), then the
 median of --repeats timed steps (CUDA is synchronised before every clock reading):
-    peak       the machine's ceilings: fp32 and bf16 matmul GFLOP/s on large square products
-               (2048^2 on CPU, 8192^2 on CUDA) and copy GB/s (bytes read + written by a tensor copy)
-    dit        DiT training step: forward + flow_matching_loss + backward + AdamW step, images/s
-    vae        VAE training step: forward + vae_loss + backward + AdamW step, images/s
-    sample     50 Euler steps with classifier-free guidance (one batched 2B forward per step)
-               under torch.inference_mode, images/s
+    peak       matmul GFLOP/s, fp32 and bf16, of large square products (2048^2 on CPU, 8192^2 on
+               CUDA), and copy GB/s (bytes read + written by a tensor copy)
+    dit        DiT training step, images/s: dit-train is forward + flow_matching_loss + backward
+               + AdamW; dit-step is train_flow.train_step itself, as a run calls it
+    vae        the same for the VAE: vae-train (vae_loss) and vae-step (train_vae.train_step)
+    sample     --sample-steps Euler steps with classifier-free guidance (one batched 2B forward
+               per step) under torch.inference_mode, images/s
     attention  the hand-written attention() vs the fused F.scaled_dot_product_attention on the
                DiT's self-attention shape (B, H, L, Dh), forward + backward
+    recipe     the default `python train_flow.py`, phase by phase: the vae-step, dit-step and
+               sample (one Euler step of a grid) rows at the run's sizes (train_vae.DEFAULTS,
+               train_flow.DEFAULTS), eager under --amp, and vae.encode_means of 256 images; one
+               untimed call and the median of --repeats each, times the calls the run makes.
+               The global RNG state is restored afterwards.
 
-FLOPs and MFU. FLOPs per image come from torch.utils.flop_counter.FlopCounterMode over one eager
-step (forward + backward; the optimizer is not counted) divided by the batch. It counts matmuls,
-convolutions and attention kernels only; elementwise work, norms and softmax count as free. Then
-    achieved GFLOP/s = FLOPs/img x img/s,   MFU = achieved / measured matmul peak of the same dtype,
-the bf16 peak under --amp bf16, else the fp32 peak -- which on CUDA is the TF32 peak, since TF32
-is on (the "peak" column says which). MFU is against what this machine measurably does, not
-against the datasheet. The attention rows count the FLOPs of the written-out math for both
-versions (FlopCounterMode sees no FLOPs in SDPA's CPU kernel).
+FLOPs per image: torch.utils.flop_counter.FlopCounterMode over one eager step (forward +
+backward, not the optimizer) divided by the batch. It counts matmuls, convolutions and attention
+kernels; elementwise work, norms and softmax count as free (the attention rows count the
+written-out math for both versions: it sees no FLOPs in SDPA's CPU kernel). Then achieved
+GFLOP/s = FLOPs/img x img/s, and MFU = achieved / the measured matmul peak of the same dtype: bf16
+under bf16 autocast, else fp32 -- on CUDA that is TF32, which is on (the "peak" column says
+which). MFU is against what this machine measurably does, not against the datasheet.
 
-Memory. On CUDA, torch.cuda.max_memory_allocated after a reset before each row. On CPU, the
-process's peak resident set (VmHWM), reset per row through /proc/self/clear_refs where Linux
-allows it; otherwise it is the high-water mark of the whole process so far.
+Memory: on CUDA torch.cuda.max_memory_allocated, reset before each row; on CPU the process's
+peak resident set (VmHWM in /proc/self/status), reset per row through /proc/self/clear_refs where
+Linux allows it (else the process's high-water mark so far), unknown ("-") where there is no /proc.
 """
 import argparse
 import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -42,28 +47,27 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from attention import attention
 import train_flow
 import train_vae
-from common import (HelpFormatter, autocast, cpu_has_native_bf16, physical_cores, pick_amp,
-                    pick_device, positive, run_main)
-from dit import PRESETS, DiT, dit_config
+from attention import attention
+from common import (MAX_BATCH, MAX_STEPS, Parser, autocast, check_output, cpu_has_native_bf16,
+                    pick_amp, pick_device, positive, run_main, set_threads, write_json)
+from data import to_model_range
+from dit import PRESETS, DiT, dit_preset
 from embeddings import null_prompt, tokenize
 from flow import flow_matching_loss
-from runs import check_output, write_json
 from sample import euler_sample, guided_field
-from vae import VAE, vae_loss, vae_preset
+from vae import VAE, encode_means, vae_loss
 
 # Prompts in the built-in data's caption format, tokenized at its max_prompt_len.
 CAPTIONS = ("a small red circle left of a large blue square on a white background",
             "a large green triangle on a black background",
             "a small yellow diamond left of a small purple cross on a gray background")
 MAX_PROMPT_LEN = 80
-CFG_SCALE = 4.0
 
 
 # ---------------------------------------------------------------------------------------------
-# Arithmetic and timing
+# Counting and timing
 
 def count_flops(fn):
     """FLOPs that FlopCounterMode sees while fn() runs (matmuls, convolutions, attention)."""
@@ -72,21 +76,9 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
-def gflops(flops, seconds):
-    """Throughput in GFLOP/s of `flops` done in `seconds`."""
-    return flops / seconds / 1e9
-
-
-def mfu(achieved, peak):
-    """Model FLOPs utilisation in percent: achieved / peak (same units)."""
-    return 100.0 * achieved / peak
-
-
 def synchronizer(device):
     """A function that waits for the device's queued work (a no-op on CPU)."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
 def median_time(fn, warmup, repeats, sync=lambda: None, clock=time.perf_counter):
@@ -111,34 +103,42 @@ def device_name(device):
     """GPU name, or the CPU model with its core count and torch's thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            model = next(line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        model = platform.processor() or "unknown CPU"
     return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
-def matmul_peak(device, dtype, n, warmup, repeats):
-    """GFLOP/s of an (n, n) @ (n, n) product in `dtype`: 2 n^3 FLOPs per product."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = median_time(lambda: torch.mm(a, b), warmup, repeats, synchronizer(device))
-    return gflops(2 * n ** 3, seconds)
+def precision(dtype, device):
+    """What a matmul in `dtype` (None: float32) runs in: bf16, fp16, or fp32 -- TF32 on CUDA,
+    where pick_device turns TF32 on."""
+    fp32 = "tf32" if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, fp32)
 
 
-def copy_bandwidth(device, numel, warmup, repeats):
-    """GB/s of dst.copy_(src) for float32 tensors of `numel` elements: bytes read + written."""
-    src = torch.ones(numel, device=device)
-    dst = torch.empty_like(src)
-    seconds = median_time(lambda: dst.copy_(src), warmup, repeats, synchronizer(device))
-    return 2 * src.nbytes / seconds / 1e9
-
-
-def fp32_peak_name(device):
-    """What the fp32 peak really measures: TF32 tensor cores on CUDA when TF32 is allowed."""
-    return "tf32" if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "fp32"
+def measure_peaks(device, dtypes, with_copy, warmup, repeats):
+    """{precision: GFLOP/s of an (n, n) @ (n, n) product, 2 n^3 FLOPs, for each of `dtypes`;
+    "copy_gbs": GB/s of dst.copy_(src) on float32, bytes read + written; "matmul_n": n}."""
+    def seconds(fn):
+        return median_time(fn, warmup, repeats, synchronizer(device))
+    n = 8192 if device.type == "cuda" else 2048
+    peaks = {"matmul_n": n}
+    for dtype in dtypes:
+        name = precision(dtype, device)
+        # A CPU without native bf16 emulates it ~100x slower: a smaller product says as much.
+        m = 512 if name == "bf16" and device.type == "cpu" and not cpu_has_native_bf16() else n
+        a, b = (torch.randn(m, m, device=device, dtype=dtype) for _ in range(2))
+        peaks[name] = 2 * m ** 3 / seconds(lambda: torch.mm(a, b)) / 1e9
+        if m != n:
+            peaks["bf16_matmul_n"] = m
+    if with_copy:
+        src = torch.ones(2 ** 28 if device.type == "cuda" else 2 ** 25, device=device)
+        dst = torch.empty_like(src)                    # float32: 1 GiB on CUDA, 128 MiB on CPU
+        peaks["copy_gbs"] = 2 * src.nbytes / seconds(lambda: dst.copy_(src)) / 1e9
+    return peaks
 
 
 def reset_peak_memory(device):
@@ -157,15 +157,14 @@ def reset_peak_memory(device):
 
 
 def peak_memory_mb(device):
-    """MiB: CUDA max_memory_allocated, or the process's peak RSS on CPU."""
+    """MiB: CUDA max_memory_allocated, or the process's peak RSS on CPU; None where unknown."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     try:
         with open("/proc/self/status") as f:
-            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux
-    return kb / 1024
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,11 +180,6 @@ def compile_fresh(fn, on):
     return torch.compile(fn)
 
 
-def prompt_tokens(batch, device):
-    """(batch, MAX_PROMPT_LEN) tokens of realistic captions."""
-    return tokenize([CAPTIONS[i % len(CAPTIONS)] for i in range(batch)], MAX_PROMPT_LEN).to(device)
-
-
 def training_step(loss_fn, device, amp, opt=None):
     """forward + loss under autocast, backward, and (when opt is given) AdamW step + zero_grad."""
     def step():
@@ -198,107 +192,85 @@ def training_step(loss_fn, device, amp, opt=None):
     return step
 
 
-def dit_config_from_args(args):
-    """The preset at --latent-size, with any --dim/--depth/--heads overrides."""
+def settings(defaults, **more):
+    """A training script's DEFAULTS as the parsed flags its functions read."""
+    return argparse.Namespace(**{**defaults, "seed": 0, "vae_preset": None, **more})
+
+
+def dit_inputs(args, device):
+    """The DiT config (--preset at --latent-size, with any --dim/--depth/--heads), random
+    (B, 4, h, w) latents, B captions as prompt tokens, and the null prompt."""
     sizes = {k: getattr(args, k) for k in ("dim", "depth", "heads") if getattr(args, k)}
-    return dit_config(args.preset, input_size=args.latent_size, max_prompt_len=MAX_PROMPT_LEN,
-                      **sizes)
-
-
-def bench_dit(args, device, compile_, amp):
-    """DiT training step on (B, 4, h, w) latents with prompt tokens."""
-    config = dit_config_from_args(args)
-    model = DiT(config).to(device)
+    config = dit_preset(args.preset, input_size=args.latent_size, max_prompt_len=MAX_PROMPT_LEN,
+                        **sizes)
     z = torch.randn(args.batch, config.in_channels, config.height, config.width, device=device)
-    tokens = prompt_tokens(args.batch, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    null = null_prompt(MAX_PROMPT_LEN).to(device)
+    tokens = tokenize([CAPTIONS[i % len(CAPTIONS)] for i in range(args.batch)], MAX_PROMPT_LEN)
+    return config, z, tokens.to(device), null_prompt(MAX_PROMPT_LEN).to(device)
+
+
+def bench_dit(args, device, compile_, amp, whole=False):
+    """The DiT training step; with `whole`, train_flow.train_step itself as a run calls it
+    (warm-up lr, the CondOT loss with prompt dropout, backward, clipping, fused AdamW, the EMA)."""
+    config, z, tokens, null = dit_inputs(args, device)
+    if whole:
+        run = settings(train_flow.DEFAULTS)
+        model, ema, opt, scaler = train_flow.build(config, run, device, amp)
+    else:
+        model = DiT(config).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     net = compile_fresh(model, compile_)
     eager = training_step(lambda: flow_matching_loss(model, z, tokens, null), device, amp)
-    step = training_step(lambda: flow_matching_loss(net, z, tokens, null), device, amp, opt)
-    return step, eager, model
+    if whole:
+        return (lambda: train_flow.train_step(net, model, ema, opt, scaler, z, tokens, null, 0,
+                                              run, amp)), eager, model
+    return training_step(lambda: flow_matching_loss(net, z, tokens, null), device, amp, opt), \
+        eager, model
 
 
-def bench_vae(args, device, compile_, amp):
-    """VAE training step on (B, 3, H, W) images in [-1, 1]."""
-    name = {32: "32", 64: "64"}.get(args.image_size, "large")
-    vae = VAE(vae_preset(name, args.image_size)).to(device)
-    x = torch.rand(args.batch, 3, args.image_size, args.image_size, device=device) * 2 - 1
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-4)
-    net = compile_fresh(vae, compile_)
-
-    def loss_fn(m):
-        x_hat, mu, logvar = m(x)
-        return vae_loss(x, x_hat, mu, logvar)[0]
-    eager = training_step(lambda: loss_fn(vae), device, amp)
-    step = training_step(lambda: loss_fn(net), device, amp, opt)
-    return step, eager, vae
-
-
-def run_settings(defaults, amp):
-    """A training script's DEFAULTS as the parsed flags its step function reads."""
-    return argparse.Namespace(**defaults, seed=0, amp="bf16" if amp is not None else "off")
-
-
-def bench_dit_step(args, device, compile_, amp):
-    """train_flow.train_step itself, as a run calls it: warm-up lr, the CondOT loss, backward,
-    gradient clipping, AdamW (fused where available), the EMA update."""
-    config = dit_config_from_args(args)
-    run = run_settings(train_flow.DEFAULTS, amp)
-    model, ema, opt, scaler = train_flow.build(config, run, device, amp)
-    z = torch.randn(args.batch, config.in_channels, config.height, config.width, device=device)
-    tokens = prompt_tokens(args.batch, device)
-    null = null_prompt(MAX_PROMPT_LEN).to(device)
-    net = compile_fresh(model, compile_)
-    eager = training_step(lambda: flow_matching_loss(model, z, tokens, null), device, amp)
-    return (lambda: train_flow.train_step(net, model, ema, opt, scaler, z, tokens, null, 0, run,
-                                          amp)), eager, model
-
-
-def bench_vae_step(args, device, compile_, amp):
-    """train_vae.train_step itself, as a run calls it (loss, backward, clipping, AdamW, EMA)."""
-    run = run_settings(train_vae.DEFAULTS, amp)
-    name = {32: "32", 64: "64"}.get(args.image_size, "large")
-    vae, ema, opt, scaler = train_vae.build(vae_preset(name, args.image_size), run, device, amp)
+def bench_vae(args, device, compile_, amp, whole=False):
+    """The VAE training step (the training scripts' preset for --image-size); with `whole`,
+    train_vae.train_step itself on uint8 images (scaling, loss, backward, clipping, fused AdamW,
+    the EMA)."""
+    run = settings(train_vae.DEFAULTS, image_size=args.image_size)
+    config = train_vae.vae_config(run)
     images = torch.randint(0, 256, (args.batch, 3, args.image_size, args.image_size),
                            dtype=torch.uint8, device=device)
+    x = to_model_range(images)
+    if whole:
+        vae, ema, opt, scaler = train_vae.build(config, run, device, amp)
+    else:
+        vae = VAE(config).to(device)
+        opt = torch.optim.AdamW(vae.parameters(), lr=1e-4)
     net = compile_fresh(vae, compile_)
-
-    def loss_fn():
-        x = images.float() / 127.5 - 1
-        x_hat, mu, logvar = vae(x)
-        return vae_loss(x, x_hat, mu, logvar)[0]
-    eager = training_step(loss_fn, device, amp)
-    return (lambda: train_vae.train_step(net, vae, ema, opt, scaler, images, 0, run, amp)), eager, vae
+    eager = training_step(lambda: vae_loss(x, *vae(x))[0], device, amp)
+    if whole:
+        return (lambda: train_vae.train_step(net, vae, ema, opt, scaler, images, 0, run, amp)), \
+            eager, vae
+    return training_step(lambda: vae_loss(x, *net(x))[0], device, amp, opt), eager, vae
 
 
 def bench_sample(args, device, compile_, amp):
-    """--steps Euler steps with CFG: each step one forward of 2B through the (compiled) DiT."""
-    config = dit_config_from_args(args)
+    """--sample-steps Euler steps with CFG: each step one forward of 2B through the DiT."""
+    config, noise, tokens, null = dit_inputs(args, device)
     model = DiT(config).to(device).eval().requires_grad_(False)
-    noise = torch.randn(args.batch, config.in_channels, config.height, config.width, device=device)
-    tokens = prompt_tokens(args.batch, device)
-    null = null_prompt(MAX_PROMPT_LEN).to(device)
-    net = compile_fresh(model, compile_)
 
     def sampler(m):
         def run():
             with torch.inference_mode(), autocast(device, amp):
-                u = guided_field(m, tokens, null, CFG_SCALE)
-                return euler_sample(lambda x, t: u(x, t).float(), noise, args.steps)
+                u = guided_field(m, tokens, null, train_flow.DEFAULTS["cfg_scale"])
+                return euler_sample(lambda x, t: u(x, t).float(), noise, args.sample_steps)
         return run
-    return sampler(net), sampler(model), model
+    return sampler(compile_fresh(model, compile_)), sampler(model), model
 
 
 def bench_attention(args, device, compile_, amp, fused_kernel=False):
     """forward + backward of attention on the DiT's self-attention shape (B, H, L, Dh):
     the hand-written attention(), or F.scaled_dot_product_attention when fused_kernel."""
-    config = dit_config(args.preset, input_size=args.latent_size)
-    B, H = args.batch, config.heads
+    config = dit_preset(args.preset, input_size=args.latent_size)
     L = (config.height // config.patch_size) * (config.width // config.patch_size)
-    Dh = config.dim // config.heads
-    q, k, v = (torch.randn(B, H, L, Dh, device=device, requires_grad=True) for _ in range(3))
-    grad_out = torch.randn(B, H, L, Dh, device=device)
+    shape = (args.batch, config.heads, L, config.dim // config.heads)
+    q, k, v = (torch.randn(shape, device=device, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(shape, device=device)
 
     def fwd_bwd(fn):
         def run():
@@ -312,9 +284,10 @@ def bench_attention(args, device, compile_, amp, fused_kernel=False):
 
 # Each row's default batch: the training runs' (train_flow.py, train_vae.py), and the grids'.
 BATCH = {"dit": train_flow.DEFAULTS["batch_size"], "vae": train_vae.DEFAULTS["batch_size"],
-         "sample": train_flow.DEFAULTS["batch_size"], "attention": train_flow.DEFAULTS["batch_size"]}
-BENCHES = {"dit": [("dit-train", bench_dit, {}), ("dit-step", bench_dit_step, {})],
-           "vae": [("vae-train", bench_vae, {}), ("vae-step", bench_vae_step, {})],
+         "sample": train_flow.DEFAULTS["batch_size"],
+         "attention": train_flow.DEFAULTS["batch_size"]}
+BENCHES = {"dit": [("dit-train", bench_dit, {}), ("dit-step", bench_dit, {"whole": True})],
+           "vae": [("vae-train", bench_vae, {}), ("vae-step", bench_vae, {"whole": True})],
            "sample": [("sample", bench_sample, {})],
            "attention": [("attn-manual", bench_attention, {}),
                          ("attn-sdpa", bench_attention, {"fused_kernel": True})]}
@@ -322,192 +295,162 @@ BENCHES = {"dit": [("dit-train", bench_dit, {}), ("dit-step", bench_dit_step, {}
 
 def measure(what, build, kwargs, args, device, compile_, amp, peaks):
     """One table row: build, count FLOPs on the eager step, warm up, time, read peak memory."""
-    mode = f"{'compile' if compile_ else 'eager'}/{'bf16' if amp is not None else 'fp32'}"
-    row = {"what": what, "mode": mode, "batch": args.batch}
+    peak = precision(amp, device)                     # the matmul peak that MFU is against
+    row = {"what": what, "mode": f"{'compile' if compile_ else 'eager'}/"
+                                 f"{'fp32' if amp is None else peak}", "batch": args.batch}
     try:
+        counters = torch._dynamo.utils.counters["inductor"]
         memory_was_reset = reset_peak_memory(device)
         torch.manual_seed(0)
         step, eager, model = build(args, device, compile_, amp, **kwargs)
         flops = count_flops(eager)
         if model is not None:
             model.zero_grad(set_to_none=True)   # the counted step's gradients
-        fused_before = torch._dynamo.utils.counters["inductor"]["fuse_attention"]
+        fused = counters["fuse_attention"]
         seconds = median_time(step, args.untimed, args.repeats, synchronizer(device))
-        peak_name = "bf16" if amp is not None else fp32_peak_name(device)
-        achieved = gflops(flops, seconds)             # = FLOPs/img x img/s
+        achieved = flops / seconds / 1e9          # GFLOP/s = FLOPs/img x img/s
         row.update(ms=1e3 * seconds, img_s=args.batch / seconds, gflop_img=flops / args.batch / 1e9,
-                   gflop_s=achieved, mfu=mfu(achieved, peaks[peak_name]), peak=peak_name,
+                   gflop_s=achieved, mfu=100 * achieved / peaks[peak], peak=peak,
                    mem_mb=peak_memory_mb(device), mem_reset=memory_was_reset)
         if compile_:
-            row["fused_attention"] = (torch._dynamo.utils.counters["inductor"]["fuse_attention"]
-                                      - fused_before)
+            row["fused_attention"] = counters["fuse_attention"] - fused
     except Exception as e:   # one failed row (no compiler, out of memory) must not end a sweep
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
     return row
 
 
-def measure_peaks(device, dtypes, with_copy, warmup, repeats):
-    """{"fp32"/"tf32": GFLOP/s, "bf16": GFLOP/s, "copy_gbs": GB/s} for what is asked."""
-    n = 8192 if device.type == "cuda" else 2048
-    peaks = {}
-    for dtype in dtypes:
-        name = "bf16" if dtype == torch.bfloat16 else fp32_peak_name(device)
-        emulated = name == "bf16" and device.type == "cpu" and not cpu_has_native_bf16()
-        # A CPU without native bf16 emulates it ~100x slower: a smaller product says as much.
-        peaks[name] = matmul_peak(device, dtype, 512 if emulated else n, warmup, repeats)
-        if emulated:
-            peaks["bf16_matmul_n"] = 512
-    if with_copy:
-        numel = 2 ** 28 if device.type == "cuda" else 2 ** 25   # 1 GiB / 128 MiB of float32
-        peaks["copy_gbs"] = copy_bandwidth(device, numel, warmup, repeats)
-    peaks["matmul_n"] = n
-    return peaks
+def predict_recipe(repeats, device, amp):
+    """The default `python train_flow.py` here (the docstring's `recipe`), from the vae-step,
+    dit-step and sample rows' steps at the run's sizes: {"phases": {name: {count, call_s,
+    minutes}}, "minutes", "amp"}."""
+    flow, vae_run = settings(train_flow.DEFAULTS), settings(train_vae.DEFAULTS)
+    size, factor = vae_run.image_size, train_vae.vae_config(vae_run).factor
+    shapes = argparse.Namespace(preset=flow.preset, dim=None, depth=None, heads=None,
+                                image_size=size, latent_size=size // factor, sample_steps=1)
+    grids = len(range(flow.sample_every, flow.steps, flow.sample_every)) + 1
+    cuda = torch.cuda.is_available()
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None
+    phases = {}
+
+    def phase(name, count, calls, step):             # `count` steps, images or grids: `calls`
+        s = median_time(step, 1, repeats, synchronizer(device))
+        phases[name] = {"count": count, "call_s": s, "minutes": calls * s / 60}
+
+    def row(build, batch, **kwargs):                 # (step, eager twin, model) at the run's sizes
+        shapes.batch = batch
+        return build(shapes, device, False, amp, **kwargs)
+    try:
+        step, _, vae = row(bench_vae, vae_run.batch_size, whole=True)
+        phase("VAE", vae_run.steps, vae_run.steps, step)
+        images = torch.randint(0, 256, (256, 3, size, size), dtype=torch.uint8)   # on the CPU
+        phase("encoding", flow.n_builtin, flow.n_builtin / 256, lambda: encode_means(vae, images))
+        phase("DiT", flow.steps, flow.steps, row(bench_dit, flow.batch_size, whole=True)[0])
+        grid = row(bench_sample, flow.grid_prompts * flow.grid_images)[0]    # one batch, 1 step
+        phase("sample grids", grids, grids * flow.sample_steps, grid)
+    finally:
+        torch.set_rng_state(rng[0])
+        if cuda:
+            torch.cuda.set_rng_state_all(rng[1])
+    return {"phases": phases, "minutes": sum(p["minutes"] for p in phases.values()),
+            "amp": str(amp)}
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Throughput, FLOPs, MFU and peak memory of the DiT and VAE training steps, "
-                    "the sampler and attention, against this machine's measured matmul peak. "
-                    "Modes: --amp and --compile pin one value each; --matrix sweeps every axis "
-                    "they leave free, i.e. {eager, compile} x {fp32, bf16}.",
-        epilog="""examples:
-  python bench.py                                   # DiT-tiny training step, eager fp32
+def parser():
+    p = Parser("Throughput, FLOPs, MFU and peak memory of the DiT and VAE training steps, the "
+               "sampler and attention, against this machine's measured matmul peak; or the "
+               "predicted minutes of the default `python train_flow.py` here. --amp and --compile "
+               "pin one value each; --matrix sweeps every axis they leave free.", """examples:
+  python bench.py                                   # DiT-tiny training step, eager, --amp auto
   python bench.py --what all --matrix               # everything, {eager, compile} x {fp32, bf16}
   python bench.py --what dit --preset B --latent-size 32 --batch-size 256 --amp bf16 --compile --json b.json
-""", formatter_class=HelpFormatter)
-    p.add_argument("--what", choices=["dit", "vae", "sample", "attention", "peak", "all", "recipe"],
-                   default="dit", help="what to measure; peak = matmul GFLOP/s and copy GB/s "
-                                       "only; all = every one; recipe = a few timed steps of each "
-                                       "phase of `python train_flow.py` and its predicted minutes "
-                                       "on this machine. Default: dit")
-    p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="DiT preset. Default: tiny")
-    p.add_argument("--dim", type=positive(int), default=None,
-                   help="override the preset's width (e.g. 384 with --depth 6 --heads 6)")
-    p.add_argument("--depth", type=positive(int), default=None, help="override the preset's depth")
-    p.add_argument("--heads", type=positive(int), default=None, help="override the preset's heads")
-    p.add_argument("--batch-size", "--batch", dest="batch_size", type=positive(int), default=None,
-                   help="images per step (attention: its B). Default: the training runs' (DiT, "
-                        "sampling and attention 64, VAE 32)")
-    p.add_argument("--latent-size", type=positive(int), default=8,
-                   help="DiT latent height = width (4 channels, patch 2). Default: 8")
-    p.add_argument("--image-size", type=positive(int), default=32,
-                   help="VAE image size; 32 and 64 use those presets, other sizes the 'large' "
-                        "one. Default: 32")
-    p.add_argument("--sample-steps", "--steps", dest="steps", type=positive(int), default=50,
-                   help="Euler steps (each a 2B forward, CFG) for sample. Default: 50")
-    p.add_argument("--amp", choices=["auto", "off", "bf16"], default=None,
-                   help="plain fp32 (TF32 matmuls on CUDA) or bf16 autocast; auto = what the "
-                        "training scripts pick (bf16 on CUDA and on CPUs with native bf16, else "
-                        "off). Default: auto, both off and bf16 with --matrix")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (or attention function). Default: eager, "
-                        "both with --matrix")
-    p.add_argument("--matrix", action="store_true",
-                   help="sweep {eager, compile} x {fp32, bf16}, except the axes --amp/--compile pin")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps. Default: auto")
-    p.add_argument("--repeats", type=positive(int), default=10,
-                   help="timed steps; the median is reported. Default: 10")
-    p.add_argument("--untimed", "--warmup", dest="untimed", type=positive(int, allow_zero=True),
-                   default=3, help="untimed steps first; torch.compile compiles here, so keep >= 1 "
-                                   "with it (--warmup is the old spelling: in the training "
-                                   "scripts it means learning-rate warm-up). Default: 3")
-    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
-                   help="write one JSON object (rows, device, torch, threads, peaks) to PATH; "
-                        "--json alone or --json - prints it instead of the table")
-    p.add_argument("--overwrite", action="store_true",
-                   help="let --json PATH replace an existing file (refused otherwise, before any "
-                        "measurement)")
-    return p.parse_args(argv)
-
-
-def busy_note():
-    """A line when the machine is busy (load average above its physical cores), else None: the
-    peaks and rates measured then are below what the machine does idle."""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    cores = physical_cores()
-    if load > cores + 0.5:
-        return (f"note: this machine is busy (load average {load:.1f} on {cores} cores): every "
-                f"number below is lower than on an idle machine")
-    return None
-
-
-def predict_recipe(args, device, amp):
-    """The default `python train_flow.py` on this machine, phase by phase: seconds per call from
-    --repeats timed calls (train_flow.estimate_phases, which the run itself prints up front), and
-    the minutes the default run's counts of calls make."""
-    run = run_settings(train_flow.DEFAULTS, amp)
-    run.amp = args.amp or "auto"
-    steps, every = run.steps, run.sample_every
-    counts = {"VAE": train_vae.DEFAULTS["steps"], "encoding": run.n_builtin, "DiT": steps,
-              "sample grids": len(range(every, steps, every)) + 1}
-    print("timing the phases of the default run ...", file=sys.stderr, flush=True)
-    seconds = train_flow.estimate_phases(run, device, 1, counts["VAE"], counts["encoding"],
-                                         counts["DiT"], counts["sample grids"], MAX_PROMPT_LEN,
-                                         timed=args.repeats)
-    return {"phases": {k: {"count": counts[k], "minutes": s / 60} for k, s in seconds.items()},
-            "minutes": sum(seconds.values()) / 60, "amp": str(pick_amp(run.amp, device))}
-
-
-def format_recipe(recipe):
-    lines = [f"predicted `python train_flow.py` on this machine (amp {recipe['amp']}):"]
-    for name, p in recipe["phases"].items():
-        unit = "images" if name == "encoding" else "grids" if name == "sample grids" else "steps"
-        lines.append(f"  {name:<13} {p['count']:>6} {unit:<6} {p['minutes']:6.1f} min")
-    lines.append(f"  {'total':<20} {recipe['minutes']:13.1f} min")
-    return "\n".join(lines)
+""")
+    add = p.add_argument
+    add("--what", choices=["dit", "vae", "sample", "attention", "peak", "all", "recipe"],
+        default="dit", help="what to measure; peak = matmul GFLOP/s and copy GB/s only; all = "
+        "every row; recipe = the predicted minutes of each phase of `python train_flow.py`")
+    add("--preset", choices=list(PRESETS), default="tiny", help="DiT preset")
+    for name, most in (("dim", 2 ** 14), ("depth", 256), ("heads", 256)):
+        add(f"--{name}", type=positive(int, at_most=most), default=None,
+            help=f"override the preset's {name}")
+    add("--batch-size", type=positive(int, at_most=MAX_BATCH), default=None,
+        help="images per step (attention: its B). Default: the training runs' (DiT, sampling and "
+             "attention 64, VAE 32)")
+    add("--latent-size", type=positive(int, at_most=512), default=8,
+        help="DiT latent height = width (4 channels, patch 2)")
+    add("--image-size", type=positive(int, at_most=4096), default=32,
+        help="VAE image size, with the training scripts' preset for it")
+    add("--sample-steps", type=positive(int, at_most=MAX_STEPS), default=50,
+        help="Euler steps (each a 2B forward, CFG) of the sample row")
+    add("--amp", choices=["auto", "off", "bf16"], default=None,
+        help="fp32 (TF32 matmuls on CUDA) or bf16 autocast; auto = the training scripts' choice "
+             "(bf16 on CUDA and CPUs with native bf16). Default: auto; off and bf16 with --matrix")
+    add("--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile the model (or attention function). Default: eager; both with --matrix")
+    add("--matrix", action="store_true",
+        help="sweep {eager, compile} x {fp32, bf16}, except the axes --amp/--compile pin")
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    add("--threads", type=positive(int, at_most=1024), default=None,
+        help="torch's CPU threads. Default: OMP_NUM_THREADS when set, else the physical cores")
+    add("--repeats", type=positive(int, at_most=10 ** 4), default=10,
+        help="timed steps; the median is reported")
+    add("--untimed", type=positive(int, allow_zero=True, at_most=10 ** 4), default=3,
+        help="untimed steps first; torch.compile compiles here, so keep >= 1 with it")
+    add("--json", nargs="?", const="-", default=None, metavar="PATH",
+        help="write one JSON object (rows, recipe, device, threads, peaks) to PATH; --json alone "
+             "or --json - prints it instead of the table")
+    add("--overwrite", action="store_true",
+        help="let --json PATH replace an existing file (refused otherwise, before any measurement)")
+    return p
 
 
 def modes(args, device):
     """[(compile, amp dtype or None)] from --compile, --amp and --matrix."""
-    compiles = [args.compile] if args.compile is not None else ([False, True] if args.matrix else [False])
-    amps = [args.amp] if args.amp is not None else (["off", "bf16"] if args.matrix else ["auto"])
+    compiles = [False, True] if args.matrix and args.compile is None else [bool(args.compile)]
+    amps = ["off", "bf16"] if args.matrix and args.amp is None else [args.amp or "auto"]
     return [(c, pick_amp(a, device)) for c in compiles for a in amps]
 
 
 COLUMNS = [("what", "what", "<12", ""), ("mode", "mode", "<12", ""), ("batch", "batch", ">5", ""),
            ("ms/step", "ms", ">9", ".2f"), ("img/s", "img_s", ">9", ".1f"),
            ("GFLOP/img", "gflop_img", ">9", ".4g"), ("GFLOP/s", "gflop_s", ">9", ".1f"),
-           ("MFU %", "mfu", ">6", ".1f"), ("peak", "peak", ">5", ""), ("mem MB", "mem_mb", ">8", ".0f")]
+           ("MFU %", "mfu", ">6", ".1f"), ("peak", "peak", ">5", ""),
+           ("mem MB", "mem_mb", ">8", ".0f")]
 
 
 def format_table(rows):
-    """Plain-text table of the rows (COLUMNS); missing numbers show as '-'."""
+    """Plain-text table of the rows (COLUMNS); missing or unknown numbers show as '-'."""
     lines = [" ".join(f"{head:{align}}" for head, _, align, _ in COLUMNS)]
     for row in rows:
-        line = " ".join(f"{row[key]:{align}{spec}}" if key in row else f"{'-':{align}}"
+        line = " ".join(f"{'-':{align}}" if row.get(key) is None else f"{row[key]:{align}{spec}}"
                         for _, key, align, spec in COLUMNS)
         if "fused_attention" in row:
             line += f"  fused attention patterns: {row['fused_attention']}"
-        if "error" in row:
-            line += f"  FAILED: {row['error']}"
-        lines.append(line)
+        lines.append(line + (f"  FAILED: {row['error']}" if "error" in row else ""))
     return "\n".join(lines)
 
 
+def format_recipe(recipe):
+    lines = [f"predicted `python train_flow.py` on this machine (amp {recipe['amp']}):"]
+    for name, p in recipe["phases"].items():
+        unit = {"encoding": "images", "sample grids": "grids"}.get(name, "steps")
+        lines.append(f"  {name:<13} {p['count']:>6} {unit:<6} {p['minutes']:6.1f} min")
+    return "\n".join(lines + [f"  {'total':<20} {recipe['minutes']:13.1f} min"])
+
+
 def main(argv=None):
-    args = parse_args(argv)
-    args.batch = args.batch_size
-    device = pick_device(args.device)
+    args = parser().parse_args(argv)
+    device = pick_device(args.device)                  # on CUDA also turns TF32 on, as training
     if args.json not in (None, "-"):
         check_output(args.json, "--json", args.overwrite)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True   # as in training: fp32 matmuls use TF32
-        torch.backends.cudnn.allow_tf32 = True
-    todo = list(BENCHES) if args.what == "all" else [] if args.what in ("peak", "recipe") else [args.what]
+    threads = set_threads(args.threads)                # with a note when the machine is busy
+    print(threads, file=sys.stderr)
     mode_list = modes(args, device)
-    if args.what not in ("all", "peak"):   # only the peaks that the MFU column needs
-        dtypes = sorted({amp or torch.float32 for _, amp in mode_list}, key=str)
-    else:
-        dtypes = [torch.float32, torch.bfloat16]
-    if "--warmup" in (argv if argv is not None else sys.argv[1:]):
-        print("note: --warmup is now --untimed (the training scripts' --warmup is the learning-rate "
-              "warm-up)", file=sys.stderr)
-    busy = busy_note()
-    if busy:
-        print(busy, file=sys.stderr)
+    todo = list(BENCHES) if args.what == "all" else [args.what] if args.what in BENCHES else []
+    dtypes = ([torch.float32, torch.bfloat16] if args.what in ("all", "peak") else   # else only
+              sorted({amp or torch.float32 for _, amp in mode_list}, key=str))       # MFU's peaks
     print(f"measuring peaks on {device_name(device)} ...", file=sys.stderr, flush=True)
     peaks = measure_peaks(device, dtypes, args.what in ("peak", "all"), args.untimed, args.repeats)
     rows = []
@@ -517,22 +460,24 @@ def main(argv=None):
             for name, build, kwargs in BENCHES[what]:
                 print(f"measuring {name} ...", file=sys.stderr, flush=True)
                 rows.append(measure(name, build, kwargs, args, device, compile_, amp, peaks))
-    recipe = predict_recipe(args, device, mode_list[0][1]) if args.what == "recipe" else None
+    recipe = None
+    if args.what == "recipe":
+        print("timing the phases of the default run ...", file=sys.stderr, flush=True)
+        recipe = predict_recipe(args.repeats, device, mode_list[0][1])
     report = {"device": device_name(device), "device_type": device.type,
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "busy": busy,
-              "peaks": peaks, "rows": rows, "args": vars(args), "recipe": recipe,
-              "memory": ("torch.cuda.max_memory_allocated" if device.type == "cuda"
-                         else "process peak RSS (VmHWM); mem_reset says if reset per row")}
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "threads_line": threads, "busy": "busy" in threads, "peaks": peaks,
+              "rows": rows, "recipe": recipe, "args": vars(args),
+              "memory": "torch.cuda.max_memory_allocated" if device.type == "cuda" else
+                        "process peak RSS (VmHWM; null: unknown); mem_reset: reset per row"}
     if args.json == "-":
         print(json.dumps(report))
     else:
-        print(f"device {report['device']}, torch {report['torch']}")
+        print(f"device {report['device']}, torch {report['torch']}; {threads}")
         print("peaks: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()
-                                    if k in ("fp32", "tf32", "bf16"))
+                                    if k in ("fp32", "tf32", "bf16", "fp16"))
               + (f", copy {peaks['copy_gbs']:.1f} GB/s" if "copy_gbs" in peaks else "")
               + f" ({peaks['matmul_n']}^2 matmuls)")
-        if busy:
-            print(busy)
         if rows:
             print(format_table(rows))
         if recipe is not None:

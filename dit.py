@@ -26,7 +26,7 @@ norm ~11 and feeds an MLP initialised with std 0.02, which would shrink the time
 noise. The first Linear of the time MLP is initialised with std 1, so its outputs have unit
 variance for every t, and c differs materially between t = 0 and t = 1 at initialisation.
 
-Offers: DiTConfig, PRESETS, dit_config, modulate, DiTBlock, FinalLayer, DiT, count_parameters,
+Offers: DiTConfig, PRESETS, dit_preset, modulate, DiTBlock, FinalLayer, DiT, count_parameters,
 preset_table, main
 """
 import argparse
@@ -96,7 +96,7 @@ PRESETS = {
 }
 
 
-def dit_config(preset, **overrides):
+def dit_preset(preset, **overrides):
     """A preset's DiTConfig with some fields replaced (e.g. input_size, in_channels)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown DiT preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -209,7 +209,7 @@ def preset_table(input_size=32, in_channels=4, patch_size=2):
     Parameters are counted on the meta device, so even XL costs no memory."""
     rows = []
     for name in PRESETS:
-        config = dit_config(name, input_size=input_size, in_channels=in_channels,
+        config = dit_preset(name, input_size=input_size, in_channels=in_channels,
                             patch_size=patch_size)
         with torch.device("meta"):
             n = count_parameters(DiT(config))

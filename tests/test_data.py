@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 import zlib
 from pathlib import Path
 
@@ -29,35 +30,49 @@ def test_build_shapes_equals_render_and_makes_uint8_nchw():
 
 def test_imageset_subset_and_model_range_round_trip():
     s = build_shapes(6, seed=0)
-    sub = s.subset([4, 1])
+    sub = s.subset(torch.tensor([4, 1]))
     assert len(sub) == 2 and torch.equal(sub.images[0], s.images[4])
     assert sub.captions == [s.captions[4], s.captions[1]]
-    assert sub.attributes == [s.attributes[4], s.attributes[1]]
-    x = s.to_float()
+    assert sub.attributes == [s.attributes[4], s.attributes[1]] and sub.name == s.name
+    x = to_model_range(s.images)
     assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
-    assert torch.equal(from_model_range(to_model_range(s.images)), s.images)
+    assert torch.equal(from_model_range(x), s.images)
     assert torch.equal(from_model_range(torch.tensor([-3.0, 3.0])), torch.tensor([0, 255],
                                                                                  dtype=torch.uint8))
 
 
-def test_grid_has_two_pixel_padding_and_accepts_float(tmp_path):
+def test_grid_pads_two_pixels_accepts_float_and_scales_each_pixel_to_a_block(tmp_path):
     s = build_shapes(5, seed=0)
     grid = images_to_grid(s.images, nrow=3)
     assert grid.size == (3 * 32 + 2 * 2, 2 * 32 + 2)
     assert np.array_equal(np.asarray(grid)[:32, :32], s.images[0].permute(1, 2, 0).numpy())
-    assert images_to_grid(s.to_float(), nrow=3).size == grid.size
-    save_grid(tmp_path / "out" / "grid.png", s.images, nrow=5)
-    assert Image.open(tmp_path / "out" / "grid.png").size == (5 * 32 + 4 * 2, 32)
-
-
-def test_grid_scale_draws_small_images_at_about_64_pixels_each_pixel_a_block(tmp_path):
+    assert np.array_equal(np.asarray(images_to_grid(to_model_range(s.images), nrow=3)),
+                          np.asarray(grid))
     assert [grid_scale(n) for n in (16, 32, 48, 64, 256)] == [4, 2, 1, 1, 1]
-    s = build_shapes(2, seed=1)
-    save_grid(tmp_path / "g.png", s.images, nrow=2, scale=grid_scale(32))
-    big = np.asarray(Image.open(tmp_path / "g.png"))                    # (64, 130, 3)
-    assert big.shape == (64, 2 * 64 + 2, 3)
-    first = s.images[0].permute(1, 2, 0).numpy()
+    save_grid(tmp_path / "out" / "g.png", s.images[:2], nrow=2, scale=grid_scale(32),
+              info={"seed": 3})
+    big = Image.open(tmp_path / "out" / "g.png")
+    assert big.size == (2 * 64 + 2, 64) and big.text == {"seed": "3"}
+    big, first = np.asarray(big), s.images[0].permute(1, 2, 0).numpy()       # (64, 130, 3)
     assert np.array_equal(big[:64:2, :64:2], first) and np.array_equal(big[1:64:2, 1:64:2], first)
+
+
+def _label_ink(path):
+    """Where the label strip above the last (16 px) row of a saved grid has ink: (rows, cols)."""
+    return np.asarray(Image.open(path).convert("L"))[:-16] < 160
+
+
+def test_grid_labels_show_the_gaps_between_words_and_wrap_to_the_grid(tmp_path):
+    white = torch.full((6, 3, 16, 16), 255, dtype=torch.uint8)               # a 106 px wide grid
+    save_grid(tmp_path / "g.png", white, nrow=6, row_labels=["left of a small"])
+    cols = np.flatnonzero(_label_ink(tmp_path / "g.png").any(0))
+    blank = np.diff(cols) - 1                                   # blank columns between inked ones
+    # Pillow 13's default font has a 2 px space: the words ran together ("left ofa small").
+    assert (blank >= 3).sum() == 3, blank                       # one clear gap per pair of words
+    save_grid(tmp_path / "w.png", white, nrow=6, row_labels=[" ".join(["left of a small"] * 4)])
+    ink = _label_ink(tmp_path / "w.png")
+    line_starts = np.diff(np.r_[0, ink.any(1).astype(int)]) == 1
+    assert line_starts.sum() >= 3 and not ink[:, -2:].any()      # wrapped, within the grid
 
 
 def _save(img: Image.Image, path: Path, **kw):
@@ -67,11 +82,12 @@ def _save(img: Image.Image, path: Path, **kw):
 
 @pytest.fixture
 def image_folder(tmp_path):
-    """A folder with every awkward mode, sidecar captions, class folders and 2 bad files."""
+    """A folder with every awkward mode, a rotated photo, sidecar captions, class folders and 2
+    bad files."""
     root = tmp_path / "imgs"
     n = 16
     _save(Image.new("RGB", (n, n), (10, 200, 30)), root / "0a_rgb.png")
-    (root / "0a_rgb.txt").write_text("  un chat très mignon 🐱\n", encoding="utf-8")
+    (root / "0a_rgb.txt").write_text("  un chat très mignon 🐱\n", encoding="utf-8-sig")  # a BOM
     rgba = Image.new("RGBA", (n, n), (0, 0, 0, 0))  # right half fully transparent black
     rgba.paste((200, 0, 0, 255), (0, 0, n // 2, n))
     _save(rgba, root / "0b_rgba.png")
@@ -84,9 +100,9 @@ def image_folder(tmp_path):
     i16 = np.full((n, n), 65535, dtype=np.uint16)
     i16[:, n // 2:] = 128 * 257
     _save(Image.fromarray(i16), root / "0g_i16.png")
-    wide = Image.new("RGB", (3 * n, n), (255, 0, 0))  # red | green | blue thirds
-    wide.paste((0, 255, 0), (n, 0, 2 * n, n))
-    wide.paste((0, 0, 255), (2 * n, 0, 3 * n, n))
+    wide = Image.new("RGB", (6 * n, 2 * n), (255, 0, 0))  # red | green | blue thirds, 2x too big
+    wide.paste((0, 255, 0), (2 * n, 0, 4 * n, 2 * n))
+    wide.paste((0, 0, 255), (4 * n, 0, 6 * n, 2 * n))
     _save(wide, root / "0h_wide.png")
     gif = Image.new("P", (n, n), 0)  # palette 0 = yellow, 1 = black but transparent
     gif.putpalette([250, 250, 0, 0, 0, 0])
@@ -96,21 +112,28 @@ def image_folder(tmp_path):
     _save(Image.fromarray(noise), root / "0j_full.png")
     (root / "0k_truncated.png").write_bytes((root / "0j_full.png").read_bytes()[:3000])
     (root / "0l_garbage.png").write_bytes(b"this is not an image at all")
+    photo = Image.new("RGB", (2 * n, n), (255, 0, 0))  # stored lying down: red | blue ...
+    photo.paste((0, 0, 255), (n, 0, 2 * n, n))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ... tagged "turn 90 degrees clockwise to show": then red above blue
+    _save(photo, root / "0m_phone.jpg", quality=95, exif=exif)
     _save(Image.new("RGB", (n, n), (9, 9, 9)), root / "cats_and-dogs" / "x.png")
     _save(Image.new("RGB", (n, n), (9, 9, 9)), root / "birds" / "deep" / "y.webp")
     (root / "notes.txt").write_text("not an image")
     return root
 
 
-def test_folder_converts_every_mode_to_rgb_and_skips_bad_files_with_one_warning(image_folder, capsys):
+def test_a_folder_is_read_in_rgb_as_shown_captioned_and_its_bad_files_named_once(image_folder,
+                                                                                 capsys):
     s = load_folder(image_folder, 16)
-    assert capsys.readouterr().err == ""                     # the scripts print it, once
-    assert len(s.warnings) == 1 and "skipped 2 unreadable" in s.warnings[0], s.warnings
-    assert "0k_truncated.png" in s.warnings[0] and "2 unreadable files skipped" in s.summary
-    assert s.attributes is None and s.images.shape == (12, 3, 16, 16)
-    # sorted by relative path: 0a..0j, then birds/deep/y.webp, cats_and-dogs/x.png
+    assert capsys.readouterr().err == "" and s.warnings == []      # the scripts print it, once
+    assert "2 unreadable files skipped: 0k_truncated.png (image file is truncated), " \
+           "0l_garbage.png (cannot identify image file)" in s.summary.splitlines()
+    assert s.attributes is None and s.images.shape == (13, 3, 16, 16)
+    # sorted by relative path: 0a..0m, then birds/deep/y.webp, cats_and-dogs/x.png
     px = {name: s.images[i].permute(1, 2, 0).numpy().astype(int) for i, name in enumerate(
-        ["rgb", "rgba", "p", "l", "one", "cmyk", "i16", "wide", "gif", "noise", "bird", "cat"])}
+        ["rgb", "rgba", "p", "l", "one", "cmyk", "i16", "wide", "gif", "noise", "phone", "bird",
+         "cat"])}
     assert (px["rgb"] == (10, 200, 30)).all()
     assert (px["rgba"][:, :8] == (200, 0, 0)).all() and (px["rgba"][:, 8:] == 255).all()
     assert (px["p"] == (0, 0, 250)).all()
@@ -119,24 +142,37 @@ def test_folder_converts_every_mode_to_rgb_and_skips_bad_files_with_one_warning(
     assert (px["cmyk"][..., 0] > 220).all() and (px["cmyk"][..., 1:] < 40).all()
     assert (px["i16"][:, :8] == 255).all() and (px["i16"][:, 8:] == 128).all()
     assert (px["gif"][:, :8] == 255).all() and (px["gif"][:, 8:] == (250, 250, 0)).all()
-    centre = px["wide"][:, 2:-2]  # centre crop of red|green|blue keeps the green third
+    centre = px["wide"][:, 2:-2]  # halved, then the centre crop keeps the green third
     assert (centre[..., 1] > 240).all() and (centre[..., [0, 2]] < 15).all()
-
-
-def test_folder_captions_from_sidecar_class_folder_or_empty(image_folder):
-    s = load_folder(image_folder, 16)
-    assert s.captions[0] == "un chat très mignon 🐱"
-    assert s.captions[1:10] == [""] * 9
-    assert s.captions[10:] == ["birds", "cats and dogs"]
+    red, blue = px["phone"][:6], px["phone"][-6:]     # upright: red on top (unturned: at left)
+    assert (red[..., 0] > 200).all() and (red[..., 2] < 60).all()
+    assert (blue[..., 2] > 200).all() and (blue[..., 0] < 60).all()
+    assert s.captions == ["un chat très mignon 🐱"] + [""] * 10 + ["birds", "cats and dogs"]
     assert s.name == str(image_folder)
+    data_lib.announce(s)
+    out, err = capsys.readouterr()
+    assert out == s.summary + "\n" and err == ""
+    s.warnings = ["something else"]
+    data_lib.announce(s)
+    assert capsys.readouterr().err == "warning: something else\n"
 
 
-def test_folder_resizes_short_side_then_centre_crops(tmp_path):
-    img = Image.new("RGB", (64, 32), (0, 0, 0))
-    img.paste((255, 255, 255), (16, 0, 48, 32))  # white middle half
-    _save(img, tmp_path / "d" / "w.png")
-    s = load_folder(tmp_path / "d", 16)
-    assert s.images.shape == (1, 3, 16, 16) and (s.images[0, :, :, 1:-1] > 230).all()
+def test_unreadable_files_are_named_up_to_five_and_big_images_load_quietly(tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)   # Pillow warns over 300, refuses over 600
+    _save(Image.new("RGB", (20, 20), (1, 2, 3)), tmp_path / "a_big.png")         # 400: a warning
+    _save(Image.new("RGB", (30, 30)), tmp_path / "b_bomb.png")                   # 900: an error
+    for i in range(6):
+        (tmp_path / f"c{i}.png").write_bytes(b"junk")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = load_folder(tmp_path, 8)
+    assert [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)] == []
+    assert len(s) == 1 and s.images[0, :, 0, 0].tolist() == [1, 2, 3]
+    junk = "(cannot identify image file)"
+    assert f"7 unreadable files skipped: b_bomb.png (Image size (900 pixels) exceeds limit of " \
+           f"600 pixels), c0.png {junk}, c1.png {junk}, c2.png {junk}, c3.png {junk} and 2 more" \
+           in s.summary.splitlines()
 
 
 @pytest.mark.parametrize("setup, message", [
@@ -145,7 +181,7 @@ def test_folder_resizes_short_side_then_centre_crops(tmp_path):
     (lambda p: (p / "e").mkdir() or (p / "e" / "readme.txt").write_text("hi") and p / "e",
      "no image files"),
     (lambda p: (p / "c").mkdir() or (p / "c" / "a.png").write_bytes(b"junk") and p / "c",
-     "none of the 1 image files could be read"),
+     r"none of the 1 image files could be read: a\.png \(cannot identify image file\);"),
 ])
 def test_folder_mistakes_raise_data_error_naming_problem_and_fix(tmp_path, setup, message):
     path = setup(tmp_path)
@@ -168,7 +204,7 @@ def test_builtin_train_and_test_are_disjoint_and_deterministic():
         load_dataset(None, 32, "val")
 
 
-def test_folder_split_is_disjoint_deterministic_and_covers_everything(tmp_path):
+def test_folder_split_is_disjoint_deterministic_and_a_small_folder_reuses_it_all(tmp_path):
     root = tmp_path / "many"
     for i in range(60):  # each image a distinct grey level, so images identify files
         _save(Image.new("L", (8, 8), i), root / f"img_{i:03d}.png")
@@ -180,28 +216,32 @@ def test_folder_split_is_disjoint_deterministic_and_covers_everything(tmp_path):
     assert levels(train).isdisjoint(levels(test))
     assert levels(train) | levels(test) == set(range(60))
     assert torch.equal(test.images, load_dataset(str(root), 8, "test").images)
-
-
-def test_small_folder_test_split_is_a_copy_of_train(tmp_path):
+    assert train.held_out and test.held_out
+    few = tmp_path / "few"                                 # under 20: test is a copy of train
     for i in range(3):
-        _save(Image.new("RGB", (8, 8), (i, i, i)), tmp_path / f"{i}.png")
-    train = load_dataset(str(tmp_path), 8, "train")
-    test = load_dataset(str(tmp_path), 8, "test")
+        _save(Image.new("RGB", (8, 8), (i, i, i)), few / f"{i}.png")
+    train, test = load_dataset(str(few), 8, "train"), load_dataset(str(few), 8, "test")
     assert len(train) == 3 and torch.equal(train.images, test.images)
+    assert train.held_out and not test.held_out
 
 
 def test_dataset_key_is_stable_and_changes_with_the_data(tmp_path):
     assert dataset_key(None, 32, 100, 0) == dataset_key(None, 32, 100, 0)
     assert len({dataset_key(None, 32, 100, 0), dataset_key(None, 64, 100, 0),
                 dataset_key(None, 32, 200, 0), dataset_key(None, 32, 100, 1)}) == 4
+    key = lambda: dataset_key(str(tmp_path), 32, 100, 0)  # noqa: E731
     _save(Image.new("RGB", (8, 8)), tmp_path / "a.png")
-    k1 = dataset_key(str(tmp_path), 32, 100, 0)
-    assert k1 == dataset_key(str(tmp_path), 32, 7, 7) and k1.endswith(k1[-16:])
-    os.utime(tmp_path / "a.png", ns=(10**18, 10**18))
-    k2 = dataset_key(str(tmp_path), 32, 100, 0)
-    _save(Image.new("RGB", (8, 8)), tmp_path / "b.png")
-    k3 = dataset_key(str(tmp_path), 32, 100, 0)
-    assert len({k1, k2, k3}) == 3 and dataset_key(str(tmp_path), 64, 100, 0) != k3
+    keys = [key()]
+    assert keys[0] == dataset_key(str(tmp_path), 32, 7, 7) and keys[0].startswith("folder-32px-")
+    os.utime(tmp_path / "a.png", ns=(10**18, 10**18))                    # an edited image
+    keys.append(key())
+    _save(Image.new("RGB", (8, 8)), tmp_path / "b.png")                  # a new image
+    keys.append(key())
+    (tmp_path / "a.txt").write_text("a caption")                         # a caption sidecar
+    keys.append(key())
+    (tmp_path / "metadata.jsonl").write_text("{}")                       # a metadata file
+    keys.append(key())
+    assert len(set(keys)) == 5 and dataset_key(str(tmp_path), 64, 100, 0) != keys[-1]
 
 
 def test_a_file_name_that_is_not_utf8_loads_splits_and_keys_like_any_other(tmp_path):
@@ -236,15 +276,16 @@ def test_a_folder_summary_counts_captions_by_source_nesting_upscaling_and_the_sp
     for i in range(4):
         _save(Image.new("RGB", (40, 40), (0, 0, i)), root / f"m{i}.png")
     (root / "m0.txt").write_text("a sidecar caption")
-    (root / "metadata.jsonl").write_text(
+    (root / "metadata.jsonl").write_text(                     # with a byte-order mark (Notepad)
         "".join(json.dumps({"file_name": f"m{i}.png", "text": f"meta {i}"}) + "\n"
-                for i in range(3)) + "not json\n")
+                for i in (2, 1, 0)) + "not json\n", encoding="utf-8-sig")
     s = load_dataset(str(root), 16, "all")
     captions = dict(zip([f"m{i}" for i in range(4)], s.captions[-4:]))
     assert captions == {"m0": "a sidecar caption", "m1": "meta 1", "m2": "meta 2", "m3": ""}
     assert "captions: 15 from class folder, 1 from name.txt sidecars, 2 from metadata.jsonl, " \
            "1 from nothing (trained unconditionally)" in s.summary
-    assert "nested folders take their first-level name as caption (cats/deep/ -> 'cats')" in s.summary
+    assert "nested folders take their first-level name as caption (cats/deep/ -> 'cats')" \
+        in s.summary
     assert "3 images smaller than 16 px were upscaled" in s.summary
     assert s.warnings == [] and "unreadable" not in s.summary
     small = load_dataset(str(root / "cats" / "deep"), 16, "train")
@@ -264,9 +305,3 @@ def test_a_split_that_holds_out_nothing_says_so_and_not_that_the_folder_is_small
     s = load_dataset(str(root), 16, "train")
     assert "the file-name hash put none of its 25 images in the held-out split" in s.summary
     assert "under 20" not in s.summary
-
-
-def test_announce_prints_the_summary_and_each_warning_once(image_folder, capsys):
-    data_lib.announce(load_folder(image_folder, 16))
-    out, err = capsys.readouterr()
-    assert "12 images read" in out and err.count("warning: skipped 2 unreadable images") == 1

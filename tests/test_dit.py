@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dit
-from dit import DiT, DiTConfig, PRESETS, dit_config, preset_table
+from dit import DiT, DiTConfig, PRESETS, dit_preset, preset_table
 from embeddings import tokenize
 
 SMALL = dict(dim=64, depth=2, heads=2, prompt_dim=32, prompt_heads=2, prompt_depth=1,
@@ -134,19 +134,19 @@ def test_preset_table_lists_dit_widths_depths_heads_and_growing_sizes():
     counts = [r[4] for r in rows]
     assert all(n > 0 for n in counts)
     assert counts == sorted(counts) and len(set(counts)) == 5
-    small = DiT(dit_config("tiny", input_size=32))
+    small = DiT(dit_preset("tiny", input_size=32))
     assert counts[0] == sum(p.numel() for p in small.parameters())
 
 
 def test_dit_config_dict_round_trip_and_unknown_field_error():
-    config = dit_config("S", input_size=16, input_width=8, qk_norm=True)
+    config = dit_preset("S", input_size=16, input_width=8, qk_norm=True)
     d = config.to_dict()
     assert DiTConfig.from_dict(d) == config
     assert DiTConfig.from_dict(PRESETS["tiny"].to_dict()) == PRESETS["tiny"]
     with pytest.raises(ValueError, match="colour"):
         DiTConfig.from_dict({**d, "colour": 3})
     with pytest.raises(ValueError):
-        dit_config("XXL")
+        dit_preset("XXL")
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ module, so each can be copied alone; scripts stand on top; every "Offers:" index
 docstring names exactly what the module defines."""
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -104,3 +105,39 @@ def test_offers_index_names_exactly_what_the_module_defines(name):
     public, names = _defined(MODULES[name])
     assert not set(offers) - names, f"{name}.py offers what it does not define: {set(offers) - names}"
     assert not public - set(offers), f"{name}.py does not list {sorted(public - set(offers))}"
+
+
+# What a Windows Python lacks: these modules, and these functions of `os`.
+POSIX_ONLY = ("fcntl", "resource", "pwd", "grp", "termios")
+POSIX_OS = ("fchmod", "fchown", "sched_getaffinity", "getloadavg", "sysconf", "fork", "getuid")
+WITHOUT_POSIX = (f"import os, runpy, sys\n"
+                 f"sys.modules.update(dict.fromkeys({POSIX_ONLY!r}))\n"
+                 f"for name in {POSIX_OS!r}:\n"
+                 f"    if hasattr(os, name):\n"
+                 f"        delattr(os, name)\n")
+
+
+def test_every_module_imports_and_the_smoke_run_works_without_posix_only_calls(tmp_path):
+    """As on Windows: no fcntl, resource, ..., nor os.fchmod, os.sysconf, ... The smoke test of
+    README (tiny) trains, resumes and samples."""
+    out = tmp_path / "smoke"
+    code = WITHOUT_POSIX + (
+        f"for name in {sorted(MODULES)!r}:\n"
+        f"    __import__(name)\n"
+        f"def run(script, *argv):\n"
+        f"    sys.argv = [script, *argv]\n"
+        f"    try:\n"
+        f"        runpy.run_path(script, run_name='__main__')\n"
+        f"    except SystemExit as e:\n"
+        f"        assert not e.code, (script, e.code)\n"
+        f"tiny = ['--n-builtin', '32', '--batch-size', '8', '--sample-steps', '1', '--device', 'cpu',"
+        f" '--grid-prompts', '1', '--grid-images', '2']\n"
+        f"run('train_flow.py', '--steps', '2', '--vae-steps', '2', '--out', {str(out)!r}, *tiny)\n"
+        f"run('train_flow.py', '--resume', '--steps', '3', '--out', {str(out)!r})\n"
+        f"run('sample.py', '--ckpt', {str(out / 'ckpt.pt')!r}, '--n', '1', '--sample-steps', '1',"
+        f" '--out', {str(tmp_path / 's.png')!r})\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and (tmp_path / "s.png").is_file()
+    assert "step 3/3" in proc.stdout
