@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import UserError, available_memory, check_output, atomic_write
+from common import UserError, atomic_write, check_output
 from dit import DiT, DiTConfig
 from vae import VAE, VAEConfig
 
@@ -178,8 +178,6 @@ def _build(model_class, config_class, config, state, flag, path):
     if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
         raise UserError(f"{flag} {path}: its weights hold inf/NaN (a diverged training or a "
                         f"changed file); use another checkpoint")
-    if 4 * sum(v.numel() for v in state.values()) > 0.8 * available_memory():
-        raise UserError(f"{flag} {path}: its model needs more memory than is available")
     model = model_class(config)
     model.load_state_dict({k: v.float() if v.dtype == torch.bfloat16 else v
                            for k, v in state.items()})

@@ -5,7 +5,7 @@
   flag's default in --help; the flag types `positive`, `finite`, `fraction`, `seed_value` refuse
   nan, inf and absurd sizes as the command line is read.
 - Device and precision: `pick_device`, `pick_amp`, `autocast`, `maybe_compile`, `set_threads`,
-  `is_oom`, `available_memory`.
+  `is_oom`.
 - Files: `atomic_write` (temporary file, fsync, rename: a crash never leaves a torn file),
   `write_json`, and `check_output` (no command replaces a file it did not make unless told to,
   nor ever one of its inputs).
@@ -15,7 +15,7 @@ Imports no project module, and nothing POSIX-only: it runs on Windows, macOS and
 
 Offers: UserError, run_main, Parser, MAX_STEPS, MAX_BATCH, MAX_COUNT, positive, finite, fraction,
 seed_value, pick_device, cpu_has_native_bf16, pick_amp, autocast, maybe_compile, is_oom,
-available_memory, set_threads, atomic_write, write_json, check_output, Progress
+set_threads, atomic_write, write_json, check_output, Progress
 """
 import argparse
 import errno
@@ -234,20 +234,6 @@ def is_oom(e):
     text = str(e).lower()
     return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or \
         "out of memory" in text or "can't allocate memory" in text
-
-
-def available_memory():
-    """Bytes a new allocation may take (Linux's MemAvailable, else the physical memory, else
-    unknown: 1 TiB, so that nothing is refused on a guess)."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return 2 ** 40
 
 
 def set_threads(threads=None):

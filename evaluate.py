@@ -12,13 +12,19 @@ and the command line.
 For every (cfg, steps) it samples n images prompted with n held-out captions and reports
 prompt accuracy (for a --hold-out-pairs run also split into the prompts it saw in training and
 the colour x shape pairs it never saw: does it compose?) and the distribution metrics beside
-the real-vs-real floor; then the VAE section, as tables and as JSON. In reading order:
+two references, the same in every row: the real-vs-real floor (floor_*: real set B against real
+set A) and the VAE ceiling (ceiling_*: B decoded from its encoder means, against A: what a
+perfect generator of this VAE's latents would score). A row reads floor <= ceiling <= fd: the
+first gap is the VAE's, the second the flow's. copy_share says whether the samples are copies of
+training images (about 0.05 when they generalise, 1 for copies; a warning above COPY_WARN).
+Then the VAE section, all as tables and as JSON. In reading order:
     load_models, real_sets               what is evaluated: the models, the two real sets
     prompt_task                          what prompt accuracy can mean for a dataset
     prompt_accuracy, composition_accuracy, prompt_scores
                                          its score; seen prompts vs held-out colour x shape pairs
     pick_features                        Inception, else a CNN trained here (features.py)
-    evaluate_checkpoint                  one checkpoint: evaluate_vae_section, evaluate_settings
+    evaluate_checkpoint                  one checkpoint: evaluate_vae_section, references (floor,
+                                         ceiling: reconstruct), evaluate_settings (copy_warning)
     summarize                            several trainings (--ckpt a b c): median, min, max
     format_table, report, summary_report the tables
     parser, main                         the command line
@@ -41,9 +47,9 @@ from common import (MAX_BATCH, MAX_STEPS, Parser, UserError, check_output, finit
 from features import class_labels, classifier_accuracy, feature_task, load_inception, \
     train_feature_net
 from kl import kl_to_standard_normal
-from metrics import distribution_metrics, frechet_distance, psnr, ssim
+from metrics import copy_share, distribution_metrics, frechet_distance, psnr, ssim
 from sample import generate
-from vae import latent_stats
+from vae import encode_means, latent_stats
 
 DEFAULT_CKPT = "runs/flow/ckpt.pt"
 FLOOR_SEED_OFFSET = 7_000_001  # built-in second real set: stream seed + this, which neither the
@@ -52,6 +58,8 @@ ATTRIBUTES = ("shape", "color", "size", "count", "background", "position")
 COMPOSITION = ("seen_", "held_out_")  # the keys of composition_accuracy
 MIN_N = 5            # precision/recall with k = 3 needs k + 2 points; KID needs 2
 MAX_CLASSES = 100    # more distinct captions than this are not class names
+COPY_REFERENCE = 2000  # training images (a fixed-seed subset) that copy_share compares with
+COPY_WARN = 0.5      # a copy_share above this is warned about
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +254,9 @@ def evaluate_checkpoint(args, ckpt, inception, device):
     print(f"VAE on {n_vae} held-out images done ({time.perf_counter() - t0:.1f}s elapsed)",
           flush=True)
     settings = [] if model is None else evaluate_settings(
-        model, vae, real_a, real_b, real_feats, features, task, classifier, args, device, t0,
+        model, vae, real_a, real_feats, *references(vae, real_feats, real_b, train, features,
+                                                    args.batch_size, args.seed),
+        features, task, classifier, args, device, t0,
         composition=source.hold_out_pairs and task.kind == "attributes")
     results = {"checkpoint": ckpt, "vae_checkpoint": source.vae_path, "data": test.name,
                "features": features.name, "feature_test_accuracy": own,
@@ -292,31 +302,68 @@ def evaluate_vae_section(vae, images, features, batch_size=250, attrs=None, imag
     return section
 
 
-def evaluate_settings(model, vae, real_a, real_b, real_feats, features, task, classifier, args,
-                      device, t0, composition=False):
+@torch.no_grad()
+def reconstruct(vae, images, batch_size=250):
+    """decode(encode_mean(x)) of uint8 images (N, 3, H, W), uint8 on the CPU: what a generator
+    that reproduced these images' latents exactly would draw."""
+    device = next(vae.parameters()).device
+    return torch.cat([data_lib.from_model_range(vae.decode(mu.to(device)).float()).cpu()
+                      for mu in encode_means(vae, images, batch_size).split(batch_size)])
+
+
+def references(vae, real_feats, real_b, train, features, batch_size=250, seed=0):
+    """What every (cfg, steps) row is read against, measured once: (dict, train_feats). dict:
+    floor_* = distribution_metrics of real_b against real_a (features real_feats), ceiling_* =
+    those of reconstruct(real_b) against real_a (at finite n neither is a strict bound).
+    train_feats: the features of the reconstructions of up to COPY_REFERENCE training images (a
+    fixed-seed subset) that copy_share compares samples with: a sample that reproduces a training
+    latent decodes to that image's reconstruction, not to the image itself."""
+    def metrics(prefix, feats):
+        return {f"{prefix}{k}": v for k, v in distribution_metrics(
+            real_feats, feats, seed=seed).items() if not k.startswith("n_")}
+
+    keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:COPY_REFERENCE]
+    return {**metrics("floor_", features(real_b.images)),
+            **metrics("ceiling_", features(reconstruct(vae, real_b.images, batch_size)))}, \
+        features(train.images[keep])
+
+
+def evaluate_settings(model, vae, real_a, real_feats, refs, train_feats, features, task,
+                      classifier, args, device, t0, composition=False):
     """One dict per (cfg, steps): prompt accuracy (and, with `composition`, its split into seen
     and held-out pairs), distribution metrics of the samples against real_a (whose features are
-    real_feats) beside the floor FD(real_a, real_b), and the seconds it took. The samples are
-    prompted with real_a's captions, so both sets have the same captions."""
-    amp = pick_amp(args.amp, device)
-    floor = distribution_metrics(real_feats, features(real_b.images), seed=args.seed)
-    floor = {f"floor_{k}": v for k, v in floor.items() if not k.startswith("n_")}
-    rows = []
+    real_feats), copy_share (against train_feats), the references `refs` and the seconds. The
+    samples are prompted with real_a's captions, so both sets have the same captions."""
+    amp, rows = pick_amp(args.amp, device), []
     for cfg_scale in args.cfg_scales:
         for steps in args.sample_steps:
             t = time.perf_counter()
             fake = generate(model, vae, real_a.captions, steps, cfg_scale, args.seed,
                             args.batch_size, amp)                      # (n, 3, H, W) uint8
+            fake_feats = features(fake)
             row = {"cfg": cfg_scale, "steps": steps,
                    **prompt_scores(fake, real_a, task, classifier),
                    **(composition_accuracy(fake, real_a.attributes) if composition else {}),
-                   **distribution_metrics(real_feats, features(fake), seed=args.seed), **floor}
+                   **distribution_metrics(real_feats, fake_feats, seed=args.seed),
+                   "copy_share": copy_share(train_feats, fake_feats)
+                   if len(train_feats) > 1 else None, **refs}      # None: 1 training image
             row["seconds"] = time.perf_counter() - t
             rows.append(row)
             print(f"cfg {cfg_scale:g} steps {steps}: {len(fake)} images, fd {row['fd']:.4g} "
-                  f"(floor {row['floor_fd']:.4g}) in {row['seconds']:.1f}s | elapsed "
-                  f"{time.perf_counter() - t0:.1f}s", flush=True)
+                  f"(floor {row['floor_fd']:.4g}, ceiling {row['ceiling_fd']:.4g}) in "
+                  f"{row['seconds']:.1f}s | elapsed {time.perf_counter() - t0:.1f}s", flush=True)
+    if warning := copy_warning(rows):
+        _warn(warning)
     return rows
+
+
+def copy_warning(rows):
+    """One line about the (cfg, steps) rows whose copy_share is above COPY_WARN, or None."""
+    copies = [f"cfg {r['cfg']:g} steps {r['steps']}: {r['copy_share']:.2f}"
+              + (", fd below the floor" if r["fd"] < r["floor_fd"] else "")
+              for r in rows if (r["copy_share"] or 0) > COPY_WARN]
+    return f"copy_share > {COPY_WARN} ({'; '.join(copies)}): the samples are near-copies of " \
+        f"training images; the FD is not a measure of generalisation here" if copies else None
 
 
 def summarize(runs):
@@ -376,8 +423,11 @@ def report(results):
     if settings:
         acc = [k for k in settings[0] if k.endswith("_acc")]
         lines += [f"samples: n = {results['n']} per setting; features {results['features']}",
+                  "floor: real vs real; ceiling: the VAE's reconstructions vs real; copy_share: "
+                  "about 0.05 for new images, 1 for copies of training images",
                   *_settings_tables(settings, ["cfg", "steps"] + acc + [
-                      "fd", "floor_fd", "kid", "floor_kid", "precision", "recall", "seconds"]), ""]
+                      "floor_fd", "ceiling_fd", "fd", "floor_kid", "ceiling_kid", "kid",
+                      "precision", "recall", "copy_share", "seconds"]), ""]
     if "classifier_test_acc" in results:
         lines += [f"class_acc uses a classifier with held-out accuracy "
                   f"{results['classifier_test_acc']:.3f}", ""]

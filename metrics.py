@@ -16,8 +16,12 @@ Distribution distance (features of real vs generated images, shape (N, D)):
                                          floor: FD at ~1,000 samples is biased upwards, so every
                                          FD is reported beside FD(real, real_2) at the same count.
 
+Memorisation (features of training images vs generated ones):
+    copy_share(train, fake)              share of fake points nearer a training point than 95% of
+                                         training points are to their nearest other one
+
 Offers: psnr, ssim, gaussian_stats, frechet_distance, frechet_distance_from_stats, kid,
-mmd2_unbiased, precision_recall, distribution_metrics
+mmd2_unbiased, precision_recall, distribution_metrics, copy_share
 """
 
 import torch
@@ -196,3 +200,24 @@ def distribution_metrics(real_feats, fake_feats, real_feats_2=None, k=3, kid_sub
                              f"ones: got {len(real_feats_2)} vs {len(fake_feats)}")
         out.update({f"floor_{key}": v for key, v in metrics(real_feats, real_feats_2).items()})
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Memorisation: are the samples copies of training points?
+
+
+def copy_share(train_feats, fake_feats, quantile=0.05, batch_size=1024):
+    """Share of fake points (N, D) whose nearest training point (of train_feats (M, D), M >= 2)
+    is nearer than the `quantile` of the training points' distances to their nearest other
+    training point (the threshold counts as near).
+
+    By exchangeability a fresh point of the training distribution is as far from the M training
+    points as one training point is from the M - 1 others, so samples that generalise score about
+    `quantile` (0.05), and copies of training points 1. Float64, batched."""
+    train, fake = train_feats.double(), fake_feats.double()
+    if len(train) < 2:
+        raise ValueError(f"copy_share needs at least 2 training points, got {len(train)}")
+    threshold = torch.quantile(_knn_radii(train, 1, batch_size), quantile)
+    nearest = torch.cat([torch.cdist(fake[i:i + batch_size], train).min(dim=1).values
+                         for i in range(0, len(fake), batch_size)])     # (N,)
+    return float((nearest <= threshold).double().mean())

@@ -1,25 +1,25 @@
 """A training run and its folder: what makes a long run safe to stop, resume and look at. Not
-in the lecture; the two training scripts use it through a few calls:
+in the lecture; a training script makes these calls:
 
-    run = Run(parser, argv, "vae", EXPERIMENT)   # flags; --resume: the run's stored settings
+    run = Run(parser, argv, "vae", EXPERIMENT)   # flags; with --resume, the stored settings
     run.lock(inputs)                             # the folder is this command's (OUT/.lock)
     step = run.begin(model, ema, opt, scaler)    # 0, or the resumed state; args.json
-    run.log(step, terms)                         # progress line and log.jsonl; NaN stops
+    run.log(step, loss)                          # progress line, log.jsonl, loss.png; NaN stops
     run.save(step, extra)                        # ckpt.pt, atomically
-    run.close()
+    run.stop_if_asked(step, extra, command)      # after Ctrl-C or SIGTERM: save, say how to resume
 
-Promises kept here: one run per folder (`.lock`, created exclusively, holds its pid; the lock of
-a process that is gone is taken over); a folder that holds a run is refused unless --resume or
---overwrite, which deletes only the run's own files (named first), never an input; --resume
-takes the stored settings as defaults, lists the flags that differ and refuses one that makes
-another experiment unless --allow-changes; Ctrl-C or SIGTERM saves at the end of the step and
-prints the resume command; a NaN or a diverging loss stops before anything is saved over the last
-good checkpoint. Under torchrun every process takes part; rank 0 writes the files.
+The promises behind them: one run per folder (`.lock`, created exclusively, holds its pid; the
+lock of a process that is gone is taken over); a folder that holds a run is refused unless
+--resume or --overwrite, which deletes only the run's own files, named first, never an input;
+--resume takes the stored settings as defaults (checked as the command line's are), lists the
+flags that differ and refuses one that makes another experiment unless --allow-changes; a NaN
+or a diverging loss stops before anything is saved over the last good checkpoint.
 
 Offers: add_training_flags, Run, EMA, adamw, plot_loss
 """
 import argparse
 import copy
+import ctypes
 import json
 import math
 import os
@@ -29,16 +29,15 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 from checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint
 from common import (MAX_BATCH, MAX_STEPS, SIGNALS, Progress, UserError, atomic_write, fraction,
-                    maybe_compile, pick_device, positive, seed_value, set_threads, write_json)
+                    pick_device, positive, seed_value, set_threads, write_json)
 
 # A run's own files, the only ones --overwrite deletes.
-RUN_FILES = re.compile(r"ckpt\.pt|latents\.pt|log\.jsonl|args\.json|loss\.png|recon\.png|"
-                       r"prompts\.txt|samples_\d{6,}\.png")
+RUN_FILES = re.compile(r"ckpt\.pt|log\.jsonl|args\.json|loss\.png|recon\.png|prompts\.txt|"
+                       r"samples_\d{6,}\.png")
 NOT_SETTINGS = {"resume", "overwrite", "allow_changes", "out", "threads"}   # how, not what
 PATHS = {"data", "vae"}                    # stored absolute: a run resumes from any folder
 
@@ -82,7 +81,7 @@ def add_training_flags(p, defaults, out):
     add("--overwrite", action="store_true", help="start over in an --out that holds a run: its "
         "files are deleted first (never an input of this command)")
     add("--allow-changes", action="store_true", help="with --resume: accept flags that make "
-        "another experiment (data, seed, model, the VAE)")
+        "another experiment (data, seed, model)")
 
 
 class Run:
@@ -94,7 +93,8 @@ class Run:
         for key in PATHS & set(vars(args)):
             if getattr(args, key) is not None:
                 setattr(args, key, os.path.abspath(os.path.expanduser(getattr(args, key))))
-        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.locked = self.signum = self.resume = None
+        self.made, self._handlers, self.replaced, self.lowest = False, {}, [], math.inf
         if args.resume and args.overwrite:
             raise UserError("--resume and --overwrite exclude each other")
         folder = self.out
@@ -103,7 +103,6 @@ class Run:
         if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
             raise UserError(f"--out {self.out}: cannot write there ({folder} is not a writable "
                             f"folder); choose another --out")
-        self.resume = None
         if args.resume:
             if not (self.out / "ckpt.pt").is_file() and (self.out / "args.json").is_file():
                 raise UserError(f"--resume: the run in {self.out} stopped before its first "
@@ -111,55 +110,44 @@ class Run:
             self.resume = load_checkpoint(self.out / "ckpt.pt", kind, "--resume")
             self._restore(parser, given, self.resume["args"], experiment)
         self.device = pick_device(args.device)
-        if self.device.type == "cuda" and self.world > 1:
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(self.device)
-        self.owns_group = self.world > 1 and not dist.is_initialized()
-        if self.owns_group:
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        if args.batch_size % self.world:
-            raise UserError(f"--batch-size {args.batch_size} is not divisible by the "
-                            f"{self.world} processes")
         line = set_threads(args.threads)
-        self.say(line if self.device.type == "cpu" else f"device: {self.device}")
-        self.locked = self.signum = None
-        self.made, self._handlers, self.replaced, self.lowest = False, {}, [], math.inf
-
-    def say(self, text, err=False):
-        """Print a line from rank 0 only."""
-        if self.rank == 0:
-            print(text, file=sys.stderr if err else sys.stdout, flush=True)
+        print(line if self.device.type == "cpu" else f"device: {self.device}", flush=True)
 
     def _restore(self, parser, given, saved, experiment):
-        """--resume: stored settings become the values of the flags not given, checked as the
-        command line's are; given flags that differ are listed, experiment ones refused."""
+        """The stored settings become the values of the flags not given, checked as the command
+        line's are; given flags that differ are listed, experiment ones refused."""
         args, changes = self.args, {}
         for action in parser._actions:
-            key = action.dest
+            key, flag = action.dest, (action.option_strings or [""])[0]
             if key not in saved or key in NOT_SETTINGS:
                 continue
             old, now = saved[key], getattr(args, key)
             if key not in given:
-                values = old if isinstance(old, list) else [old]
                 try:
-                    for v in values if old is not None and action.type else []:
+                    for v in ((old if isinstance(old, list) else [old])
+                              if old is not None and action.type else []):
                         action.type(str(v))
                     if action.choices and old is not None and old not in action.choices:
                         raise ValueError(f"not one of {sorted(action.choices)}")
                 except Exception as e:
-                    raise UserError(f"--resume: the run's stored {action.option_strings[0]} "
-                                    f"{old!r:.40} is not valid ({e}); {RETRAIN_RUN}")
+                    raise UserError(f"--resume: the run's stored {flag} {old!r:.40} is not valid "
+                                    f"({e}); start a new run (another --out)")
                 setattr(args, key, old)
             elif now != old and not (key in PATHS and now and old and
                                      os.path.realpath(now) == os.path.realpath(old)):
-                changes[action.option_strings[0]] = (now, old, key in experiment)
+                changes[flag] = (now, old, key in experiment)
         text = ", ".join(f"{flag} {now} (was {old})" for flag, (now, old, _) in changes.items())
         refused = [flag for flag, (_, _, exp) in changes.items() if exp]
         if refused and not args.allow_changes:
             raise UserError(f"--resume: {text}; {', '.join(refused)} would make another "
                             f"experiment: use the run's values, another --out, or --allow-changes")
         if text:
-            self.say(f"resuming with changed settings: {text}")
+            print(f"resuming with changed settings: {text}")
+
+    def settings(self):
+        """The run's settings as stored (plain values, JSON's view of them)."""
+        return json.loads(json.dumps({k: v for k, v in vars(self.args).items()
+                                      if k not in NOT_SETTINGS}))
 
     # -----------------------------------------------------------------------------------------
     # The folder
@@ -167,8 +155,6 @@ class Run:
     def lock(self, inputs=()):
         """Make --out this command's: checked (a run there is refused unless --resume or
         --overwrite; never an input inside it, nor it inside --data), made, locked."""
-        if self.rank != 0:
-            return
         out, args = self.out, self.args
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out}: is a file, not a folder; choose another folder")
@@ -177,10 +163,14 @@ class Run:
             raise UserError(f"--out {out} is inside --data {args.data}: the run's pictures would "
                             f"become training images; choose an --out outside it")
         found = sorted(n for n in os.listdir(out) if RUN_FILES.fullmatch(n)) if out.is_dir() else []
-        stopped = "args.json" in found and "ckpt.pt" not in found
         if found and not args.resume:
-            same = stopped and self._stored_settings() == self.settings()
-            if not (args.overwrite or same):
+            try:
+                stored = json.loads((out / "args.json").read_text())
+            except (OSError, ValueError):
+                stored = {}
+            now = self.settings()
+            stopped_early = "ckpt.pt" not in found and stored == now
+            if not (args.overwrite or stopped_early):
                 raise UserError(f"--out {out} already holds a run ({', '.join(found[:6])}); "
                                 f"{'continue it with --resume, ' if 'ckpt.pt' in found else ''}"
                                 f"start over with --overwrite, or choose another --out")
@@ -188,13 +178,13 @@ class Run:
                 if path and any(os.path.realpath(out / n) == os.path.realpath(path) for n in found):
                     raise UserError(f"--out {out}: starting over would delete a file this command "
                                     f"reads as {flag} ({path}); choose another --out")
-            self.replaced = found
-            stored, now = self._stored_settings() or {}, self.settings()
             differ = [f"--{k.replace('_', '-')} {now.get(k)} (was {stored.get(k)})"
                       for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)]
             why = "--overwrite" if args.overwrite else "starting again a run stopped early"
-            self.say(f"note: {why}: the files {', '.join(found)} in {out} are deleted when training starts"
-                     f"{'; settings that differ: ' + ', '.join(differ) if differ else ''}", True)
+            print(f"note: {why}: the files {', '.join(found)} in {out} are deleted when "
+                  f"training starts{'; settings that differ: ' if differ else ''}"
+                  f"{', '.join(differ)}", file=sys.stderr)
+            self.replaced = found
         self.made = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         lock = out / ".lock"
@@ -204,30 +194,20 @@ class Run:
                 os.write(fd, str(os.getpid()).encode())
                 os.close(fd)
                 self.locked = lock
-                break
+                return
             except FileExistsError:
-                pid = _read_pid(lock)
-                if pid is not None and _alive(pid):
+                pid = _live_owner(lock)
+                if pid is not None:
                     raise UserError(f"--out {out} is in use by another command (pid {pid}); wait "
                                     f"for it to finish, or remove {lock} if none runs")
-                lock.unlink(missing_ok=True)           # its process is gone: a stale lock
-                self.say(f"note: removed the stale lock of a process that is gone ({lock})", True)
-        if self.locked is None:
-            raise UserError(f"--out {out}: could not take its lock {lock}")
-
-    def _stored_settings(self):
-        try:
-            return json.loads((self.out / "args.json").read_text())
-        except (OSError, ValueError):
-            return None
-
-    def settings(self):
-        """The run's settings as stored (plain values, JSON's view of them)."""
-        return json.loads(json.dumps({k: v for k, v in vars(self.args).items()
-                                      if k not in NOT_SETTINGS}))
+                lock.unlink(missing_ok=True)               # its process is gone: a stale lock
+                print(f"note: removed the stale lock of a process that is gone ({lock})",
+                      file=sys.stderr)
+        raise UserError(f"--out {out}: could not take its lock {lock}")
 
     def close(self):
-        """Unlock (and remove the folder if this command made it and left it empty)."""
+        """Unlock (removing the folder if this command made it and left it empty), restore the
+        signal handlers."""
         if self.locked is not None:
             self.locked.unlink(missing_ok=True)
             self.locked = None
@@ -236,9 +216,6 @@ class Run:
         for s, handler in self._handlers.items():
             signal.signal(s, handler)
         self._handlers = {}
-        if self.owns_group:
-            dist.destroy_process_group()
-            self.owns_group = False
 
     def __enter__(self):
         return self
@@ -252,37 +229,35 @@ class Run:
     def begin(self, model, ema, opt, scaler):
         """Start training: delete the replaced run's files, restore a resumed state, write
         args.json, catch Ctrl-C and SIGTERM. Returns the step to continue from (0: a new run)."""
-        args, out = self.args, self.out
+        out, resume, step, elapsed = self.out, self.resume, 0, 0.0
         self.state = (model, ema, opt, scaler)
-        if self.replaced:
-            for name in self.replaced:
-                (out / name).unlink(missing_ok=True)
-        step, elapsed = 0, 0.0
-        if self.resume is not None:
+        for name in self.replaced:
+            (out / name).unlink(missing_ok=True)
+        if resume is not None:
             try:
-                model.load_state_dict(self.resume["model"])
-                ema.model.load_state_dict(self.resume["ema"])
-                opt.load_state_dict(self.resume["optimizer"])
-                scaler.load_state_dict(self.resume["scaler"])
-                rng = self.resume["rng"][self.rank]
-                torch.set_rng_state(rng["torch"])
+                model.load_state_dict(resume["model"])
+                ema.model.load_state_dict(resume["ema"])
+                opt.load_state_dict(resume["optimizer"])
+                scaler.load_state_dict(resume["scaler"])
+                torch.set_rng_state(resume["rng"]["torch"])
             except Exception as e:
                 raise UserError(f"--resume {out / 'ckpt.pt'}: it does not fit this model "
-                                f"({type(e).__name__}: {str(e)[:80]}); {RETRAIN_RUN}")
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            if len(self.resume["rng"]) != self.world:
-                raise UserError(f"--resume: the run was saved by {len(self.resume['rng'])} "
-                                f"processes, now {self.world}; resume with as many")
-            step, elapsed = self.resume["step"], self.resume.get("elapsed", 0.0)
-            if self.rank == 0:
-                _trim_log(out / "log.jsonl", step)
-            self.say(f"resumed {out / 'ckpt.pt'} at step {step}")
-        if self.rank == 0:
-            write_json(out / "args.json", self.settings(), "settings")
-        self.progress = Progress("step", args.steps, step, args.batch_size, every=math.inf,
-                                 elapsed0=elapsed)
-        self.first, self.sums, self.pending = step, None, 0
+                                f"({type(e).__name__}: {str(e)[:80]}); start a new run")
+            if "cuda" in resume["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+            step, elapsed = resume["step"], resume["elapsed"]
+            if (out / "log.jsonl").exists():   # drop what followed the save
+                entries, bad = _read_log(out / "log.jsonl")
+                if bad:
+                    print(f"note: dropped {bad} line(s) of log.jsonl that are no log entry (torn "
+                          f"by a kill, or edited)", file=sys.stderr)
+                atomic_write(out / "log.jsonl", lambda f: f.write("".join(
+                    json.dumps(e) + "\n" for e in entries if e.get("step", 0) <= step).encode()))
+            print(f"resumed {out / 'ckpt.pt'} at step {step}")
+        write_json(out / "args.json", self.settings(), "settings")
+        self.progress = Progress("step", self.args.steps, step, self.args.batch_size,
+                                 every=math.inf, elapsed0=elapsed)
+        self.sums, self.pending = None, 0
         self._handlers = {s: signal.signal(s, self._on_signal) for s in SIGNALS}
         return step
 
@@ -296,36 +271,27 @@ class Run:
 
     @property
     def stopped(self):
-        """Ctrl-C or SIGTERM on any process (all stop at the same step)."""
-        if self.world == 1:
-            return self.signum is not None
-        flag = torch.tensor([float(self.signum is not None)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        """Ctrl-C or SIGTERM arrived: the loop saves and exits at the end of this step."""
+        return self.signum is not None
 
     def log(self, step, terms, names=("loss",)):
-        """Add this step's loss terms (a tensor, no host sync); on a report step (every
-        --log-every, the last, and a fresh run's first) print and log their mean, and stop the
-        run if it is not finite or has grown 100x over the lowest mean so far."""
+        """Add this step's loss terms (a tensor: no host sync); on a report step (every
+        --log-every, the last and a new run's first) print and log their mean, checked."""
         terms = terms.detach().reshape(-1).float()
         self.sums = terms if self.sums is None else self.sums + terms
         self.pending += 1
         if step % self.args.log_every == 0 or step == self.args.steps or step == 1:
             mean = self.mean(step)
-            if self.rank == 0:
-                self.record(self.progress.update(step, dict(zip(names, mean)), force=True))
-                with self.progress.paused():
-                    plot_loss(self.out / "log.jsonl", self.out / "loss.png")
+            self.record(self.progress.update(step, dict(zip(names, mean)), force=True))
+            with self.progress.paused():
+                plot_loss(self.out / "log.jsonl", self.out / "loss.png")
             self.sums, self.pending = None, 0
 
     def mean(self, step, check_weights=False):
-        """The mean loss terms since the last report (over every process), checked."""
-        mean = None
-        if self.pending:
-            sums = self.sums.clone()
-            if self.world > 1:
-                dist.all_reduce(sums)
-            mean = (sums / (self.pending * self.world)).tolist()
+        """The mean loss terms since the last report (None if none); a loss
+        that is not finite or has grown 100x over the lowest mean so far (or, checked, weights
+        that are not finite) stop the run with one line."""
+        mean = (self.sums / self.pending).tolist() if self.pending else None
         what = None
         if mean is not None and not math.isfinite(mean[0]):
             what = f"loss became {mean[0]}"
@@ -343,78 +309,62 @@ class Run:
         return mean
 
     def save(self, step, extra, finished=False):
-        """Write ckpt.pt (every process's RNG state gathered first): the model, EMA, optimizer
-        and scaler given to `begin`, the settings, and the script's `extra` entries."""
+        """Write ckpt.pt: the model, EMA, optimizer and scaler given to `begin`, the RNG state,
+        the settings, and the script's `extra` entries."""
         self.mean(step, check_weights=True)                  # never save a broken state
         model, ema, opt, scaler = self.state
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        rngs = [rng]
-        if self.world > 1:
-            rngs = [None] * self.world
-            dist.all_gather_object(rngs, rng)
-        if self.rank == 0:
-            with self.progress.paused():
-                save_checkpoint(self.out / "ckpt.pt", {
-                    "format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, "step": step,
-                    "model": model.state_dict(), "ema": ema.model.state_dict(),
-                    "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-                    "args": self.settings(), "elapsed": self.progress.elapsed(),
-                    "finished": finished, **extra})
+        with self.progress.paused():
+            save_checkpoint(self.out / "ckpt.pt", {
+                "format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, "step": step,
+                "model": model.state_dict(), "ema": ema.model.state_dict(),
+                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
+                "args": self.settings(), "elapsed": self.progress.elapsed(),
+                "finished": finished, **extra})
 
     def record(self, entry):
-        """Append one entry to log.jsonl (rank 0)."""
-        if self.rank == 0:
-            _append_log(self.out / "log.jsonl", entry)
+        """Append one entry to log.jsonl."""
+        with open(self.out / "log.jsonl", "ab") as f:
+            f.write((json.dumps(entry) + "\n").encode())
 
     def stop_if_asked(self, step, extra, command):
-        """After a signal: save, name the command that resumes, exit 130 or 143."""
+        """After a signal: save, name the command that resumes, exit with 130 or 143."""
         if self.signum is None:
             return
         self.save(step, extra)
-        self.say(f"saved {self.out / 'ckpt.pt'} at step {step}; resume with: {command}", True)
+        print(f"saved {self.out / 'ckpt.pt'} at step {step}; resume with: {command}",
+              file=sys.stderr)
         code = 128 + self.signum
         self.close()
         sys.exit(code)
 
-    def wrap(self, model, compile_flag):
-        """The model as the loop calls it: DistributedDataParallel across processes, compiled
-        where asked (common.maybe_compile)."""
-        if self.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        return maybe_compile(model, self.device, compile_flag)
 
 
-RETRAIN_RUN = "start a new run (another --out)"
-
-
-def _read_pid(lock):
+def _live_owner(lock):
+    """The pid a lock file names when that process runs, else None (gone, or no pid)."""
     try:
         text = lock.read_text().strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() and 0 < int(text) < 2 ** 31 else None
-
-
-def _alive(pid):
-    """Whether process `pid` runs (on Windows os.kill would end it: ask the kernel instead)."""
-    if os.name == "nt":
-        import ctypes
-        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)
-        code = ctypes.c_ulong()
-        alive = bool(handle) and ctypes.windll.kernel32.GetExitCodeProcess(
-            handle, ctypes.byref(code)) and code.value == 259          # STILL_ACTIVE
-        ctypes.windll.kernel32.CloseHandle(handle)
-        return alive
+    pid = int(text) if text.isdigit() and 0 < int(text) < 2 ** 31 else None
+    if pid is None:
+        return None
+    if os.name == "nt":                      # os.kill would end the process: ask the kernel
+        kernel = ctypes.windll.kernel32
+        handle, code = kernel.OpenProcess(0x1000, False, pid), ctypes.c_ulong()
+        alive = bool(handle) and kernel.GetExitCodeProcess(handle, ctypes.byref(code)) and \
+            code.value == 259                                            # STILL_ACTIVE
+        kernel.CloseHandle(handle)
+        return pid if alive else None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
+        return None
     except PermissionError:
-        pass
-    return True
+        pass                                 # alive, someone else's
+    return pid
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,38 +376,17 @@ def _read_log(path):
     for line in Path(path).read_text(errors="replace").splitlines():
         try:
             entry = json.loads(line)
-            assert isinstance(entry, dict) and isinstance(entry.get("step", 0), (int, float))
+        except ValueError:
+            entry = None
+        if isinstance(entry, dict) and isinstance(entry.get("step", 0), (int, float)):
             entries.append(entry)
-        except (ValueError, AssertionError):
+        else:
             bad += 1
     return entries, bad
 
 
-def _append_log(path, entry):
-    """One JSON line appended (never through a symlink: one there is replaced by a copy)."""
-    path = Path(path)
-    if path.is_symlink():
-        data = path.read_bytes() if path.exists() else b""
-        atomic_write(path, lambda f: f.write(data), "log")
-    with open(path, "ab") as f:
-        f.write((json.dumps(entry) + "\n").encode())
-
-
-def _trim_log(path, step):
-    """A resumed run drops the log lines after its checkpoint's step and the torn ones."""
-    if not Path(path).is_file():
-        return
-    entries, bad = _read_log(path)
-    keep = [e for e in entries if e.get("step", 0) <= step]
-    if bad:
-        print(f"note: {path}: dropped {bad} line(s) that are no log entry (torn by a kill or "
-              f"edited)", file=sys.stderr)
-    if bad or len(keep) != len(entries):
-        atomic_write(path, lambda f: f.write("".join(json.dumps(e) + "\n" for e in keep).encode()))
-
-
 def plot_loss(log_path, png_path, key="loss", size=(640, 400)):
-    """loss.png: log.jsonl's `key` against the step, both on log scales, with Pillow: the
+    """loss.png: log.jsonl's `key` against the step, both on log scales, drawn with Pillow: the
     logged values (light) and their running mean (dark)."""
     points = [(e["step"], e[key]) for e in _read_log(log_path)[0] if e.get("step", 0) > 0
               and isinstance(e.get(key), (int, float)) and 0 < e[key] < math.inf]

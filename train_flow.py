@@ -2,7 +2,6 @@
 
     python train_flow.py                 # built-in shapes: VAE (if needed) -> latents -> DiT -> samples
     python train_flow.py --data ~/photos --image-size 64 --vae runs/vae64/ckpt.pt
-    torchrun --nproc_per_node=4 train_flow.py --preset B     # several GPUs, VAE included
 
 Slide "Latent Diffusion Models (LDMs) - Recipe", one function per step, called in order by `main`:
   1. Data: the images x_1..x_N (`load_data`) and the VAE that makes their latent space
@@ -32,7 +31,8 @@ import torch
 import data as data_lib
 import train_vae
 from checkpoint import load_checkpoint, load_flow, load_vae
-from common import MAX_STEPS, Parser, UserError, autocast, finite, fraction, pick_amp, positive, run_main
+from common import (MAX_STEPS, Parser, UserError, autocast, finite, fraction, maybe_compile,
+                    pick_amp, positive, run_main)
 from dit import PRESETS, DiT, count_parameters, dit_preset
 from embeddings import null_prompt, prompt_ids, prompt_words, tokenize
 from flow import flow_matching_loss
@@ -81,9 +81,9 @@ def main(argv=None):
         t_latents = time.perf_counter()
         train_dit(run, latents, vae, vae_path, vae_ckpt)                    # steps 4 and 5
         t_end = time.perf_counter()
-        run.say(f"time: {(t_end - t0) / 60:.1f} min in all: VAE {(t_vae - t0) / 60:.1f}, "
-                f"latents {(t_latents - t_vae) / 60:.1f}, DiT and its sample grids "
-                f"{(t_end - t_latents) / 60:.1f}")
+        print(f"time: {(t_end - t0) / 60:.1f} min in all: VAE {(t_vae - t0) / 60:.1f}, "
+              f"latents {(t_latents - t_vae) / 60:.1f}, DiT and its sample grids "
+              f"{(t_end - t_latents) / 60:.1f}")
     return 0
 
 
@@ -144,9 +144,9 @@ def ensure_vae(args, path, run, train_set):
     data, size, seed and machine flags."""
     ckpt = load_checkpoint(path, "vae", "--vae") if args.vae is None and path.is_file() else None
     if args.vae is None and (ckpt is None or not ckpt["finished"]):
-        run.say(f"{'finishing the unfinished' if ckpt else 'no --vae given: training the'} "
-                f"automatic VAE of this data first ({path.parent}; the recipe: latent space "
-                f"first, then the flow model)")
+        print(f"{'finishing the unfinished' if ckpt else 'no --vae given: training the'} "
+              f"automatic VAE of this data first ({path.parent}; the recipe: latent space "
+              f"first, then the flow model)")
         flags = {"--out": path.parent, "--image-size": args.image_size, "--seed": args.seed,
                  "--n-builtin": args.n_builtin, "--device": args.device, "--amp": args.amp,
                  "--data": args.data, "--steps": args.vae_steps, "--threads": args.threads}
@@ -155,13 +155,13 @@ def ensure_vae(args, path, run, train_set):
         argv += [] if args.compile is None else ["--compile" if args.compile else "--no-compile"]
         train_vae.main(argv, resume_command="the same python train_flow.py command (it finishes "
                                             "the VAE, then trains the flow model)")
-    elif run.rank == 0:
+    else:
         data_lib.announce(train_set)
     vae, ckpt = load_vae(path, run.device)
     if ckpt["data"] != train_set.name:
-        run.say(f"warning: the VAE {path} was trained on {ckpt['data']}, this run uses "
-                f"{train_set.name}; pass --vae with a VAE of these images if samples look wrong",
-                err=True)
+        print(f"warning: the VAE {path} was trained on {ckpt['data']}, this run uses "
+              f"{train_set.name}; pass --vae with a VAE of these images if samples look wrong",
+              file=sys.stderr)
     return vae, ckpt
 
 
@@ -203,16 +203,16 @@ def latent_data(mu, vae, train_set, args, run):
     captions = train_set.captions
     if args.hold_out_pairs:      # the composition benchmark: the DiT never sees these pairs
         keep = [i for i, a in enumerate(train_set.attributes) if not held_out_objects(a)]
-        run.say(f"composition benchmark: {len(captions) - len(keep)} of {len(captions)} "
-                f"training images show a held-out colour x shape pair "
-                f"({', '.join(' '.join(p) for p in HELD_OUT_PAIRS)}); the DiT never sees them")
+        print(f"composition benchmark: {len(captions) - len(keep)} of {len(captions)} "
+              f"training images show a held-out colour x shape pair "
+              f"({', '.join(' '.join(p) for p in HELD_OUT_PAIRS)}); the DiT never sees them")
         mu, captions = mu[keep], [captions[i] for i in keep]
     group = PRESETS[args.preset].prompt_bytes_per_token if args.prompt_words else 0
     longest = max(len(prompt_ids(c, group)) for c in train_set.captions)    # BOS included
     max_len = min(256, -(-longest // 8) * 8)                            # a multiple of 8
-    run.say(f"prompts: the model reads up to {max_len - 1} "
-            f"{'token positions' if group else 'bytes'} of a prompt (the longest caption has "
-            f"{longest - 1}); longer prompts are cut")
+    print(f"prompts: the model reads up to {max_len - 1} "
+          f"{'token positions' if group else 'bytes'} of a prompt (the longest caption has "
+          f"{longest - 1}); longer prompts are cut")
     config = dit_preset(args.preset, input_size=mu.shape[-1], in_channels=mu.shape[1],
                         patch_size=args.patch_size, max_prompt_len=max_len,
                         prompt_words=args.prompt_words)
@@ -240,7 +240,7 @@ def train_step(net, model, ema, opt, scaler, z, tokens, null, step, args, amp):
     """One optimizer step on latents z (B, C, h, w) and prompt tokens (B, S): this step's
     learning rate (linear warm-up, then constant), the CondOT loss with prompts dropped to
     `null` at --p-uncond, backward, clipped gradients, AdamW, the EMA. `net` is the model as
-    called (compiled or DDP-wrapped), `model` the plain one. Returns the loss, detached, with no
+    called (compiled or not), `model` the plain one. Returns the loss, detached, with no
     host sync. bench.py times this very function."""
     for group in opt.param_groups:
         group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
@@ -261,47 +261,40 @@ def train_dit(run, latents, vae, vae_path, vae_ckpt):
     args, device, out = run.args, run.device, run.out
     sha1 = hashlib.sha1(Path(vae_path).read_bytes()).hexdigest()
     if run.resume is not None:
-        saved = run.resume["config"]
-        if saved != latents.config.to_dict():
-            diff = [k for k in saved if saved[k] != latents.config.to_dict().get(k)]
-            raise UserError(f"--resume: the model configuration differs ({', '.join(diff)}: set "
-                            f"by the data, the VAE and the flags); use the run's or another --out")
         if run.resume["vae"]["sha1"] != sha1 and not args.allow_changes:
             raise UserError(f"--resume: the run was trained with another VAE "
                             f"({run.resume['vae']['path']}); pass that one with --vae (or "
                             f"--allow-changes to go on with this one)")
     if args.steps < args.warmup:
-        run.say(f"note: --steps {args.steps} is shorter than the learning-rate warm-up (--warmup "
-                f"{args.warmup}): the rate never reaches --lr {args.lr}")
+        print(f"note: --steps {args.steps} is shorter than the learning-rate warm-up (--warmup "
+              f"{args.warmup}): the rate never reaches --lr {args.lr}")
     amp = pick_amp(args.amp, device)
     model, ema, opt, scaler = build(latents.config, args, device, amp)
     step = run.begin(model, ema, opt, scaler)
     if run.resume is None:
-        torch.manual_seed(args.seed + run.rank)            # each process's data order and noise
+        torch.manual_seed(args.seed)                       # the data order and noise
     for group in opt.param_groups:                         # --adam-betas applies when resumed too
         group["betas"] = tuple(args.adam_betas)
     C, h, w = latents.z.shape[1:]
-    run.say(f"DiT-{args.preset}/{args.patch_size} ({count_parameters(model) / 1e6:.2f}M params) "
-            f"on {C}x{h}x{w} latents of {len(latents.z)} images ({latents.name}), {device}, "
-            f"amp {amp}, batch {args.batch_size}")
+    print(f"DiT-{args.preset}/{args.patch_size} ({count_parameters(model) / 1e6:.2f}M params) "
+          f"on {C}x{h}x{w} latents of {len(latents.z)} images ({latents.name}), {device}, "
+          f"amp {amp}, batch {args.batch_size}")
     extra = {"config": latents.config.to_dict(), "image_size": args.image_size,
              "data": latents.name, "sample_prompts": latents.prompts,
              "caption_words": latents.words,
              "vae": {"path": str(Path(vae_path).resolve()), "sha1": sha1,
                      "config": vae_ckpt["config"], "latent_mean": vae.latent_mean.cpu(),
                      "latent_std": vae.latent_std.cpu()}}
-    net = run.wrap(model, args.compile)
-    shard = torch.arange(run.rank, len(latents.z), run.world, device=device)  # this process's
+    net = maybe_compile(model, device, args.compile)
     null = null_prompt(latents.tokens.shape[1]).to(device)                    # (1, S): ""
 
     def grid():
-        if run.rank == 0:
-            with run.progress.paused():
-                sample_grid(out / f"samples_{step:06d}.png", ema.model, vae, latents.prompts,
-                            args, amp)
+        with run.progress.paused():
+            sample_grid(out / f"samples_{step:06d}.png", ema.model, vae, latents.prompts, args,
+                        amp)
 
     while step < args.steps and not run.stopped:
-        idx = shard[torch.randint(len(shard), (args.batch_size // run.world,), device=device)]
+        idx = torch.randint(len(latents.z), (args.batch_size,), device=device)
         loss = train_step(net, model, ema, opt, scaler, latents.z[idx], latents.tokens[idx],
                           null, step, args, amp)
         step += 1
@@ -314,10 +307,10 @@ def train_dit(run, latents, vae, vae_path, vae_ckpt):
     run.save(step, extra)
     grid()
     ckpt = out / "ckpt.pt"
-    run.say(f"done: {step} steps; wrote {ckpt} and {out / f'samples_{step:06d}.png'}\n"
-            f"sample more with: python sample.py --ckpt {ckpt} --prompt \"...\"; a file for "
-            f"sampling only (EMA weights in bf16, about an eighth of ckpt.pt): python sample.py "
-            f"--ckpt {ckpt} --export model.pt --export-dtype bf16")
+    print(f"done: {step} steps; wrote {ckpt} and {out / f'samples_{step:06d}.png'}\n"
+          f"sample more with: python sample.py --ckpt {ckpt} --prompt \"...\"; a file for "
+          f"sampling only (EMA weights in bf16, about an eighth of ckpt.pt): python sample.py "
+          f"--ckpt {ckpt} --export model.pt --export-dtype bf16")
 
 
 def sample_grid(path, model, vae, prompts, args, amp):
@@ -338,15 +331,14 @@ def finished(run):
     """--resume of a finished run: draw its final grid if Ctrl-C stopped that, else nothing."""
     step, out = run.resume["step"], run.out
     if (out / f"samples_{step:06d}.png").exists():
-        run.say(f"{out / 'ckpt.pt'} is already at step {step} of {run.args.steps}; nothing to do "
-                f"(a larger --steps trains on)")
+        print(f"{out / 'ckpt.pt'} is already at step {step} of {run.args.steps}; nothing to do "
+              f"(a larger --steps trains on)")
         return 0
     run.lock()
     model, vae, ckpt = load_flow(out / "ckpt.pt", run.device, flag="--resume")
-    if run.rank == 0:
-        sample_grid(out / f"samples_{step:06d}.png", model, vae, ckpt["sample_prompts"],
-                    run.args, pick_amp(run.args.amp, run.device))
-        run.say(f"drew the final grid {out / f'samples_{step:06d}.png'}")
+    sample_grid(out / f"samples_{step:06d}.png", model, vae, ckpt["sample_prompts"], run.args,
+                pick_amp(run.args.amp, run.device))
+    print(f"drew the final grid {out / f'samples_{step:06d}.png'}")
     return 0
 
 

@@ -2,7 +2,6 @@
 
     python train_vae.py                      # built-in shapes, 32 px, CPU or GPU
     python train_vae.py --data ~/photos --image-size 64
-    torchrun --nproc_per_node=2 train_vae.py             # one VAE, several processes or GPUs
 
 Algorithm 7, "beta-VAE Training Procedure": for each mini-batch, encode (mu, log sigma^2),
 reparameterize z = mu + sigma * eps, decode, and minimise L_recon + beta * L_KL (vae.vae_loss),
@@ -21,7 +20,7 @@ import sys
 import torch
 
 import data as data_lib
-from common import UserError, autocast, pick_amp, positive, run_main, Parser
+from common import Parser, UserError, autocast, maybe_compile, pick_amp, positive, run_main
 from kl import kl_to_standard_normal
 from metrics import psnr
 from runs import EMA, Run, adamw, add_training_flags
@@ -48,7 +47,7 @@ def main(argv=None, resume_command=None):
     with Run(parser(), argv, "vae", EXPERIMENT) as run:
         args, device = run.args, run.device
         if run.resume is not None and run.resume["finished"] and run.resume["step"] >= args.steps:
-            run.say(f"{args.out} is finished at step {run.resume['step']}; nothing to do (a "
+            print(f"{args.out} is finished at step {run.resume['step']}; nothing to do (a "
                     f"larger --steps trains on)")
             return 0
         torch.manual_seed(args.seed)
@@ -61,23 +60,19 @@ def main(argv=None, resume_command=None):
         amp = pick_amp(args.amp, device)
         model, ema, opt, scaler = build(config, args, device, amp)
         step = run.begin(model, ema, opt, scaler)
-        if run.resume is not None:
-            for group in opt.param_groups:             # --lr applies to a resumed run too
-                group["lr"] = args.lr
-        elif run.world > 1:
-            torch.manual_seed(args.seed + run.rank)    # each process its own data order, noise
-        if run.rank == 0:
-            data_lib.announce(train_set)
-        run.say(f"VAE {config.image_size}px -> {config.latent_channels}x{config.latent_size}x"
+        for group in opt.param_groups:                 # --lr applies to a resumed run too
+            group["lr"] = args.lr
+        data_lib.announce(train_set)
+        print(f"VAE {config.image_size}px -> {config.latent_channels}x{config.latent_size}x"
                 f"{config.latent_size} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                 f"params) on {device}, amp {amp}, {len(train_set)} images, beta {args.beta}")
-        images = train_set.images[run.rank::run.world].to(device)   # this process's share, uint8
-        net = run.wrap(model, args.compile)
+        images = train_set.images.to(device)           # uint8, all in memory
+        net = maybe_compile(model, device, args.compile)
         extra = {"config": dataclasses.asdict(config), "data": train_set.name}
 
         # Algorithm 7: for each mini-batch ...
         while step < args.steps and not run.stopped:
-            idx = torch.randint(0, len(images), (args.batch_size // run.world,), device=device)
+            idx = torch.randint(0, len(images), (args.batch_size,), device=device)
             terms = train_step(net, model, ema, opt, scaler, images[idx], step, args, amp)
             step += 1
             run.log(step, terms, ("loss", "recon", "kl"))
@@ -87,19 +82,16 @@ def main(argv=None, resume_command=None):
                           f"python train_vae.py --resume --out {args.out}")
 
         # Recipe step 2's statistics, from the EMA encoder's means of every training image
-        latents = None
-        if run.rank == 0:
-            latents = encode_means(ema.model, train_set.images)
-            if not bool(torch.isfinite(latents).all()):
-                raise UserError(f"the VAE's encoder gives inf/NaN latents at step {step}; lower "
-                                f"--lr or use --amp off")
-            mean, std = latent_stats(latents.split(1024))
-            ema.model.set_latent_stats(mean, std)
-            model.set_latent_stats(mean, std)
+        latents = encode_means(ema.model, train_set.images)
+        if not bool(torch.isfinite(latents).all()):
+            raise UserError(f"the VAE's encoder gives inf/NaN latents at step {step}; lower --lr "
+                            f"or use --amp off")
+        mean, std = latent_stats(latents.split(1024))
+        ema.model.set_latent_stats(mean, std)
+        model.set_latent_stats(mean, std)
         key = data_lib.dataset_key(args.data, args.image_size, args.n_builtin, args.seed)
         run.save(step, {**extra, "latents": latents, "data_key": key}, finished=True)
-        if run.rank == 0:
-            report_heldout(ema.model, test_set, run)
+        report_heldout(ema.model, test_set, run)
     return 0
 
 
@@ -115,7 +107,7 @@ def build(config, args, device, amp):
 def train_step(net, model, ema, opt, scaler, images, step, args, amp):
     """One pass of Algorithm 7's loop on uint8 images: encode, reparameterize, decode, loss, and
     the update (clipped gradients, AdamW, the EMA). `net` is the model as called (compiled or
-    DDP-wrapped), `model` the plain one. Returns (total, recon, kl), detached, no host sync."""
+    not), `model` the plain one. Returns (total, recon, kl), detached, with no host sync."""
     x = data_lib.to_model_range(images)                       # 1: a mini-batch in [-1, 1]
     with autocast(images.device, amp):
         x_hat, mu, logvar = net(x)                             # 2-5: encode, reparameterize, decode

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import runpy
-import socket
 import subprocess
 import sys
 import time
@@ -59,16 +58,6 @@ def _run(script, *args, timeout=240, check=True, module=False):
 def run():
     """run(script, *args, timeout=240, check=True, module=False) -> CompletedProcess."""
     return _run
-
-
-@pytest.fixture(scope="session")
-def free_port():
-    """free_port() -> a TCP port on 127.0.0.1 that is free now (for torchrun's rendezvous)."""
-    def port():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-    return port
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ import shapes
 
 FAST = ["--feature-steps", "2", "--n-builtin", "64", "--device", "cpu"]  # a barely trained CNN
 ACCURACIES = [f"{k}_acc" for k in ("shape", "color", "size", "count", "background", "position")]
+REFERENCES = [f"{r}_{k}" for r in ("floor", "ceiling") for k in ("fd", "kid", "precision", "recall")]
 
 
 def _heldout(n):
@@ -46,18 +47,22 @@ def test_two_trainings_give_full_results_and_a_summary_of_median_and_range(runs,
     for s in first["settings"]:
         assert {"fd", "floor_fd", "kid", "floor_kid", "precision", "recall", "seconds"} <= set(s)
         assert all(0.0 <= s[k] <= 1.0 for k in ACCURACIES)
-        assert s["floor_fd"] == first["settings"][0]["floor_fd"]  # one floor for every setting
+        assert {k: s[k] for k in REFERENCES} == {k: first["settings"][0][k] for k in REFERENCES}
+        assert all(np.isfinite(s[k]) for k in REFERENCES)       # one floor, one ceiling for all
+        assert 0.0 <= s["copy_share"] <= 1.0
     vae = first["vae"]
     assert {"psnr", "ssim", "kl_nats_per_dim", "latent_mean", "latent_std", "rfid"} <= set(vae)
     assert len(vae["latent_mean"]) == len(vae["latent_std"]) == 4
     rows = r["summary"]["settings"]
     assert [(row["cfg"], row["steps"]) for row in rows] == [(1.0, 2), (4.0, 2)]
-    for key in ACCURACIES[:2] + ["fd"]:          # the same model twice: the same numbers, no spread
-        one = first["settings"][1][key]
+    for key in ACCURACIES[:2] + ["fd", "ceiling_fd", "copy_share"]:  # the same model twice:
+        one = first["settings"][1][key]                                 # no spread
         assert rows[1][key] == {"median": one, "min": one, "max": one}
     printed = capsys.readouterr().out
     assert "cfg 4 steps 2:" in printed and "elapsed" in printed  # a progress line per setting
-    assert "floor_fd" in printed and "psnr" in printed  # the tables
+    header = next(line for line in printed.splitlines() if "floor_fd" in line).split()
+    assert header.index("floor_fd") < header.index("ceiling_fd") < header.index("fd")
+    assert "copy_share" in header and "psnr" in printed  # the tables
     assert "median (min-max) over 2 trainings" in printed
 
 
@@ -113,6 +118,59 @@ def test_recon_accuracy_is_the_checkers_on_a_perfect_vae_and_drops_when_detail_i
     blurred = ev.evaluate_vae_section(_BlurVAE(4), held.images, colour, 25, held.attributes)
     assert blurred["recon_acc"]["shape_acc"] < 0.8  # 4x4 blocks: outlines are gone
     assert "recon_acc" not in ev.evaluate_vae_section(_BlurVAE(1), held.images, None)
+
+
+def test_the_ceiling_of_a_perfect_vae_is_the_floor_and_a_lossy_vae_lies_above_it(monkeypatch):
+    test = data_lib.load_dataset(None, 32, "test", n_builtin=64, seed=0)
+    real_a, real_b = ev.real_sets(None, test, 48, 32, seed=0)
+    torch.manual_seed(0)
+    features = features_lib.TrainedFeatureNet(features_lib.FeatureNet(40).eval())  # untrained
+    monkeypatch.setattr(ev, "COPY_REFERENCE", 20)
+    train = _heldout(30)
+    refs = {k: ev.references(_BlurVAE(k), features(real_a.images), real_b, train, features, 16)
+            for k in (1, 8, 32)}
+    perfect, train_feats = refs[1]
+    for key in ("fd", "kid", "precision", "recall"):                 # identity: B itself
+        assert perfect[f"ceiling_{key}"] == pytest.approx(perfect[f"floor_{key}"], abs=1e-9)
+    lossy, lossier = refs[8][0], refs[32][0]                          # 8x8 blocks; one colour
+    assert lossy["floor_fd"] == lossier["floor_fd"] == perfect["floor_fd"]
+    assert 1.3 * lossy["floor_fd"] < lossy["ceiling_fd"] < lossier["ceiling_fd"]
+    assert lossier["ceiling_precision"] < lossy["ceiling_precision"] < lossy["floor_precision"]
+    assert len(train_feats) == 20                                     # capped, a fixed subset
+    assert torch.equal(train_feats, ev.references(_BlurVAE(1), features(real_a.images), real_b,
+                                                  train, features, 16)[1])
+    assert not torch.equal(train_feats, features(train.images[:20]))  # shuffled, not the first
+
+
+@pytest.mark.parametrize("samples", ["copies", "fresh"])
+def test_samples_that_copy_training_images_are_flagged_and_fresh_ones_are_not(
+        runs, tmp_path, monkeypatch, capsys, samples):
+    """The "samples" are the VAE's reconstructions of training images (what a flow that
+    memorised its training latents draws) or of held-out images (one that generalises)."""
+    split = "train" if samples == "copies" else "test"
+    images = data_lib.load_dataset(None, 32, split, n_builtin=64, seed=0).images[-16:]
+    monkeypatch.setattr(ev, "generate", lambda model, vae, *a: ev.reconstruct(vae, images))
+    r = _evaluate(tmp_path, "--ckpt", runs["flow"], "--n", 16, "--cfg", 1, 4, "--sample-steps", 1)
+    shares = [row["copy_share"] for row in r["settings"]]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "copy_share" in line]
+    if samples == "copies":
+        assert shares == [1.0, 1.0]
+        (line,) = warnings                                            # one line for both
+        assert "cfg 1 steps 1: 1.00; cfg 4 steps 1: 1.00" in line
+        assert "near-copies of training images" in line and "not a measure of generalis" in line
+    else:
+        assert max(shares) < 0.5 and warnings == []
+
+
+def test_copy_warning_names_each_setting_above_the_threshold_and_an_fd_below_the_floor():
+    def row(cfg, share, fd):
+        return {"cfg": cfg, "steps": 50, "copy_share": share, "fd": fd, "floor_fd": 1.0}
+
+    assert ev.copy_warning([row(1, 0.5, 0.5), row(4, None, 2.0)]) is None  # at 0.5: not above
+    line = ev.copy_warning([row(1, 0.05, 2.0), row(2, 0.7, 2.0), row(4, 0.96, 0.4)])
+    assert "\n" not in line and "cfg 1 " not in line
+    assert "(cfg 2 steps 50: 0.70; cfg 4 steps 50: 0.96, fd below the floor)" in line
+    assert "near-copies of training images; the FD is not a measure of generalisation" in line
 
 
 def _write_folder(root, classes, per_class):

@@ -242,3 +242,31 @@ def test_distribution_metrics_reports_fd_beside_real_vs_real_floor():
     assert m["kid"] > m["floor_kid"]
     with pytest.raises(ValueError):
         metrics.distribution_metrics(real, fake, real_2[:100])
+
+
+def test_copy_share_is_one_for_copies_about_the_quantile_for_fresh_points_and_between():
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(1000, 8, generator=g)
+    fresh = torch.randn(1000, 8, generator=g)                  # the same distribution, new points
+    copies = train[:200] + 1e-4 * torch.randn(200, 8, generator=g)
+    assert metrics.copy_share(train, copies) == 1.0
+    assert 0.02 <= metrics.copy_share(train, fresh) <= 0.09    # ~0.05 by exchangeability
+    assert 0.15 <= metrics.copy_share(train, fresh, quantile=0.2) <= 0.25
+    half = metrics.copy_share(train, torch.cat([copies, fresh[:200]]))
+    assert 0.5 < half < 0.56
+    far = torch.randn(100, 8, generator=g) + 10.0               # nowhere near the data
+    assert metrics.copy_share(train, far) == 0.0
+
+
+def test_copy_share_matches_a_brute_force_count():
+    g = torch.Generator().manual_seed(1)
+    train, fake = torch.randn(40, 3, generator=g), torch.randn(30, 3, generator=g)
+    nearest_other = [min(float((a - b).norm()) for j, b in enumerate(train) if j != i)
+                     for i, a in enumerate(train)]
+    threshold = float(np.quantile(nearest_other, 0.3))         # numpy's default: linear
+    near = [min(float((f - t).norm()) for t in train) <= threshold for f in fake]
+    assert 0 < np.mean(near) < 1                                # 3 of 30: a count, not a limit
+    assert metrics.copy_share(train, fake, 0.3, batch_size=7) == pytest.approx(np.mean(near))
+    assert metrics.copy_share(train, train[:5]) == 1.0          # a point at distance 0: near
+    with pytest.raises(ValueError, match="at least 2 training points"):
+        metrics.copy_share(train[:1], fake)

@@ -104,15 +104,6 @@ def test_a_stored_setting_no_flag_allows_is_refused_on_resume(runs, tmp_path, mo
         open_run(tmp_path, "--resume")
 
 
-def test_trim_log_drops_lines_after_the_checkpoint_and_torn_ones(tmp_path, capsys):
-    log = tmp_path / "log.jsonl"
-    log.write_text('{"step": 1, "loss": 2}\n{"step": 4, "loss": 1}\n{"step": 6, "lo\n\n'
-                   '{"step": 8, "loss": 0.5}\n')
-    runs_lib._trim_log(log, 4)
-    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 4]
-    assert "dropped 2 line(s)" in capsys.readouterr().err
-
-
 def test_plot_loss_draws_the_logged_curve(tmp_path):
     log, png = tmp_path / "log.jsonl", tmp_path / "loss.png"
     log.write_text("".join(json.dumps({"step": s, "loss": 10 / s}) + "\n" for s in range(1, 50)))

@@ -181,26 +181,6 @@ def test_a_second_signal_during_a_save_never_tears_the_file_or_prints_a_tracebac
     assert ckpt["step"] == 2 and not list(out.glob("*.tmp"))
 
 
-def test_two_process_gloo_vae_keeps_ranks_identical_and_its_resume_equals_the_straight_run(
-        tmp_path, expect, tiny, run, free_port):
-    flags = ["--n-builtin", 64, "--batch-size", 8, "--log-every", 1, "--ckpt-every", 100,
-             "--eval-images", 8, *tiny.cpu]
-
-    def torchrun(out, steps, *extra):
-        proc = run("torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                   "train_vae.py", "--out", out, *flags, "--steps", steps, *extra, module=True,
-                   timeout=300)
-        return proc
-    torchrun(tmp_path / "straight", 4)
-    torchrun(tmp_path / "halves", 2)
-    assert "resumed" in torchrun(tmp_path / "halves", 4, "--resume").stdout
-    expect.same_weights(tmp_path / "straight" / "ckpt.pt", tmp_path / "halves" / "ckpt.pt")
-    ckpt = torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=True)
-    assert len(ckpt["rng"]) == 2 and ckpt["finished"]
-    assert [line["step"] for line in expect.log_lines(tmp_path / "halves") if "loss" in line] == \
-        [1, 2, 3, 4]
-
-
 def test_a_folder_of_under_20_images_says_its_psnr_is_on_training_images(cli, tmp_path, tiny):
     data = tmp_path / "imgs"
     data.mkdir()
