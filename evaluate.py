@@ -325,7 +325,7 @@ def references(vae, real_feats, real_b, train, features, batch_size=250, seed=0)
     keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:COPY_REFERENCE]
     return {**metrics("floor_", features(real_b.images)),
             **metrics("ceiling_", features(reconstruct(vae, real_b.images, batch_size)))}, \
-        features(train.images[keep])
+        features(reconstruct(vae, train.images[keep], batch_size))
 
 
 def evaluate_settings(model, vae, real_a, real_feats, refs, train_feats, features, task,
@@ -462,9 +462,9 @@ def summary_report(summary, n_runs):
 # The command line
 
 def parser():
-    p = Parser("Evaluate a latent flow model: prompt accuracy and distribution distance (beside "
-               "the real-vs-real floor) for each (cfg, steps) setting, plus the VAE's held-out "
-               "reconstruction quality. Prints tables; --json writes JSON.", """examples:
+    p = Parser("Evaluate a latent flow model per (cfg, steps): prompt accuracy, distribution "
+               "distance beside the real-vs-real floor and the VAE's ceiling, copy share; and "
+               "the VAE's held-out reconstruction. Prints tables; --json writes JSON.", """examples:
   python evaluate.py --ckpt runs/flow/ckpt.pt --n 1000 --cfg 1 2 4 --sample-steps 50
   python evaluate.py --ckpt runs/s0/ckpt.pt runs/s1/ckpt.pt runs/s2/ckpt.pt --n 500 --cfg 4
   python evaluate.py --vae runs/vae-shapes-32px-seed0-n20000/ckpt.pt     # the VAE section only

@@ -5,7 +5,8 @@
 
 Slide "Latent Diffusion Models (LDMs) - Recipe", one function per step, called in order by `main`:
   1. Data: the images x_1..x_N (`load_data`) and the VAE that makes their latent space
-     (`ensure_vae`: with no --vae, the automatic VAE of this data, trained first by train_vae.py).
+     (`ensure_vae`, near the end: with no --vae, the automatic VAE of this data, trained first
+     by train_vae.py).
   2. Encoding: every image becomes a latent, the VAE encoder's *mean* (`encode`).
   3. Latent data: z_1..z_N, normalised per channel, with their prompts (`latent_data`).
   4. Latent diffusion model: a DiT trained with the CondOT flow matching loss (flow.py), prompts
@@ -65,7 +66,6 @@ EXPERIMENT = {"data", "n_builtin", "seed", "image_size", "preset", "patch_size",
 
 def main(argv=None):
     """The recipe, step by step."""
-    t0 = time.perf_counter()
     with Run(parser(), argv, "flow", EXPERIMENT) as run:
         args = run.args
         if run.resume is not None and run.resume["step"] >= args.steps:
@@ -75,20 +75,14 @@ def main(argv=None):
         check_sizes(args, vae_path)
         run.lock([("--data", args.data), ("--vae", vae_path)])
         vae, vae_ckpt = ensure_vae(args, vae_path, run, train_set)
-        t_vae = time.perf_counter()
         mu = encode(vae, vae_ckpt, train_set, args)                         # step 2
         latents = latent_data(mu, vae, train_set, args, run)                # step 3
-        t_latents = time.perf_counter()
         train_dit(run, latents, vae, vae_path, vae_ckpt)                    # steps 4 and 5
-        t_end = time.perf_counter()
-        print(f"time: {(t_end - t0) / 60:.1f} min in all: VAE {(t_vae - t0) / 60:.1f}, "
-              f"latents {(t_latents - t_vae) / 60:.1f}, DiT and its sample grids "
-              f"{(t_end - t_latents) / 60:.1f}")
     return 0
 
 
 # ---------------------------------------------------------------------------------------------
-# Step 1: the data and its VAE
+# Steps 1 to 3: the data, and its latents
 
 def load_data(args):
     """The training images x_1..x_N with their captions (data.py)."""
@@ -99,74 +93,6 @@ def load_data(args):
                         f"and shape; drop --data or --hold-out-pairs")
     return train_set
 
-
-def find_vae(args, resume):
-    """The VAE file this run uses: --vae, or the automatic VAE of this data beside --out (say
-    runs/vae-shapes-32px-seed0-n20000/ckpt.pt); a resumed run whose VAE moved finds it by the
-    absolute path its checkpoint holds."""
-    path = Path(args.vae) if args.vae is not None else auto_vae_path(args)
-    if path.is_file() or (resume is None and args.vae is None):
-        return path
-    if resume is None:
-        what = "is a folder; pass its ckpt.pt" if path.is_dir() else "file not found"
-        raise UserError(f"--vae {args.vae}: {what}; train one with train_vae.py, or omit --vae "
-                        f"for the automatic VAE of this data")
-    if Path(resume["vae"]["path"]).is_file():
-        return Path(resume["vae"]["path"])
-    raise UserError(f"--resume: the run was trained with the VAE {resume['vae']['path']}, which "
-                    f"is not there any more; pass that VAE (or a copy) with --vae")
-
-
-def auto_vae_path(args):
-    """One automatic VAE per dataset, image size (and --vae-steps), beside the run folder."""
-    if args.data is None:
-        tag = f"shapes-{args.image_size}px-seed{args.seed}-n{args.n_builtin}"
-    else:
-        digest = hashlib.sha1(args.data.encode()).hexdigest()[:8]
-        tag = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', Path(args.data).name)}-{digest}-{args.image_size}px"
-    tag += f"-{args.vae_steps}steps" if args.vae_steps is not None else ""
-    return Path(args.out).absolute().parent / f"vae-{tag}" / "ckpt.pt"
-
-
-def check_sizes(args, vae_path):
-    """Before any slow work: the image size must divide into the VAE's latents and those into
-    patches (the factor of the --vae, or of the preset the automatic VAE is trained with)."""
-    factor = (load_vae(vae_path, "cpu")[0].config.factor if args.vae is not None
-              else train_vae.vae_config(args).factor)
-    if args.image_size % (factor * args.patch_size):
-        raise UserError(f"--image-size {args.image_size} must be divisible by the VAE factor "
-                        f"{factor} x patch size {args.patch_size} = {factor * args.patch_size}")
-
-
-def ensure_vae(args, path, run, train_set):
-    """The EMA VAE (and its checkpoint). With no --vae, the automatic one is trained first, or
-    finished if a run stopped while training it: train_vae.py with its defaults and this run's
-    data, size, seed and machine flags."""
-    ckpt = load_checkpoint(path, "vae", "--vae") if args.vae is None and path.is_file() else None
-    if args.vae is None and (ckpt is None or not ckpt["finished"]):
-        print(f"{'finishing the unfinished' if ckpt else 'no --vae given: training the'} "
-              f"automatic VAE of this data first ({path.parent}; the recipe: latent space "
-              f"first, then the flow model)")
-        flags = {"--out": path.parent, "--image-size": args.image_size, "--seed": args.seed,
-                 "--n-builtin": args.n_builtin, "--device": args.device, "--amp": args.amp,
-                 "--data": args.data, "--steps": args.vae_steps, "--threads": args.threads}
-        argv = [str(a) for k, v in flags.items() if v is not None for a in (k, v)]
-        argv += ["--resume"] if ckpt else []
-        argv += [] if args.compile is None else ["--compile" if args.compile else "--no-compile"]
-        train_vae.main(argv, resume_command="the same python train_flow.py command (it finishes "
-                                            "the VAE, then trains the flow model)")
-    else:
-        data_lib.announce(train_set)
-    vae, ckpt = load_vae(path, run.device)
-    if ckpt["data"] != train_set.name:
-        print(f"warning: the VAE {path} was trained on {ckpt['data']}, this run uses "
-              f"{train_set.name}; pass --vae with a VAE of these images if samples look wrong",
-              file=sys.stderr)
-    return vae, ckpt
-
-
-# ---------------------------------------------------------------------------------------------
-# Steps 2 and 3: the latents
 
 def encode(vae, vae_ckpt, train_set, args):
     """Step 2: mu_phi(x) of every training image, (N, C, h, w). The VAE's own run stored those of
@@ -216,7 +142,9 @@ def latent_data(mu, vae, train_set, args, run):
     config = dit_preset(args.preset, input_size=mu.shape[-1], in_channels=mu.shape[1],
                         patch_size=args.patch_size, max_prompt_len=max_len,
                         prompt_words=args.prompt_words)
-    prompts = list(dict.fromkeys(captions))[:args.grid_prompts] or [""]
+    distinct = list(dict.fromkeys(captions))      # a folder is sorted by name: show its range
+    prompts = distinct[::max(1, len(distinct) // args.grid_prompts) if args.data else 1][
+        :args.grid_prompts] or [""]
     return LatentData(z=vae.normalize_latents(mu.to(run.device)),
                       tokens=tokenize(captions, max_len, config.prompt_word_group).to(run.device),
                       config=config, prompts=prompts, name=train_set.name,
@@ -327,6 +255,69 @@ def sample_grid(path, model, vae, prompts, args, amp):
         write_prompts(path.parent / "prompts.txt", prompts)
 
 
+# ---------------------------------------------------------------------------------------------
+# Step 1's VAE: --vae, or the automatic VAE of this data
+
+def find_vae(args, resume):
+    """The VAE file this run uses: --vae, or the automatic VAE of this data beside --out (say
+    runs/vae-shapes-32px-seed0-n20000/ckpt.pt), trained later if it is missing (not when
+    resuming: a run goes on with its own VAE)."""
+    path = Path(args.vae) if args.vae is not None else auto_vae_path(args)
+    if not path.is_file() and (args.vae is not None or resume is not None):
+        what = "is a folder; pass its ckpt.pt" if path.is_dir() else "file not found"
+        raise UserError(f"--vae {path}: {what}; pass the VAE the run was trained with (or a copy)"
+                        f", train one with train_vae.py, or omit --vae for the automatic one")
+    return path
+
+
+def auto_vae_path(args):
+    """One automatic VAE per dataset, image size (and --vae-steps), beside the run folder."""
+    if args.data is None:
+        tag = f"shapes-{args.image_size}px-seed{args.seed}-n{args.n_builtin}"
+    else:
+        digest = hashlib.sha1(args.data.encode()).hexdigest()[:8]
+        tag = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', Path(args.data).name)}-{digest}-{args.image_size}px"
+    tag += f"-{args.vae_steps}steps" if args.vae_steps is not None else ""
+    return Path(args.out).absolute().parent / f"vae-{tag}" / "ckpt.pt"
+
+
+def check_sizes(args, vae_path):
+    """Before any slow work: the image size must divide into the VAE's latents and those into
+    patches (the factor of the --vae, or of the preset the automatic VAE is trained with)."""
+    factor = (load_vae(vae_path, "cpu")[0].config.factor if args.vae is not None
+              else train_vae.vae_config(args).factor)
+    if args.image_size % (factor * args.patch_size):
+        raise UserError(f"--image-size {args.image_size} must be divisible by the VAE factor "
+                        f"{factor} x patch size {args.patch_size} = {factor * args.patch_size}")
+
+
+def ensure_vae(args, path, run, train_set):
+    """The EMA VAE (and its checkpoint). With no --vae, the automatic one is trained first, or
+    finished if a run stopped while training it: train_vae.py with its defaults and this run's
+    data, size, seed and machine flags."""
+    ckpt = load_checkpoint(path, "vae", "--vae") if args.vae is None and path.is_file() else None
+    if args.vae is None and (ckpt is None or not ckpt["finished"]):
+        print(f"{'finishing the unfinished' if ckpt else 'no --vae given: training the'} "
+              f"automatic VAE of this data first ({path.parent}; the recipe: latent space "
+              f"first, then the flow model)")
+        flags = {"--out": path.parent, "--image-size": args.image_size, "--seed": args.seed,
+                 "--n-builtin": args.n_builtin, "--device": args.device, "--amp": args.amp,
+                 "--data": args.data, "--steps": args.vae_steps, "--threads": args.threads}
+        argv = [str(a) for k, v in flags.items() if v is not None for a in (k, v)]
+        argv += ["--resume"] if ckpt else []
+        argv += [] if args.compile is None else ["--compile" if args.compile else "--no-compile"]
+        train_vae.main(argv, resume_command="the same python train_flow.py command (it finishes "
+                                            "the VAE, then trains the flow model)")
+    else:
+        data_lib.announce(train_set)
+    vae, ckpt = load_vae(path, run.device)
+    if ckpt["data"] != train_set.name:
+        print(f"warning: the VAE {path} was trained on {ckpt['data']}, this run uses "
+              f"{train_set.name}; pass --vae with a VAE of these images if samples look wrong",
+              file=sys.stderr)
+    return vae, ckpt
+
+
 def finished(run):
     """--resume of a finished run: draw its final grid if Ctrl-C stopped that, else nothing."""
     step, out = run.resume["step"], run.out
@@ -354,21 +345,17 @@ def parser():
 """)
     add_training_flags(p, DEFAULTS, "runs/flow")
     add = p.add_argument
-    add("--vae", default=None, help="VAE checkpoint from train_vae.py. Default: the automatic VAE "
-        "of this data beside --out (runs/vae-<data>-<size>px.../ckpt.pt), trained first when "
-        "missing")
+    add("--vae", default=None, help="VAE checkpoint. Default: the automatic VAE of this data "
+        "beside --out, trained first when missing")
     add("--vae-steps", type=positive(int, at_most=MAX_STEPS), default=None,
-        help="training steps of the automatic VAE (its folder name says so). Default: "
-             "train_vae.py's")
+        help="training steps of the automatic VAE. Default: train_vae.py's")
     add("--hold-out-pairs", action="store_true", default=DEFAULTS["hold_out_pairs"],
-        help="built-in shapes: leave the 8 colour x shape pairs of shapes.HELD_OUT_PAIRS out of "
-             "the DiT's training, so that evaluate.py measures whether prompts compose")
+        help="leave shapes.HELD_OUT_PAIRS out of the DiT's training (does it compose?)")
     add("--preset", default=DEFAULTS["preset"], choices=sorted(PRESETS), help="DiT size")
     add("--patch-size", type=positive(int, at_most=64), default=DEFAULTS["patch_size"],
         help="DiT patch size p on the latent grid")
     add("--prompt-words", action="store_true", default=DEFAULTS["prompt_words"],
-        help="every word of a caption starts a new prompt token, so that a word is the same "
-             "tokens in every caption (default: tokens of 4 consecutive bytes)")
+        help="each word starts a new prompt token (default: tokens of 4 consecutive bytes)")
     add("--t-dist", choices=["uniform", "logit_normal"], default=DEFAULTS["t_dist"],
         help="training times t: uniform on [0, 1] (the lecture's) or logit-normal (SD3's)")
     add("--p-uncond", type=fraction, default=DEFAULTS["p_uncond"],
@@ -380,7 +367,7 @@ def parser():
     add("--sample-every", type=positive(int, at_most=MAX_STEPS), default=DEFAULTS["sample_every"],
         help="steps between EMA sample grids samples_<step>.png (and one at the end)")
     add("--grid-prompts", type=positive(int, at_most=256), default=DEFAULTS["grid_prompts"],
-        help="rows of the sample grids: the first distinct captions of the data")
+        help="rows of the sample grids: distinct captions (of a folder: spread over it)")
     add("--grid-images", type=positive(int, at_most=256), default=DEFAULTS["grid_images"],
         help="images per row of the sample grids")
     add("--sample-steps", type=positive(int, at_most=MAX_STEPS), default=DEFAULTS["sample_steps"],

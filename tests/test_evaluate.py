@@ -19,7 +19,8 @@ import shapes
 
 FAST = ["--feature-steps", "2", "--n-builtin", "64", "--device", "cpu"]  # a barely trained CNN
 ACCURACIES = [f"{k}_acc" for k in ("shape", "color", "size", "count", "background", "position")]
-REFERENCES = [f"{r}_{k}" for r in ("floor", "ceiling") for k in ("fd", "kid", "precision", "recall")]
+REFERENCES = [f"{ref}_{k}" for ref in ("floor", "ceiling")
+              for k in ("fd", "kid", "precision", "recall")]
 
 
 def _heldout(n):

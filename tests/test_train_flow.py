@@ -122,7 +122,7 @@ def test_resume_restores_the_settings_refuses_another_experiment_and_works_from_
     assert settings["lr"] == 3e-4 and settings["steps"] == 2          # stored, then changed
     (tmp_path / "moved").rename(tmp_path / "gone")
     expect.one_line_error(cli("train_flow.py", "--out", out, "--resume", "--steps", 3),
-                          "which is not there any more; pass that VAE (or a copy) with --vae")
+                          "file not found; pass the VAE the run was trained with (or a copy)")
 
 
 def test_a_finished_run_is_kept_and_its_resume_draws_only_a_missing_final_grid(
