@@ -99,6 +99,9 @@ def load_checkpoint(path, kinds, flag="--ckpt"):
                         f"{type(e).__name__}); {RETRAIN}")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{flag} {path}: not a latent-flow checkpoint")
+    if ckpt.get("version") != FORMAT_VERSION:          # (an older format's digest differs too)
+        raise UserError(f"{flag} {path}: checkpoint format {ckpt.get('version')!r:.20}, this code "
+                        f"reads {FORMAT_VERSION}; retrain it with this code")
     try:
         proven = ckpt.get("digest") == _digest(ckpt)
     except Exception:
@@ -107,9 +110,6 @@ def load_checkpoint(path, kinds, flag="--ckpt"):
     if not proven:
         raise UserError(f"{flag} {path}: damaged file (what it holds does not match its digest: "
                         f"the disk, a copy or an edit changed it); {RETRAIN}")
-    if ckpt.get("version") != FORMAT_VERSION:
-        raise UserError(f"{flag} {path}: checkpoint format {ckpt.get('version')!r:.20}, this code "
-                        f"reads {FORMAT_VERSION}; retrain it with this code")
     if ckpt.get("kind") not in kinds:
         raise UserError(f"{flag} {path}: a checkpoint of kind {ckpt.get('kind')!r:.20}, where "
                         f"one of kind {kinds[0]!r} is needed (a VAE goes to --vae, a flow model "
@@ -209,7 +209,8 @@ def load_flow(path, device="cpu", vae_path=None, flag="--ckpt"):
                         f"malformed; {RETRAIN}")
     model = _build(DiT, DiTConfig, ckpt["config"], ckpt["ema"], flag, path)
     if vae_path is None and ckpt["kind"] == "export":
-        vae, vae_path = _build(VAE, VAEConfig, info.get("config"), info.get("ema"), flag, path), path
+        vae = _build(VAE, VAEConfig, info.get("config"), info.get("ema"), flag, path)
+        vae_path = path
     else:
         vae_path = vae_path or info["path"]
         if not Path(vae_path).is_file():

@@ -1,9 +1,10 @@
 """Plumbing every script needs; nothing here is in the lecture.
 
 - `UserError` and `run_main`: a mistake the user can fix (or a full disk) is one line on stderr
-  and exit status 2, never a traceback; `Parser` does the same for flags, and shows every
-  flag's default in --help; the flag types `positive`, `finite`, `fraction`, `seed_value` refuse
-  nan, inf and absurd sizes as the command line is read.
+  and exit status 2, never a traceback; `Parser` does the same for flags and shows every flag's
+  default in --help; `add_machine_flags` (--device, --amp, --compile); the flag types
+  `positive`, `finite`, `fraction`, `seed_value` refuse nan, inf and absurd sizes as the command
+  line is read.
 - Device and precision: `pick_device`, `pick_amp`, `autocast`, `maybe_compile`, `set_threads`,
   `is_oom`.
 - Files: `atomic_write` (temporary file, fsync, rename: a crash never leaves a torn file),
@@ -13,9 +14,9 @@
 
 Imports no project module, and nothing POSIX-only: it runs on Windows, macOS and Linux.
 
-Offers: UserError, run_main, Parser, MAX_STEPS, MAX_BATCH, MAX_COUNT, positive, finite, fraction,
-seed_value, pick_device, cpu_has_native_bf16, pick_amp, autocast, maybe_compile, is_oom,
-set_threads, atomic_write, write_json, check_output, Progress
+Offers: UserError, run_main, Parser, add_machine_flags, MAX_STEPS, MAX_BATCH, MAX_COUNT, positive,
+finite, fraction, seed_value, pick_device, cpu_has_native_bf16, pick_amp, autocast, maybe_compile,
+is_oom, set_threads, atomic_write, write_json, check_output, Progress
 """
 import argparse
 import errno
@@ -104,6 +105,18 @@ class Parser(argparse.ArgumentParser):
         for action, default in defaults:
             action.default = default
         return args, given
+
+
+def add_machine_flags(p, compile_default=None):
+    """--device, --amp and --compile, with the same meaning in every script."""
+    p.add_argument("--device", default="auto", help="auto (CUDA, else Apple's MPS, else CPU), "
+                   "cpu, cuda, cuda:N or mps")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else "
+                        "float32")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=compile_default,
+                   help="torch.compile the model" + (". Default: on for CUDA, off for CPU"
+                                                     if compile_default is None else ""))
 
 
 def positive(kind, allow_zero=False, at_most=None):

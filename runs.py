@@ -17,7 +17,6 @@ or a diverging loss stops before anything is saved over the last good checkpoint
 
 Offers: add_training_flags, Run, EMA, adamw, plot_loss
 """
-import argparse
 import copy
 import ctypes
 import json
@@ -32,8 +31,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint
-from common import (MAX_BATCH, MAX_STEPS, SIGNALS, Progress, UserError, atomic_write, fraction,
-                    pick_device, positive, seed_value, set_threads, write_json)
+from common import (MAX_BATCH, MAX_STEPS, SIGNALS, Progress, UserError, add_machine_flags,
+                    atomic_write, fraction, pick_device, positive, seed_value, set_threads,
+                    write_json)
 
 # A run's own files, the only ones --overwrite deletes.
 RUN_FILES = re.compile(r"ckpt\.pt|log\.jsonl|args\.json|loss\.png|recon\.png|prompts\.txt|"
@@ -68,14 +68,9 @@ def add_training_flags(p, defaults, out):
         help="steps between progress lines")
     add("--ckpt-every", type=positive(int), default=defaults["ckpt_every"],
         help="steps between checkpoints (one at the end and on Ctrl-C too)")
-    add("--device", default="auto", help="auto (CUDA, else Apple's MPS, else CPU), cpu, cuda, "
-        "cuda:N or mps")
+    add_machine_flags(p)
     add("--threads", type=positive(int, at_most=1024), default=None,
         help="torch's CPU threads. Default: OMP_NUM_THREADS when set, else the physical cores")
-    add("--compile", action=argparse.BooleanOptionalAction, default=None,
-        help="torch.compile the model. Default: on for CUDA, off for CPU")
-    add("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-        help="autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else float32")
     add("--resume", action="store_true", help="continue the run in --out up to --steps, with "
         "its stored settings as defaults")
     add("--overwrite", action="store_true", help="start over in an --out that holds a run: its "

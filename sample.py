@@ -13,12 +13,11 @@ w = 1 is the plain conditional model, w = 0 the unconditional one. Both fields c
 batched forward pass of 2B samples. Every latent channel is guided (DiT and SiT guide only the
 first 3 of 4 channels, a leftover of pixel-space code; here that would be a bug).
 
-The three sampler functions need only torch (any model(x, t, cond) and condition tensors), so
-they can be copied alone. Then `generate` (prompts -> images with our DiT and VAE) and the
-command line, which loads a checkpoint (checkpoint.py) but needs no run folder.
+The three sampler functions need only torch (any model(x, t, cond) and condition tensors): copy
+them alone. Then `generate` (prompts -> images with our DiT and VAE) and the command line.
 
 Offers: euler_sample, cfg_velocity, guided_field, generate, to_pil, write_prompts, main,
-warn_about_prompts, parser
+check_prompts, parser
 """
 import argparse
 import sys
@@ -29,9 +28,9 @@ from PIL import Image
 
 from checkpoint import export_flow, load_flow
 from data import grid_scale, save_grid
-from common import (MAX_BATCH, MAX_STEPS, Parser, Progress, UserError, atomic_write, autocast,
-                    check_output, finite, maybe_compile, pick_amp, pick_device, positive,
-                    run_main, seed_value)
+from common import (MAX_BATCH, MAX_STEPS, Parser, Progress, UserError, add_machine_flags,
+                    atomic_write, autocast, check_output, finite, maybe_compile, pick_amp,
+                    pick_device, positive, run_main, seed_value)
 from embeddings import null_prompt, prompt_as_read, prompt_is_truncated, prompt_words, tokenize
 
 
@@ -56,12 +55,14 @@ def cfg_velocity(u_cond, u_uncond, cfg_scale):
     return u_uncond + cfg_scale * (u_cond - u_uncond)
 
 
-def guided_field(model, cond, null_cond, cfg_scale):
+def guided_field(model, cond, null_cond, cfg_scale, interval=None):
     """The guided vector field u(x, t) for the conditions `cond` (B, ...).
 
     model(x, t, cond) -> u. null_cond: the null condition, (1, ...) or (B, ...). With
     cfg_scale == 1 this is the conditional model alone (no wasted unconditional pass);
     otherwise each call runs one forward on 2B samples: [x; x] with [cond; null_cond].
+    interval (t0, t1): guide only at times t0 <= t < t1 (weight 1 elsewhere), as Kynkaanniemi
+    et al. (2024) found guidance near pure noise costs variety and buys little.
     """
     if cfg_scale == 1.0:
         return lambda x, t: model(x, t, cond)
@@ -70,7 +71,11 @@ def guided_field(model, cond, null_cond, cfg_scale):
     def u(x, t):
         out = model(torch.cat([x, x]), torch.cat([t, t]), both_cond)   # (2B, C, h, w)
         u_cond, u_uncond = out.chunk(2)
-        return cfg_velocity(u_cond, u_uncond, cfg_scale)
+        w = cfg_scale
+        if interval is not None:                      # a weight per sample, on the device
+            w = torch.where((t >= interval[0]) & (t < interval[1]), cfg_scale, 1.0)
+            w = w.view(-1, *[1] * (x.dim() - 1))                           # (B, 1, 1, 1)
+        return cfg_velocity(u_cond, u_uncond, w)
     return u
 
 
@@ -78,7 +83,8 @@ def guided_field(model, cond, null_cond, cfg_scale):
 # From a trained model to pictures
 
 @torch.inference_mode()
-def generate(model, vae, prompts, sample_steps=50, cfg_scale=4.0, seed=0, batch_size=64, amp=None):
+def generate(model, vae, prompts, sample_steps=50, cfg_scale=4.0, seed=0, batch_size=64, amp=None,
+             cfg_interval=None):
     """uint8 images (N, 3, H, W) for N prompts: noise -> Euler + CFG -> denormalise -> decode.
 
     model: the DiT (EMA weights; may be compiled), vae: the VAE whose latent statistics it was
@@ -95,7 +101,7 @@ def generate(model, vae, prompts, sample_steps=50, cfg_scale=4.0, seed=0, batch_
     images, progress = [], Progress("sampling", len(prompts))
     for i in range(0, len(prompts), batch_size):
         with autocast(device, amp):
-            u = guided_field(model, tokens[i:i + batch_size], null, cfg_scale)
+            u = guided_field(model, tokens[i:i + batch_size], null, cfg_scale, cfg_interval)
             z = euler_sample(lambda x, t: u(x, t).float(), noise[i:i + batch_size], sample_steps)
         x = vae.decode(vae.denormalize_latents(z)).float()             # (b, 3, H, W) in [-1, 1]
         if not bool(torch.isfinite(x).all()):
@@ -140,24 +146,21 @@ def main(argv=None):
         raise UserError(f"--out {out}: not an image file name; use e.g. samples.png")
     for path in (out, text):
         check_output(path, "--out", args.overwrite, [("--ckpt", args.ckpt), ("--vae", args.vae)])
-    for prompt in args.prompt or []:
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError:
-            raise UserError(f"--prompt {ascii(prompt)[:60]}: not valid UTF-8 text; check the "
-                            f"terminal's or the file's encoding")
     model, vae, ckpt = load_flow(args.ckpt, device, args.vae)
     prompts = args.prompt if args.prompt is not None else ckpt["sample_prompts"]
-    warn_about_prompts(prompts, model.config, ckpt["caption_words"])
+    check_prompts(prompts, model.config, ckpt["caption_words"])
     model = maybe_compile(model, device, args.compile)
     settings = [(w, s) for s in args.sample_steps for w in args.cfg_scales]
     rows = [p for p in prompts for _ in range(args.n)]
-    blocks = [generate(model, vae, rows, steps, w, args.seed, args.batch_size, amp)
+    blocks = [generate(model, vae, rows, steps, w, args.seed, args.batch_size, amp,
+                       args.cfg_interval)
               .view(len(prompts), args.n, 3, ckpt["image_size"], ckpt["image_size"])
               for w, steps in settings]                          # (P, n, 3, H, W) each
     labels = [", ".join(([f"cfg {w:g}"] if len(args.cfg_scales) > 1 else []) +
-                        ([f"{s} steps"] if len(args.sample_steps) > 1 else [])) for w, s in settings]
+                        ([f"{s} steps"] if len(args.sample_steps) > 1 else []))
+              for w, s in settings]
     info = {"prompts": prompts, "seed": args.seed, "cfg": args.cfg_scales,
+            "cfg_interval": args.cfg_interval,
             "steps": args.sample_steps, "n": args.n, "checkpoint": str(args.ckpt)}
     save_grid(out, torch.cat(blocks, dim=1).flatten(0, 1), nrow=args.n * len(settings),
               row_labels=[p or "(empty prompt: unconditional)" for p in prompts]
@@ -172,11 +175,17 @@ def main(argv=None):
     return 0
 
 
-def warn_about_prompts(prompts, config, caption_words):
-    """A line for each prompt longer than the model reads (quoting what it reads), and for each
-    with words the training captions never had (read from their bytes alone: guessed at)."""
+def check_prompts(prompts, config, caption_words):
+    """Refuse a prompt that is not text; a line for each prompt longer than the model reads
+    (quoting what it reads), and for each with words the training captions never had (read from
+    their bytes alone: guessed at)."""
     group = config.prompt_word_group
     for prompt in prompts:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"--prompt {ascii(prompt)[:60]}: not valid UTF-8 text; check the "
+                            f"terminal's or the file's encoding")
         if prompt_is_truncated(prompt, config.max_prompt_len, group):
             print(f"warning: prompt {prompt[:60]!r} is longer than the {config.max_prompt_len - 1} "
                   f"{'token positions' if group else 'bytes'} this model reads; it reads only "
@@ -190,8 +199,7 @@ def warn_about_prompts(prompts, config, caption_words):
 
 def parser():
     p = Parser("Sample a grid from a trained flow model (Euler + classifier-free guidance): one "
-               "row per prompt, a block of columns per guidance weight and step count. Writes "
-               "the PNG (settings in its text chunks) and OUT.prompts.txt beside it.", """examples:
+               "row per prompt, a block of columns per setting.", """examples:
   python sample.py --ckpt runs/flow/ckpt.pt --prompt "a large red circle on a white background"
   python sample.py --prompt "a small blue square on a black background" --n 4 --cfg 1 2 4 7
   python sample.py --ckpt runs/flow/ckpt.pt --export model.pt --export-dtype bf16
@@ -205,26 +213,20 @@ def parser():
         default=[50], help="Euler steps (model evaluations); several make a sweep")
     add("--cfg", dest="cfg_scales", metavar="W", nargs="+", type=finite, default=[4.0],
         help="guidance weight w (1 = no guidance); several make a sweep")
+    add("--cfg-interval", type=positive(float, allow_zero=True, at_most=1.0), nargs=2, metavar=("T0", "T1"), default=None,
+        help="guide only for t in [T0, T1) (e.g. 0.2 1: not near pure noise). Default: always")
     add("--seed", type=seed_value, default=0, help="noise seed: same seed, same images")
     add("--out", default="samples.png", help="the picture (and OUT.prompts.txt); both must be new")
-    add("--scale", type=positive(int, at_most=16), default=None,
-        help="enlarge every image this many times. Default: to about 64 pixels")
-    add("--labels", action=argparse.BooleanOptionalAction, default=True,
-        help="write each row's prompt above it and each block's setting on top")
+    add("--scale", type=positive(int, at_most=16), help="enlarge each image. Default: to ~64 px")
+    add("--labels", action=argparse.BooleanOptionalAction, default=True, help="label the rows")
     add("--vae", default=None, help="VAE checkpoint. Default: the one the flow checkpoint names")
-    add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    add("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-        help="autocast of the DiT (auto: bf16 on CUDA and on CPUs with native bf16)")
-    add("--compile", action=argparse.BooleanOptionalAction, default=False,
-        help="torch.compile the model")
-    add("--batch-size", type=positive(int, at_most=MAX_BATCH), default=64,
-        help="images per sampler batch")
+    add_machine_flags(p, compile_default=False)
+    add("--batch-size", type=positive(int, at_most=MAX_BATCH), default=64, help="images a batch")
     add("--export", default=None, metavar="PATH", help="instead of sampling, write the EMA DiT "
-        "and its VAE to PATH as one small file that sample.py and checkpoint.load_flow read")
-    add("--export-dtype", choices=["fp32", "bf16"], default="fp32",
-        help="weights' dtype in the --export file (bf16: half the size)")
-    add("--overwrite", action="store_true", help="replace --out, OUT.prompts.txt or the --export "
-        "file if they exist (never a file this command reads)")
+        "and its VAE to PATH, one small file to sample from")
+    add("--export-dtype", choices=["fp32", "bf16"], default="fp32", help="--export's weights")
+    add("--overwrite", action="store_true", help="replace --out (and OUT.prompts.txt) or --export "
+        "(never a file this command reads)")
     return p
 
 

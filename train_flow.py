@@ -1,6 +1,6 @@
 """Train the flow model in the VAE's latent space: the whole latent-diffusion recipe.
 
-    python train_flow.py                 # built-in shapes: VAE (if needed) -> latents -> DiT -> samples
+    python train_flow.py                 # built-in shapes: VAE (if needed), latents, DiT, samples
     python train_flow.py --data ~/photos --image-size 64 --vae runs/vae64/ckpt.pt
 
 Slide "Latent Diffusion Models (LDMs) - Recipe", one function per step, called in order by `main`:
@@ -31,7 +31,7 @@ import torch
 
 import data as data_lib
 import train_vae
-from checkpoint import load_checkpoint, load_flow, load_vae
+from checkpoint import load_checkpoint, load_vae
 from common import (MAX_STEPS, Parser, UserError, autocast, finite, fraction, maybe_compile,
                     pick_amp, positive, run_main)
 from dit import PRESETS, DiT, count_parameters, dit_preset
@@ -69,10 +69,11 @@ def main(argv=None):
     with Run(parser(), argv, "flow", EXPERIMENT) as run:
         args = run.args
         if run.resume is not None and run.resume["step"] >= args.steps:
-            return finished(run)
+            print(f"{args.out} is already at step {run.resume['step']} of {args.steps}; nothing "
+                  f"to do (a larger --steps trains on)")
+            return 0
         train_set = load_data(args)                                        # step 1
         vae_path = find_vae(args, run.resume)
-        check_sizes(args, vae_path)
         run.lock([("--data", args.data), ("--vae", vae_path)])
         vae, vae_ckpt = ensure_vae(args, vae_path, run, train_set)
         mu = encode(vae, vae_ckpt, train_set, args)                         # step 2
@@ -101,11 +102,12 @@ def encode(vae, vae_ckpt, train_set, args):
     C, f = vae.config.latent_channels, vae.config.factor
     shape = (len(train_set), C, args.image_size // f, args.image_size // f)
     mu = vae_ckpt.get("latents")
-    if vae_ckpt.get("data_key") == key and isinstance(mu, torch.Tensor) and mu.shape == shape:
-        return mu
-    t0 = time.perf_counter()
-    mu = encode_means(vae, train_set.images)
-    print(f"encoded {shape[0]} images to latents {shape[1:]} in {time.perf_counter() - t0:.1f}s")
+    if not (vae_ckpt.get("data_key") == key and isinstance(mu, torch.Tensor)
+            and mu.shape == shape):
+        t0 = time.perf_counter()
+        mu = encode_means(vae, train_set.images)
+        print(f"encoded {shape[0]} images to latents {shape[1:]} in "
+              f"{time.perf_counter() - t0:.1f}s")
     if not bool(torch.isfinite(mu).all()):
         raise UserError("the VAE gives inf/NaN latents for these images; retrain it or pass "
                         "another --vae")
@@ -188,11 +190,10 @@ def train_dit(run, latents, vae, vae_path, vae_ckpt):
     """Train (or resume) the DiT on the latents, with sample grids on the way."""
     args, device, out = run.args, run.device, run.out
     sha1 = hashlib.sha1(Path(vae_path).read_bytes()).hexdigest()
-    if run.resume is not None:
-        if run.resume["vae"]["sha1"] != sha1 and not args.allow_changes:
-            raise UserError(f"--resume: the run was trained with another VAE "
-                            f"({run.resume['vae']['path']}); pass that one with --vae (or "
-                            f"--allow-changes to go on with this one)")
+    if run.resume is not None and run.resume["vae"]["sha1"] != sha1 and not args.allow_changes:
+        raise UserError(f"--resume: the run was trained with another VAE "
+                        f"({run.resume['vae']['path']}); pass that one with --vae (or "
+                        f"--allow-changes to go on with this one)")
     if args.steps < args.warmup:
         print(f"note: --steps {args.steps} is shorter than the learning-rate warm-up (--warmup "
               f"{args.warmup}): the rate never reaches --lr {args.lr}")
@@ -231,14 +232,14 @@ def train_dit(run, latents, vae, vae_path, vae_ckpt):
             run.save(step, extra)
         if step % args.sample_every == 0 and step < args.steps:
             grid()
+    if not run.stopped:
+        grid()                        # before the last save: a run is done once its grid is
     run.stop_if_asked(step, extra, f"python train_flow.py --resume --out {args.out}")
     run.save(step, extra)
-    grid()
     ckpt = out / "ckpt.pt"
-    print(f"done: {step} steps; wrote {ckpt} and {out / f'samples_{step:06d}.png'}\n"
-          f"sample more with: python sample.py --ckpt {ckpt} --prompt \"...\"; a file for "
-          f"sampling only (EMA weights in bf16, about an eighth of ckpt.pt): python sample.py "
-          f"--ckpt {ckpt} --export model.pt --export-dtype bf16")
+    print(f"done: {step} steps; wrote {ckpt} and {out / f'samples_{step:06d}.png'}\nsample more "
+          f"with: python sample.py --ckpt {ckpt} --prompt \"...\"; a small file to sample from: "
+          f"python sample.py --ckpt {ckpt} --export model.pt --export-dtype bf16")
 
 
 def sample_grid(path, model, vae, prompts, args, amp):
@@ -261,12 +262,18 @@ def sample_grid(path, model, vae, prompts, args, amp):
 def find_vae(args, resume):
     """The VAE file this run uses: --vae, or the automatic VAE of this data beside --out (say
     runs/vae-shapes-32px-seed0-n20000/ckpt.pt), trained later if it is missing (not when
-    resuming: a run goes on with its own VAE)."""
+    resuming: a run goes on with its own VAE). Before any slow work, the image size must divide
+    into its latents and those into patches."""
     path = Path(args.vae) if args.vae is not None else auto_vae_path(args)
     if not path.is_file() and (args.vae is not None or resume is not None):
         what = "is a folder; pass its ckpt.pt" if path.is_dir() else "file not found"
         raise UserError(f"--vae {path}: {what}; pass the VAE the run was trained with (or a copy)"
                         f", train one with train_vae.py, or omit --vae for the automatic one")
+    factor = (load_vae(path, "cpu")[0].config.factor if args.vae is not None
+              else train_vae.vae_config(args).factor)      # the automatic VAE's preset's
+    if args.image_size % (factor * args.patch_size):
+        raise UserError(f"--image-size {args.image_size} must be divisible by the VAE factor "
+                        f"{factor} x patch size {args.patch_size} = {factor * args.patch_size}")
     return path
 
 
@@ -276,19 +283,10 @@ def auto_vae_path(args):
         tag = f"shapes-{args.image_size}px-seed{args.seed}-n{args.n_builtin}"
     else:
         digest = hashlib.sha1(args.data.encode()).hexdigest()[:8]
-        tag = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', Path(args.data).name)}-{digest}-{args.image_size}px"
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(args.data).name)
+        tag = f"{name}-{digest}-{args.image_size}px"
     tag += f"-{args.vae_steps}steps" if args.vae_steps is not None else ""
     return Path(args.out).absolute().parent / f"vae-{tag}" / "ckpt.pt"
-
-
-def check_sizes(args, vae_path):
-    """Before any slow work: the image size must divide into the VAE's latents and those into
-    patches (the factor of the --vae, or of the preset the automatic VAE is trained with)."""
-    factor = (load_vae(vae_path, "cpu")[0].config.factor if args.vae is not None
-              else train_vae.vae_config(args).factor)
-    if args.image_size % (factor * args.patch_size):
-        raise UserError(f"--image-size {args.image_size} must be divisible by the VAE factor "
-                        f"{factor} x patch size {args.patch_size} = {factor * args.patch_size}")
 
 
 def ensure_vae(args, path, run, train_set):
@@ -318,21 +316,6 @@ def ensure_vae(args, path, run, train_set):
     return vae, ckpt
 
 
-def finished(run):
-    """--resume of a finished run: draw its final grid if Ctrl-C stopped that, else nothing."""
-    step, out = run.resume["step"], run.out
-    if (out / f"samples_{step:06d}.png").exists():
-        print(f"{out / 'ckpt.pt'} is already at step {step} of {run.args.steps}; nothing to do "
-              f"(a larger --steps trains on)")
-        return 0
-    run.lock()
-    model, vae, ckpt = load_flow(out / "ckpt.pt", run.device, flag="--resume")
-    sample_grid(out / f"samples_{step:06d}.png", model, vae, ckpt["sample_prompts"], run.args,
-                pick_amp(run.args.amp, run.device))
-    print(f"drew the final grid {out / f'samples_{step:06d}.png'}")
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------
 # The command line
 
@@ -360,8 +343,8 @@ def parser():
         help="training times t: uniform on [0, 1] (the lecture's) or logit-normal (SD3's)")
     add("--p-uncond", type=fraction, default=DEFAULTS["p_uncond"],
         help="probability of replacing a prompt by the empty prompt (for CFG)")
-    add("--adam-betas", type=fraction, nargs=2, metavar=("B1", "B2"),
-        default=DEFAULTS["adam_betas"], help="AdamW's beta1 and beta2")
+    add("--adam-betas", type=fraction, nargs=2, default=DEFAULTS["adam_betas"],
+        help="AdamW's betas")
     add("--warmup", type=positive(int, allow_zero=True, at_most=MAX_STEPS),
         default=DEFAULTS["warmup"], help="linear learning-rate warm-up steps")
     add("--sample-every", type=positive(int, at_most=MAX_STEPS), default=DEFAULTS["sample_every"],

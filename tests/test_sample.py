@@ -116,6 +116,18 @@ def test_guided_field_equals_cfg_of_two_separate_calls():
     assert not torch.allclose(guided_field(model, tokens, null[:1], 4.0)(x, t), model(x, t, tokens))
 
 
+def test_a_cfg_interval_guides_inside_it_and_uses_the_conditional_field_outside():
+    tokens = tokenize(["red", "a blue circle"], max_len=10)
+    model = _RecordingModel()
+    x = torch.randn(2, 1, 2, 2, dtype=torch.float64)
+    t = torch.tensor([0.1, 0.5])                                  # one sample outside, one inside
+    got = guided_field(model, tokens, null_prompt(10), 4.0, interval=(0.2, 1.0))(x, t)
+    guided = guided_field(model, tokens, null_prompt(10), 4.0)(x, t)
+    torch.testing.assert_close(got[0], model(x, t, tokens)[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], guided[1], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(got[0], guided[0])
+
+
 # ---------------------------------------------------------------------------------------------
 # the command line
 

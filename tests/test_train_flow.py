@@ -13,6 +13,7 @@ from PIL import Image
 import checkpoint
 import data as data_lib
 import runs as runs_lib
+import sample
 import shapes
 from dit import DiT, DiTConfig
 from embeddings import null_prompt, prompt_ids, tokenize
@@ -125,18 +126,25 @@ def test_resume_restores_the_settings_refuses_another_experiment_and_works_from_
                           "file not found; pass the VAE the run was trained with (or a copy)")
 
 
-def test_a_finished_run_is_kept_and_its_resume_draws_only_a_missing_final_grid(
-        cli, runs, tmp_path, expect, flow_args):
+def test_a_finished_run_is_kept_and_ctrl_c_during_its_last_grid_still_finishes_it(
+        cli, runs, tmp_path, expect, flow_args, monkeypatch):
     out = tmp_path / "flow"
-    assert cli(*flow_args(out, "--grid-prompts", 1, "--grid-images", 1))[0] == 0
+    real_generate = sample.generate
+
+    def interrupted(*a, **k):                               # Ctrl-C while the grid is drawn
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_generate(*a, **k)
+    monkeypatch.setattr(sample, "generate", interrupted)
+    rc, _, err = cli(*flow_args(out, "--grid-prompts", 1, "--grid-images", 1))
+    assert rc == 130 and f"resume with: python train_flow.py --resume --out {out}" in err, err
+    assert (out / "samples_000001.png").is_file()            # the grid, then the checkpoint
+    monkeypatch.undo()
     ckpt = (out / "ckpt.pt").read_bytes()
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
     expect.one_line_error(cli(*flow_args(out)), f"--out {out} already holds a run")
     rc, stdout, err = cli("train_flow.py", "--out", out, "--resume")
     assert rc == 0 and "is already at step 1 of 1; nothing to do" in stdout, err
-    (out / "samples_000001.png").unlink()                     # Ctrl-C while the grid was drawn
-    rc, stdout, err = cli("train_flow.py", "--out", out, "--resume")
-    assert rc == 0 and "drew the final grid" in stdout, err
-    assert (out / "samples_000001.png").is_file() and (out / "ckpt.pt").read_bytes() == ckpt
+    assert (out / "ckpt.pt").read_bytes() == ckpt
 
 
 def test_the_automatic_vae_lives_beside_out_is_finished_if_stopped_and_never_deleted(
