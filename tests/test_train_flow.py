@@ -2,6 +2,7 @@
 the files of a run and its falling loss, a folder of the user's images, a resumed run equal to a
 straight one, the automatic VAE (beside --out, locked, finished, never deleted), mistakes as one
 line before any slow work."""
+import argparse
 import json
 import os
 import re
@@ -15,7 +16,9 @@ import data as data_lib
 import runs as runs_lib
 import sample
 import shapes
-from dit import DiT, DiTConfig
+import train_flow
+import train_vae
+from dit import DiT, DiTConfig, dit_preset
 from embeddings import null_prompt, prompt_ids, tokenize
 from flow import flow_matching_loss
 
@@ -241,3 +244,31 @@ def test_prompt_words_trains_on_word_aligned_tokens_and_keeps_the_words_as_writt
         for word in caption.split():
             counts[word] = counts.get(word, 0) + 1
     assert ckpt["caption_words"] == counts
+
+
+def test_the_training_steps_and_the_sampler_never_read_a_value_back_from_the_device(monkeypatch):
+    """On a GPU a value read back (`.item()`, `bool(t)`, `.tolist()`, ...) waits for the queue to
+    drain; the steps of both trainers and the guided Euler loop make none, so a GPU runs them
+    back to back (issue 32, item 1). Every such read is made to fail while they run."""
+    cpu = torch.device("cpu")
+    args = argparse.Namespace(**train_flow.DEFAULTS, seed=0)
+    model, ema, opt, scaler = train_flow.build(dit_preset("tiny", max_prompt_len=16, depth=1),
+                                               args, cpu, None)
+    z, tokens, null = torch.randn(4, 4, 8, 8), tokenize(["a red circle"] * 4, 16), null_prompt(16)
+    vae_args = argparse.Namespace(**train_vae.DEFAULTS, seed=0, vae_preset=None)
+    vae, vae_ema, vae_opt, vae_scaler = train_vae.build(train_vae.vae_config(vae_args), vae_args,
+                                                        cpu, None)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+
+    def read_back(*a, **k):
+        raise AssertionError("a value was read back from the device")
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, read_back)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = train_flow.train_step(model, model, ema, opt, scaler, z, tokens, null, 0, args, None)
+    train_vae.train_step(vae, vae, vae_ema, vae_opt, vae_scaler, images, 0, vae_args, None)
+    with torch.no_grad():
+        x = sample.euler_sample(sample.guided_field(model, tokens, null, 4.0, (0.2, 1.0)), z, 3)
+    monkeypatch.undo()
+    assert loss.ndim == 0 and torch.isfinite(x).all() and x.shape == z.shape
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))   # it stepped
