@@ -73,9 +73,9 @@ def main(argv=None):
                   f"to do (a larger --steps trains on)")
             return 0
         train_set = load_data(args)                                        # step 1
-        vae_path = find_vae(args, run.resume)
+        vae_path, given = find_vae(args, run.resume, run.device)
         run.lock([("--data", args.data), ("--vae", vae_path)])
-        vae, vae_ckpt = ensure_vae(args, vae_path, run, train_set)
+        vae, vae_ckpt = ensure_vae(args, vae_path, given, run, train_set)
         mu = encode(vae, vae_ckpt, train_set, args)                         # step 2
         latents = latent_data(mu, vae, train_set, args, run)                # step 3
         train_dit(run, latents, vae, vae_path, vae_ckpt)                    # steps 4 and 5
@@ -90,8 +90,8 @@ def load_data(args):
     train_set = data_lib.load_dataset(args.data, args.image_size, "train", args.n_builtin,
                                       args.seed)
     if args.hold_out_pairs and train_set.attributes is None:
-        raise UserError(f"--hold-out-pairs needs the built-in shapes, whose captions name colour "
-                        f"and shape; drop --data or --hold-out-pairs")
+        raise UserError("--hold-out-pairs needs the built-in shapes, whose captions name colour "
+                        "and shape; drop --data or --hold-out-pairs")
     return train_set
 
 
@@ -259,22 +259,22 @@ def sample_grid(path, model, vae, prompts, args, amp):
 # ---------------------------------------------------------------------------------------------
 # Step 1's VAE: --vae, or the automatic VAE of this data
 
-def find_vae(args, resume):
-    """The VAE file this run uses: --vae, or the automatic VAE of this data beside --out (say
-    runs/vae-shapes-32px-seed0-n20000/ckpt.pt), trained later if it is missing (not when
-    resuming: a run goes on with its own VAE). Before any slow work, the image size must divide
-    into its latents and those into patches."""
+def find_vae(args, resume, device):
+    """(path, (VAE, checkpoint) or None): --vae, loaded here, or the automatic VAE of this data
+    beside --out (say runs/vae-shapes-32px-seed0-n20000/ckpt.pt), loaded or trained later by
+    `ensure_vae` (not when resuming: a run goes on with its own VAE). Before any slow work, the
+    image size must divide into its latents and those into patches."""
     path = Path(args.vae) if args.vae is not None else auto_vae_path(args)
     if not path.is_file() and (args.vae is not None or resume is not None):
         what = "is a folder; pass its ckpt.pt" if path.is_dir() else "file not found"
         raise UserError(f"--vae {path}: {what}; pass the VAE the run was trained with (or a copy)"
                         f", train one with train_vae.py, or omit --vae for the automatic one")
-    factor = (load_vae(path, "cpu")[0].config.factor if args.vae is not None
-              else train_vae.vae_config(args).factor)      # the automatic VAE's preset's
+    given = load_vae(path, device) if args.vae is not None else None
+    factor = given[0].config.factor if given else train_vae.vae_config(args).factor
     if args.image_size % (factor * args.patch_size):
         raise UserError(f"--image-size {args.image_size} must be divisible by the VAE factor "
                         f"{factor} x patch size {args.patch_size} = {factor * args.patch_size}")
-    return path
+    return path, given
 
 
 def auto_vae_path(args):
@@ -289,12 +289,12 @@ def auto_vae_path(args):
     return Path(args.out).absolute().parent / f"vae-{tag}" / "ckpt.pt"
 
 
-def ensure_vae(args, path, run, train_set):
-    """The EMA VAE (and its checkpoint). With no --vae, the automatic one is trained first, or
-    finished if a run stopped while training it: train_vae.py with its defaults and this run's
-    data, size, seed and machine flags."""
-    ckpt = load_checkpoint(path, "vae", "--vae") if args.vae is None and path.is_file() else None
-    if args.vae is None and (ckpt is None or not ckpt["finished"]):
+def ensure_vae(args, path, given, run, train_set):
+    """The EMA VAE and its checkpoint: `given` (--vae, loaded by find_vae), or the automatic one,
+    trained first, or finished if a run stopped while training it: train_vae.py with its defaults
+    and this run's data, size, seed and machine flags."""
+    ckpt = load_checkpoint(path, "vae", "--vae") if given is None and path.is_file() else None
+    if given is None and (ckpt is None or not ckpt["finished"]):
         print(f"{'finishing the unfinished' if ckpt else 'no --vae given: training the'} "
               f"automatic VAE of this data first ({path.parent}; the recipe: latent space "
               f"first, then the flow model)")
@@ -308,7 +308,7 @@ def ensure_vae(args, path, run, train_set):
                                             "the VAE, then trains the flow model)")
     else:
         data_lib.announce(train_set)
-    vae, ckpt = load_vae(path, run.device)
+    vae, ckpt = given or load_vae(path, run.device)
     if ckpt["data"] != train_set.name:
         print(f"warning: the VAE {path} was trained on {ckpt['data']}, this run uses "
               f"{train_set.name}; pass --vae with a VAE of these images if samples look wrong",

@@ -8,7 +8,6 @@ import random
 import re
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from PIL import Image
 
 import checkpoint
 import common
-import train_vae
 
 
 def test_vae_run_writes_checkpoint_recon_grid_and_log_and_its_loss_falls(runs, expect, tiny):
