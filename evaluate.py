@@ -89,13 +89,28 @@ def load_models(args, path, device):
         hold_out_pairs=saved.get("hold_out_pairs") is True)
 
 
-def real_sets(data, test, n, image_size, seed):
+def real_sets(data, test, n, image_size, seed, train=None):
     """Two disjoint real sets of the same size n' <= n: (held-out set A, second set B).
 
     A gives the prompts (its captions) and the reference statistics; FD(A, B) is the floor.
     Built-in: A = the first n test images, B = n fresh images of stream seed + FLOOR_SEED_OFFSET.
     Folder: the test split (or, when it has fewer than 2n images, every image) shuffled with a
-    fixed seed (files are sorted by class folder) and cut into two halves."""
+    fixed seed (files are sorted by class folder) and cut into two halves.
+    With `train` (--held-out-captions): A = the whole test split (at most n), B = as many
+    training images (a fixed-seed draw), so the samples are prompted with held-out captions only."""
+    if train is not None:
+        if n > min(len(test), len(train)):
+            _warn(f"--n {n}: --held-out-captions has {len(test)} held-out and {len(train)} "
+                  f"training images; using n = {min(len(test), len(train))}")
+            n = min(len(test), len(train))
+        if n < MIN_N:
+            raise UserError(f"--held-out-captions: {n} held-out images are too few (at least "
+                            f"{MIN_N})")
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]
+        seen = set(train.captions)
+        print(f"held-out captions: {sum(c in seen for c in test.captions[:n])} of {n} also "
+              f"caption a training image")
+        return test.subset(range(n)), train.subset(pick)
     if data is None:
         if n > len(test):
             _warn(f"--n {n}: the built-in test split has {len(test)} images; using n = {len(test)}")
@@ -243,7 +258,8 @@ def evaluate_checkpoint(args, ckpt, inception, device):
               f"measures images the VAE was trained on")
     real_a = real_b = real_feats = None
     if model is not None:
-        real_a, real_b = real_sets(source.data, test, args.n, source.image_size, source.seed)
+        real_a, real_b = real_sets(source.data, test, args.n, source.image_size, source.seed,
+                                   train if args.held_out_captions else None)
         real_feats = features(real_a.images)                                 # (n, D)
     n_vae = min(args.n, len(test))
     same = real_a is not None and torch.equal(real_a.images, test.images[:n_vae])  # built-in
@@ -478,6 +494,9 @@ def parser():
     add("--data", help="image folder to evaluate against. Default: the checkpoint's data")
     add("--n", type=positive(int), default=1000, help="generated images per setting, and the "
         "size of each real set (capped by the held-out images available, with a warning)")
+    add("--held-out-captions", action="store_true", help="prompt with the captions of the "
+        "held-out split only, and compare the samples with those held-out images (the floor: "
+        "as many training images): does the model draw captions it never saw?")
     add("--cfg", dest="cfg_scales", metavar="W", type=finite, nargs="+", default=[1.0, 2.0, 4.0],
         help="guidance weights w to evaluate (1 = no guidance)")
     add("--sample-steps", metavar="N", type=count, nargs="+", default=[50],

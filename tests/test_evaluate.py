@@ -353,3 +353,16 @@ def test_json_is_checked_before_the_evaluation_and_never_replaces_what_it_did_no
     assert ckpt.read_bytes() == runs["flow"].read_bytes() and other.read_bytes() == b"a file"
     assert ev.main(["--ckpt", str(ckpt), "--json", str(other), "--overwrite", *FAST]) == 0
     assert json.loads(other.read_text())["evaluated"]
+
+
+def test_held_out_captions_compare_the_held_out_split_with_as_many_training_images(capsys):
+    train = data_lib.load_dataset(None, 32, "train", n_builtin=40, seed=0)
+    test = data_lib.load_dataset(None, 32, "test", n_builtin=40, seed=0)
+    real_a, real_b = ev.real_sets(None, test, 10**6, 32, seed=0, train=train)
+    assert len(real_a) == len(real_b) == len(train)       # capped by the smaller split, warned
+    assert "using n = 40" in capsys.readouterr().err
+    assert torch.equal(real_a.images, test.images[:40]) and real_a.captions == test.captions[:40]
+    index = {bytes(x.numpy()): i for i, x in enumerate(train.images)}
+    assert len({index[bytes(x.numpy())] for x in real_b.images}) == len(real_b)  # distinct draws
+    again = ev.real_sets(None, test, 5, 32, seed=0, train=train)[1]
+    assert torch.equal(again.images, real_b.images[:5])                   # a fixed-seed draw
