@@ -59,11 +59,12 @@ from flow import flow_matching_loss
 from sample import euler_sample, guided_field
 from vae import VAE, encode_means, vae_loss
 
-# Prompts in the built-in data's caption format, tokenized at its max_prompt_len.
+# Prompts in the built-in data's caption format, tokenized at its max_prompt_len (BOS and up to
+# 14 words, rounded up to a multiple of 8 as train_flow.py does).
 CAPTIONS = ("a small red circle left of a large blue square on a white background",
             "a large green triangle on a black background",
             "a small yellow diamond left of a small purple cross on a gray background")
-MAX_PROMPT_LEN = 80
+MAX_PROMPT_LEN = 16
 
 
 # ---------------------------------------------------------------------------------------------

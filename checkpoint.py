@@ -124,7 +124,8 @@ def load_checkpoint(path, kinds, flag="--ckpt"):
 
 # Largest values a configuration read from a file may hold: sizes, blocks, latent grid, prompt.
 LIMITS = {"depth": 256, "num_res_blocks": 256, "prompt_depth": 256, "input_size": 512,
-          "input_width": 512, "max_prompt_len": 1024, "": 2 ** 14}
+          "input_width": 512, "max_prompt_len": 1024, "prompt_word_bytes": 64,
+          "prompt_buckets": 2 ** 20, "": 2 ** 14}
 
 
 def _config_problem(cls, config):
@@ -136,7 +137,7 @@ def _config_problem(cls, config):
         field = fields.get(key)
         top = LIMITS.get(key, LIMITS[""])
         if field is None:
-            return f"unknown field {key!r:.40}"
+            return f"unknown field {key!r:.40}: from another version of this code?"
         if field.type is bool:
             ok = type(value) is bool
         elif field.type is int:

@@ -53,9 +53,9 @@ class DiTConfig:
     prompt_dim: int = 256        # prompt token width (the cross-attention context_dim)
     prompt_depth: int = 2        # transformer layers in the prompt encoder
     prompt_heads: int = 4
-    max_prompt_len: int = 80     # S: BOS + bytes (+ word padding); longer prompts are cut
-    prompt_bytes_per_token: int = 4  # bytes merged into one prompt token (S' = S / 4)
-    prompt_words: bool = False   # every word starts a new prompt token (embeddings.prompt_ids)
+    max_prompt_len: int = 32     # S: prompt tokens, BOS + one per word; longer prompts are cut
+    prompt_word_bytes: int = 12  # W: bytes per prompt token (a longer word takes two)
+    prompt_buckets: int = 8192   # rows of the hashed byte n-gram table (embeddings.ngram_ids)
     qk_norm: bool = False        # LayerNorm on q and k in every attention
 
     @property
@@ -65,11 +65,6 @@ class DiTConfig:
     @property
     def width(self):
         return self.input_width or self.input_size
-
-    @property
-    def prompt_word_group(self):
-        """tokenize's word_group for this model: 0 (plain bytes) or the bytes per token."""
-        return self.prompt_bytes_per_token if self.prompt_words else 0
 
     @classmethod
     def from_dict(cls, d):
@@ -148,7 +143,7 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """u_theta(x_t, t, y): forward(x_t (B, C, h, w), t (B,), tokens (B, S)) -> u (B, C, h, w)."""
+    """u_theta(x_t, t, y): forward(x_t (B, C, h, w), t (B,), tokens (B, S, W)) -> u (B, C, h, w)."""
 
     def __init__(self, config):
         super().__init__()
@@ -159,7 +154,7 @@ class DiT(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(config.time_dim, config.dim), nn.SiLU(),
                                       nn.Linear(config.dim, config.dim))
         self.prompt = PromptEmbedding(config.prompt_dim, config.prompt_depth, config.prompt_heads,
-                                      config.max_prompt_len, config.prompt_bytes_per_token)
+                                      config.max_prompt_len, config.prompt_buckets)
         self.prompt_pool = nn.Linear(config.prompt_dim, config.dim)
         self.blocks = nn.ModuleList(
             DiTBlock(config.dim, config.heads, config.prompt_dim, config.mlp_ratio, config.qk_norm)

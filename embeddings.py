@@ -17,23 +17,24 @@ numbers each, in row-major order (token k is the patch at (row, col) = divmod(k,
 `PatchEmbedding` is Patchify + a Linear + a fixed 2-D sin-cos position embedding.
 
 Slide "Encoding Language Prompt": PromptEmbed(y) in R^{S x k}. The slide uses a pretrained
-CLIP/T5 encoder; none can be downloaded here, so the prompt is tokenized byte by byte (UTF-8,
-no vocabulary file) and `PromptEmbedding` is learned from scratch with the DiT: byte and
-position embeddings, groups of a few bytes merged into one token (bytes are ~4x more numerous
-than word pieces, and every cross-attention pays for each token), then a few transformer
-layers. It returns the token sequence, its key-padding mask, and a pooled vector (mean over
-real tokens) that the DiT adds to the time embedding.
-The groups follow the bytes (today's default) or the words (`word_group`, a DiTConfig's
-`prompt_words`): each word then starts a new group, so the word "circle" becomes the same tokens
-in every caption and what the model learns of it carries over from one prompt to the next
-(RESULTS.md, "Composition").
+CLIP/T5 encoder; none can be downloaded here, so `PromptEmbedding` is learned from scratch with
+the DiT, from the prompt's UTF-8 bytes (no vocabulary file). One token per word: its vector is
+the mean of learned vectors of the word's byte n-grams and of the whole word, hashed into a
+fixed table (fastText's subword vectors), then a few transformer layers. A word is the same
+token wherever it stands, so what the model learns of "circle" after "red" carries over to "blue
+circle" (prompts compose: RESULTS.md, "Composition"), and a word never seen in training still
+gets a vector from the n-grams it shares with words that were. Short words cost one token, not a
+group of bytes: the longest built-in caption is 15 tokens. `PromptEmbedding` returns the token
+sequence, its key-padding mask, and a pooled vector (mean over real tokens) that the DiT adds to
+the time embedding.
 Every prompt starts with a BOS token, so the empty prompt "" (the null condition of
 classifier-free guidance, `null_prompt`) still has one real token and no attention row is fully
 masked.
 
 Offers: time_frequencies, time_embedding, TimeEmbedding, patchify, unpatchify, sincos_2d,
-PatchEmbedding, PAD_ID, BOS_ID, VOCAB_SIZE, prompt_words, prompt_ids, tokenize,
-prompt_is_truncated, prompt_as_read, null_prompt, PromptBlock, PromptEmbedding
+PatchEmbedding, PAD_ID, BOS_ID, START_ID, WORD_BYTES, HASH_BUCKETS, prompt_words, prompt_pieces,
+tokenize, prompt_is_truncated, prompt_as_read, null_prompt, ngram_ids, PromptBlock,
+PromptEmbedding
 """
 import math
 import re
@@ -150,8 +151,11 @@ class PatchEmbedding(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Prompts
 
-PAD_ID, BOS_ID = 0, 257  # byte b is token b + 1
-VOCAB_SIZE = 258
+PAD_ID, BOS_ID, START_ID = 0, 257, 258  # byte b is id b + 1; START marks a word's start ("<")
+WORD_BYTES = 12         # bytes per prompt token: a longer word goes on in the next token
+N_GRAMS = (1, 2, 3)     # the byte n-grams of a word that build its embedding (and the whole word)
+HASH_BUCKETS = 8192     # rows of the n-gram embedding table; n-grams share rows by their hash
+_HASH_PRIME = 1_000_003
 
 
 def prompt_words(prompt):
@@ -160,69 +164,91 @@ def prompt_words(prompt):
     return re.findall(r"\w+|[^\w\s]", prompt)
 
 
-def prompt_ids(prompt, word_group=0):
-    """The token ids of one prompt, untruncated: BOS, then its UTF-8 bytes (byte b -> b + 1).
-
-    word_group = 0: the bytes as they stand, spaces included. word_group = r > 0: every word
-    (prompt_words) starts a new group of r positions, the rest of the previous group padded,
-    spaces dropped: the group boundary is the word boundary. PromptEmbedding merges each group of
-    r bytes into one token, so a word becomes the same tokens wherever it stands in a prompt
-    ("circle" after "red " and after "blue " alike), which plain byte groups do not give.
-    """
-    if not word_group:
-        return [BOS_ID] + [b + 1 for b in prompt.encode("utf-8")]
-    if word_group < 2:
-        raise ValueError("word groups need 2 or more bytes per token (with 1 the words would "
-                         "run together)")
-    ids = [BOS_ID]
+def prompt_pieces(prompt, word_bytes=WORD_BYTES):
+    """The prompt's tokens after BOS, untruncated, as UTF-8 bytes: one per word (prompt_words),
+    a word longer than word_bytes bytes cut into pieces of word_bytes."""
+    pieces = []
     for word in prompt_words(prompt):
-        ids += [PAD_ID] * (-len(ids) % word_group)                  # start a new group
-        ids += [b + 1 for b in word.encode("utf-8")]
-    return ids
+        data = word.encode("utf-8")
+        pieces += [data[i:i + word_bytes] for i in range(0, len(data), word_bytes)]
+    return pieces
 
 
-def tokenize(prompts, max_len, word_group=0):
-    """Byte-level UTF-8 tokenizer: list of str -> LongTensor (B, max_len).
+def tokenize(prompts, max_len, word_bytes=WORD_BYTES):
+    """Word tokens of UTF-8 bytes, no vocabulary file: list of str -> LongTensor
+    (B, max_len, word_bytes).
 
-    Token 0 is padding, BOS (257) opens every prompt, byte b becomes b + 1; word_group > 0
-    aligns words to groups (prompt_ids). Prompts longer than max_len ids are truncated (a
-    multi-byte character may be cut; the model sees bytes, so that is harmless). Use
-    `prompt_is_truncated` to warn the user.
+    Token 0 of every prompt is BOS ([BOS_ID, PAD_ID, ...]); token i is the i-th word's bytes (byte
+    b -> id b + 1), padded with PAD_ID (0); a token of PAD_ID only is padding. Prompts of more
+    than max_len tokens are truncated: use `prompt_is_truncated` to warn the user.
     """
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
-    tokens = torch.full((len(prompts), max_len), PAD_ID, dtype=torch.long)
+    tokens = torch.full((len(prompts), max_len, word_bytes), PAD_ID, dtype=torch.long)
+    tokens[:, 0, 0] = BOS_ID
     for i, prompt in enumerate(prompts):
-        ids = prompt_ids(prompt, word_group)[:max_len]
-        tokens[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        for j, piece in enumerate(prompt_pieces(prompt, word_bytes)[:max_len - 1], start=1):
+            tokens[i, j, :len(piece)] = torch.tensor(list(piece)) + 1
     return tokens
 
 
-def prompt_is_truncated(prompt, max_len, word_group=0):
-    """True when `tokenize` drops bytes of this prompt."""
-    return len(prompt_ids(prompt, word_group)) > max_len
+def prompt_is_truncated(prompt, max_len, word_bytes=WORD_BYTES):
+    """True when `tokenize` drops words of this prompt."""
+    return 1 + len(prompt_pieces(prompt, word_bytes)) > max_len
 
 
-def prompt_as_read(prompt, max_len, word_group=0):
-    """The part of a prompt that `tokenize` keeps, as text (for warnings); with word_group > 0,
-    the words it keeps (the last one perhaps cut), joined by spaces."""
-    if not word_group:
-        return prompt.encode("utf-8")[:max_len - 1].decode("utf-8", "ignore")
-    kept, length = [], 1                                            # BOS
+def prompt_as_read(prompt, max_len, word_bytes=WORD_BYTES):
+    """The words of a prompt that `tokenize` keeps (the last perhaps cut), joined by spaces (for
+    warnings)."""
+    kept, room = [], max_len - 1                                        # tokens after BOS
     for word in prompt_words(prompt):
-        length += -length % word_group
-        data = word.encode("utf-8")[:max(0, max_len - length)]
-        if data:
-            kept.append(data.decode("utf-8", "ignore"))
-        length += len(word.encode("utf-8"))
+        data = word.encode("utf-8")[:room * word_bytes]
+        if not data:
+            break
+        kept.append(data.decode("utf-8", "ignore"))
+        room -= -(-len(data) // word_bytes)
     return " ".join(kept)
 
 
-def null_prompt(max_len):
-    """The empty prompt "" as tokens (1, max_len): BOS then padding (with or without word
-    groups). It is the null condition of classifier-free guidance: training replaces prompts by
-    it, the sampler guides away from it."""
-    return tokenize([""], max_len)
+def null_prompt(max_len, word_bytes=WORD_BYTES):
+    """The empty prompt "" as tokens (1, max_len, word_bytes): BOS then padding. It is the null
+    condition of classifier-free guidance: training replaces prompts by it, the sampler guides
+    away from it."""
+    return tokenize([""], max_len, word_bytes)
+
+
+def ngram_ids(tokens, buckets, ngrams=N_GRAMS):
+    """fastText's features of each token, hashed into `buckets` rows: the byte n-grams (n in
+    `ngrams`) of "<" + its bytes + ">", and the whole token. tokens (B, S, W) ->
+    (ids (B, S, G), real (B, S, G) bool); "red" gives r e d <r re ed d> <re red ed> and "red".
+
+    The first PAD after a word's bytes plays ">"; an n-gram is real when every element before
+    its last is a byte or "<" (a unigram must be a byte). The hash mixes n in, so "a" as a
+    unigram and "a" as a whole word differ."""
+    B, S, W = tokens.shape
+    marked = nn.functional.pad(tokens, (1, 1), value=PAD_ID)           # (B, S, W + 2)
+    marked[..., 0] = START_ID
+    ids, real = [], []
+    for n in ngrams:
+        L = W + 3 - n                                                  # windows of n
+        h = torch.full((B, S, L), n, dtype=torch.long, device=tokens.device)
+        ok = torch.ones((B, S, L), dtype=torch.bool, device=tokens.device)
+        for k in range(n):
+            part = marked[..., k:k + L]
+            h = (h * 263 + part) % _HASH_PRIME
+            if n == 1:
+                ok = (part != PAD_ID) & (part != START_ID)
+            elif k < n - 1:
+                ok = ok & (part != PAD_ID)
+        ids.append(h)
+        real.append(ok)
+    h = torch.zeros((B, S), dtype=torch.long, device=tokens.device)    # the whole token
+    for k in range(W):
+        h = (h * 263 + tokens[..., k]) % _HASH_PRIME
+    ids.append(h[..., None])
+    real.append(torch.ones_like(ok[..., :1]))
+    is_token = tokens[..., :1] != PAD_ID                                # (B, S, 1): not padding
+    return torch.cat(ids, -1) % buckets, torch.cat(real, -1) & is_token
 
 
 class PromptBlock(nn.Module):
@@ -243,43 +269,39 @@ class PromptBlock(nn.Module):
 
 
 class PromptEmbedding(nn.Module):
-    """PromptEmbed(y) in R^{S' x k}, learned from scratch.
+    """PromptEmbed(y) in R^{S x k}, learned from scratch: one token per word.
 
-    Bytes are 3-4 times more numerous than the word pieces of a CLIP/T5 tokenizer, and every
-    DiT block's cross-attention projects every prompt token, so runs of `bytes_per_token`
-    consecutive bytes are merged into one token (their embeddings concatenated, then a Linear:
-    patchify for text), giving S' = S / bytes_per_token tokens. A merged token is real when any
-    of its bytes is. With word-aligned ids (tokenize's word_group = bytes_per_token) a token is
-    a word or a word's next bytes: its embedding is a Linear of the word's bytes plus one of
-    its position.
+    A token's vector is the mean of the embeddings of its hashed byte n-grams and of the whole
+    word (`ngram_ids`; fastText, Bojanowski et al. 2017), plus a learned position. A word is
+    the same vector wherever it stands in a prompt, so what the model learns of "circle" after
+    "red" carries over to "circle" after "blue"; a word it never saw still gets a vector from the
+    n-grams it shares with words it did see. Then a few transformer layers mix the words.
 
-    forward(tokens (B, S)) -> (y (B, S', dim), mask (B, S') bool, pooled (B, dim)).
+    forward(tokens (B, S, W)) -> (y (B, S, dim), mask (B, S) bool, pooled (B, dim)).
     """
 
-    def __init__(self, dim, depth, heads, max_len, bytes_per_token=1, vocab_size=VOCAB_SIZE):
+    def __init__(self, dim, depth, heads, max_len, buckets=HASH_BUCKETS):
         super().__init__()
-        self.max_len, self.r = max_len, bytes_per_token
-        self.token = nn.Embedding(vocab_size, dim)
+        self.max_len, self.buckets = max_len, buckets
+        self.ngram = nn.Embedding(buckets, dim)
         self.pos = nn.Parameter(torch.zeros(1, max_len, dim))
-        nn.init.normal_(self.token.weight, std=0.02)
+        nn.init.normal_(self.ngram.weight, std=0.02)
         nn.init.normal_(self.pos, std=0.02)
-        self.merge = nn.Linear(bytes_per_token * dim, dim) if bytes_per_token > 1 else nn.Identity()
         self.blocks = nn.ModuleList(PromptBlock(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, tokens):
-        B, S = tokens.shape
+        B, S, W = tokens.shape
         if S > self.max_len:
             raise ValueError(f"{S} prompt tokens, but this model takes at most {self.max_len}")
-        if S % self.r:                                            # pad to whole groups of r bytes
-            tokens = nn.functional.pad(tokens, (0, self.r - S % self.r), value=PAD_ID)
-            S = tokens.shape[1]
-        y = self.token(tokens) + self.pos[:, :S]                  # (B, S, k)
-        y = self.merge(y.reshape(B, S // self.r, -1))             # (B, S', k), S' = S / r
-        mask = (tokens != PAD_ID).reshape(B, S // self.r, self.r).any(-1)   # (B, S') True = real
+        ids, real = ngram_ids(tokens, self.buckets)                     # (B, S, G) each
+        weights = real.to(self.ngram.weight.dtype)[..., None]            # (B, S, G, 1)
+        y = (self.ngram(ids) * weights).sum(2) / weights.sum(2).clamp(min=1.0)  # (B, S, k)
+        y = y + self.pos[:, :S]
+        mask = tokens[..., 0] != PAD_ID                                  # (B, S) True = real
         for block in self.blocks:
             y = block(y, mask)
         y = self.norm(y)
-        weights = mask.to(y.dtype)[..., None]                     # (B, S', 1)
-        pooled = (y * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, k)
+        weights = mask.to(y.dtype)[..., None]                            # (B, S, 1)
+        pooled = (y * weights).sum(1) / weights.sum(1).clamp(min=1.0)    # (B, k)
         return y, mask, pooled

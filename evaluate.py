@@ -256,13 +256,12 @@ def evaluate_checkpoint(args, ckpt, inception, device):
     if not test.held_out:
         _warn(f"{source.data} has under 20 images, so none are held out: the VAE section "
               f"measures images the VAE was trained on")
-    real_a = real_b = real_feats = None
-    if model is not None:
-        real_a, real_b = real_sets(source.data, test, args.n, source.image_size, source.seed,
-                                   train if args.held_out_captions else None)
-        real_feats = features(real_a.images)                                 # (n, D)
+    real_a, real_b = real_sets(source.data, test, args.n, source.image_size, source.seed,
+                               train if args.held_out_captions else None)
+    real_feats = features(real_a.images)                                     # (n, D)
+    refs = references(vae, real_feats, real_b, features, args.batch_size, args.seed)
     n_vae = min(args.n, len(test))
-    same = real_a is not None and torch.equal(real_a.images, test.images[:n_vae])  # built-in
+    same = torch.equal(real_a.images, test.images[:n_vae])                  # built-in
     vae_section = evaluate_vae_section(
         vae, test.images[:n_vae], features, args.batch_size,
         test.attributes[:n_vae] if task.kind == "attributes" else None,
@@ -270,13 +269,13 @@ def evaluate_checkpoint(args, ckpt, inception, device):
     print(f"VAE on {n_vae} held-out images done ({time.perf_counter() - t0:.1f}s elapsed)",
           flush=True)
     settings = [] if model is None else evaluate_settings(
-        model, vae, real_a, real_feats, *references(vae, real_feats, real_b, train, features,
-                                                    args.batch_size, args.seed),
+        model, vae, real_a, real_feats, refs, copy_reference(vae, train, features,
+                                                             args.batch_size),
         features, task, classifier, args, device, t0,
         composition=source.hold_out_pairs and task.kind == "attributes")
     results = {"checkpoint": ckpt, "vae_checkpoint": source.vae_path, "data": test.name,
                "features": features.name, "feature_test_accuracy": own,
-               "prompt_accuracy": task.note, "n": None if real_a is None else len(real_a),
+               "prompt_accuracy": task.note, "n": len(real_a), "references": refs,
                "settings": settings, **({} if classifier is None else {
                    "classifier_test_acc": classifier.test_accuracy}),
                "vae_held_out": test.held_out, "vae": vae_section}
@@ -327,21 +326,24 @@ def reconstruct(vae, images, batch_size=250):
                       for mu in encode_means(vae, images, batch_size).split(batch_size)])
 
 
-def references(vae, real_feats, real_b, train, features, batch_size=250, seed=0):
-    """What every (cfg, steps) row is read against, measured once: (dict, train_feats). dict:
-    floor_* = distribution_metrics of real_b against real_a (features real_feats), ceiling_* =
-    those of reconstruct(real_b) against real_a (at finite n neither is a strict bound).
-    train_feats: the features of the reconstructions of up to COPY_REFERENCE training images (a
-    fixed-seed subset) that copy_share compares samples with: a sample that reproduces a training
-    latent decodes to that image's reconstruction, not to the image itself."""
+def references(vae, real_feats, real_b, features, batch_size=250, seed=0):
+    """What every (cfg, steps) row is read against, measured once: floor_* = distribution_metrics
+    of real_b against real_a (features real_feats), ceiling_* = those of reconstruct(real_b)
+    against real_a (at finite n neither is a strict bound)."""
     def metrics(prefix, feats):
         return {f"{prefix}{k}": v for k, v in distribution_metrics(
             real_feats, feats, seed=seed).items() if not k.startswith("n_")}
 
-    keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:COPY_REFERENCE]
     return {**metrics("floor_", features(real_b.images)),
-            **metrics("ceiling_", features(reconstruct(vae, real_b.images, batch_size)))}, \
-        features(reconstruct(vae, train.images[keep], batch_size))
+            **metrics("ceiling_", features(reconstruct(vae, real_b.images, batch_size)))}
+
+
+def copy_reference(vae, train, features, batch_size=250):
+    """The features of the reconstructions of up to COPY_REFERENCE training images (a fixed-seed
+    subset) that copy_share compares samples with: a sample that reproduces a training latent
+    decodes to that image's reconstruction, not to the image itself."""
+    keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:COPY_REFERENCE]
+    return features(reconstruct(vae, train.images[keep], batch_size))
 
 
 def evaluate_settings(model, vae, real_a, real_feats, refs, train_feats, features, task,
@@ -450,6 +452,10 @@ def report(results):
     if results["prompt_accuracy"].startswith("skipped"):
         lines += [f"prompt accuracy {results['prompt_accuracy']}", ""]
     v = results["vae"]
+    if not settings:
+        lines += [f"real sets: n = {results['n']}; features {results['features']}; floor: real "
+                  f"vs real; ceiling: the VAE's reconstructions vs real",
+                  format_table([results["references"]], list(results["references"])), ""]
     lines += [f"VAE ({results['vae_checkpoint']}) on {v['n']} held-out images",
               format_table([v], ["psnr", "ssim", "kl_nats_per_dim", "rfid"]),
               f"latent mean {[round(m, 3) for m in v['latent_mean']]} "

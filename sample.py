@@ -96,8 +96,8 @@ def generate(model, vae, prompts, sample_steps=50, cfg_scale=4.0, seed=0, batch_
     gen = torch.Generator(device=device).manual_seed(seed)
     noise = torch.randn((len(prompts), config.in_channels, config.height, config.width),
                         generator=gen, device=device)      # (N, C, h, w), X_0 ~ N(0, I)
-    tokens = tokenize(prompts, config.max_prompt_len, config.prompt_word_group).to(device)
-    null = null_prompt(config.max_prompt_len).to(device)             # (1, S)
+    S, W = config.max_prompt_len, config.prompt_word_bytes
+    tokens, null = tokenize(prompts, S, W).to(device), null_prompt(S, W).to(device)  # (N|1, S, W)
     images, progress = [], Progress("sampling", len(prompts))
     for i in range(0, len(prompts), batch_size):
         with autocast(device, amp):
@@ -179,17 +179,16 @@ def check_prompts(prompts, config, caption_words):
     """Refuse a prompt that is not text; a line for each prompt longer than the model reads
     (quoting what it reads), and for each with words the training captions never had (read from
     their bytes alone: guessed at)."""
-    group = config.prompt_word_group
+    S, W = config.max_prompt_len, config.prompt_word_bytes
     for prompt in prompts:
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError:
             raise UserError(f"--prompt {ascii(prompt)[:60]}: not valid UTF-8 text; check the "
                             f"terminal's or the file's encoding")
-        if prompt_is_truncated(prompt, config.max_prompt_len, group):
-            print(f"warning: prompt {prompt[:60]!r} is longer than the {config.max_prompt_len - 1} "
-                  f"{'token positions' if group else 'bytes'} this model reads; it reads only "
-                  f"{prompt_as_read(prompt, config.max_prompt_len, group)!r}", file=sys.stderr)
+        if prompt_is_truncated(prompt, S, W):
+            print(f"warning: prompt {prompt[:60]!r} is longer than the {S - 1} word tokens this "
+                  f"model reads; it reads only {prompt_as_read(prompt, S, W)!r}", file=sys.stderr)
         unseen = [w for w in dict.fromkeys(prompt_words(prompt)) if w not in caption_words]
         if unseen:
             print(f"note: prompt {prompt[:60]!r}: {', '.join(map(repr, unseen[:8]))} never "

@@ -35,7 +35,7 @@ from checkpoint import load_checkpoint, load_vae
 from common import (MAX_STEPS, Parser, UserError, autocast, finite, fraction, maybe_compile,
                     pick_amp, positive, run_main)
 from dit import PRESETS, DiT, count_parameters, dit_preset
-from embeddings import null_prompt, prompt_ids, prompt_words, tokenize
+from embeddings import null_prompt, prompt_pieces, prompt_words, tokenize
 from flow import flow_matching_loss
 from runs import EMA, Run, adamw, add_training_flags
 from sample import generate, write_prompts
@@ -45,8 +45,8 @@ from vae import encode_means
 # The recipe's numbers, all in one place (every flag's default), the same on every device.
 DEFAULTS = {
     "image_size": 32, "n_builtin": 20000, "hold_out_pairs": False,
-    # the DiT (dit.PRESETS) on p x p latent patches; prompt tokens of 4 bytes, or one per word
-    "preset": "tiny", "patch_size": 2, "prompt_words": False,
+    # the DiT (dit.PRESETS) on p x p latent patches
+    "preset": "tiny", "patch_size": 2,
     # flow matching: training times t, and prompts dropped (CFG's null condition) at p_uncond
     "t_dist": "logit_normal", "p_uncond": 0.1,
     # AdamW: linear warm-up then a constant rate, gradients clipped, weights averaged
@@ -61,7 +61,7 @@ DEFAULTS = {
 # Settings whose change makes another experiment: --resume refuses them without --allow-changes
 # (another VAE file is compared by its bytes, in `train_dit`).
 EXPERIMENT = {"data", "n_builtin", "seed", "image_size", "preset", "patch_size", "vae_steps",
-              "hold_out_pairs", "prompt_words"}
+              "hold_out_pairs"}
 
 
 def main(argv=None):
@@ -118,7 +118,7 @@ def encode(vae, vae_ckpt, train_set, args):
 class LatentData:
     """The training set in latent space: what the DiT learns from (recipe step 3)."""
     z: torch.Tensor          # (N, C, h, w) encoder means, normalised per channel (~unit scale)
-    tokens: torch.Tensor     # (N, S) their captions as prompt tokens
+    tokens: torch.Tensor     # (N, S, W) their captions as prompt tokens
     config: object           # the DiTConfig that fits these latents and prompts
     prompts: list            # the fixed prompts of the sample grids
     words: dict              # word -> count in the captions (sample.py names unseen words)
@@ -135,20 +135,18 @@ def latent_data(mu, vae, train_set, args, run):
               f"training images show a held-out colour x shape pair "
               f"({', '.join(' '.join(p) for p in HELD_OUT_PAIRS)}); the DiT never sees them")
         mu, captions = mu[keep], [captions[i] for i in keep]
-    group = PRESETS[args.preset].prompt_bytes_per_token if args.prompt_words else 0
-    longest = max(len(prompt_ids(c, group)) for c in train_set.captions)    # BOS included
+    word_bytes = PRESETS[args.preset].prompt_word_bytes
+    longest = 1 + max(len(prompt_pieces(c, word_bytes)) for c in train_set.captions)  # + BOS
     max_len = min(256, -(-longest // 8) * 8)                            # a multiple of 8
-    print(f"prompts: the model reads up to {max_len - 1} "
-          f"{'token positions' if group else 'bytes'} of a prompt (the longest caption has "
-          f"{longest - 1}); longer prompts are cut")
+    print(f"prompts: the model reads up to {max_len - 1} words of a prompt (the longest caption "
+          f"has {longest - 1}); longer prompts are cut")
     config = dit_preset(args.preset, input_size=mu.shape[-1], in_channels=mu.shape[1],
-                        patch_size=args.patch_size, max_prompt_len=max_len,
-                        prompt_words=args.prompt_words)
+                        patch_size=args.patch_size, max_prompt_len=max_len)
     distinct = list(dict.fromkeys(captions))      # a folder is sorted by name: show its range
     prompts = distinct[::max(1, len(distinct) // args.grid_prompts) if args.data else 1][
         :args.grid_prompts] or [""]
     return LatentData(z=vae.normalize_latents(mu.to(run.device)),
-                      tokens=tokenize(captions, max_len, config.prompt_word_group).to(run.device),
+                      tokens=tokenize(captions, max_len, word_bytes).to(run.device),
                       config=config, prompts=prompts, name=train_set.name,
                       words=dict(Counter(w for c in captions for w in prompt_words(c))))
 
@@ -167,7 +165,7 @@ def build(config, args, device, amp):
 
 
 def train_step(net, model, ema, opt, scaler, z, tokens, null, step, args, amp):
-    """One optimizer step on latents z (B, C, h, w) and prompt tokens (B, S): this step's
+    """One optimizer step on latents z (B, C, h, w) and prompt tokens (B, S, W): this step's
     learning rate (linear warm-up, then constant), the CondOT loss with prompts dropped to
     `null` at --p-uncond, backward, clipped gradients, AdamW, the EMA. `net` is the model as
     called (compiled or not), `model` the plain one. Returns the loss, detached, with no
@@ -215,7 +213,7 @@ def train_dit(run, latents, vae, vae_path, vae_ckpt):
                      "config": vae_ckpt["config"], "latent_mean": vae.latent_mean.cpu(),
                      "latent_std": vae.latent_std.cpu()}}
     net = maybe_compile(model, device, args.compile)
-    null = null_prompt(latents.tokens.shape[1]).to(device)                    # (1, S): ""
+    null = null_prompt(*latents.tokens.shape[1:]).to(device)                # (1, S, W): ""
 
     def grid():
         with run.progress.paused():
@@ -337,8 +335,6 @@ def parser():
     add("--preset", default=DEFAULTS["preset"], choices=sorted(PRESETS), help="DiT size")
     add("--patch-size", type=positive(int, at_most=64), default=DEFAULTS["patch_size"],
         help="DiT patch size p on the latent grid")
-    add("--prompt-words", action="store_true", default=DEFAULTS["prompt_words"],
-        help="each word starts a new prompt token (default: tokens of 4 consecutive bytes)")
     add("--t-dist", choices=["uniform", "logit_normal"], default=DEFAULTS["t_dist"],
         help="training times t: uniform on [0, 1] (the lecture's) or logit-normal (SD3's)")
     add("--p-uncond", type=fraction, default=DEFAULTS["p_uncond"],

@@ -69,7 +69,7 @@ def test_three_adamw_steps_change_every_parameter(one_thread):
     assert unchanged_after[2] == set(), f"dead weights: {sorted(unchanged_after[2])}"
     # The chain is really three steps long (otherwise the docstring above is wrong).
     assert "blocks.0.attn.to_qkv.weight" in unchanged_after[1]
-    assert "prompt.token.weight" in unchanged_after[1]
+    assert "prompt.ngram.weight" in unchanged_after[1]
     assert "final.linear.weight" not in unchanged_after[0]
 
 
@@ -77,7 +77,7 @@ def test_trained_model_output_depends_on_prompt(one_thread):
     torch.manual_seed(3)
     model = DiT(DiTConfig(**SMALL))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    tokens = tokenize(["a red circle", "a blue square"], 16).repeat(4, 1)   # (8, S): A, B, A, ...
+    tokens = tokenize(["a red circle", "a blue square"], 16).repeat(4, 1, 1)  # (8, S, W): A, B, A..
     sign = torch.tensor([1.0, -1.0]).repeat(4).view(-1, 1, 1, 1)
     losses = []
     for step in range(100):

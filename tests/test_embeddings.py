@@ -1,5 +1,5 @@
 """Tests for embeddings.py: the time embedding of slide "Encoding Time", patchify/unpatchify
-(slide "Patchify") and the byte-level prompt embedding."""
+(slide "Patchify") and the word-level prompt embedding from bytes."""
 
 import math
 
@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from embeddings import (BOS_ID, PAD_ID, VOCAB_SIZE, PatchEmbedding, PromptEmbedding, W_MAX,
-                        W_MIN, null_prompt, patchify, prompt_as_read, prompt_ids,
-                        prompt_is_truncated, prompt_words, time_embedding, time_frequencies,
-                        tokenize, unpatchify)
+import shapes
+from embeddings import (BOS_ID, HASH_BUCKETS, PAD_ID, START_ID, W_MAX, W_MIN, WORD_BYTES,
+                        PatchEmbedding, PromptEmbedding, ngram_ids, null_prompt, patchify,
+                        prompt_as_read, prompt_is_truncated, prompt_pieces, prompt_words,
+                        time_embedding, time_frequencies, tokenize, unpatchify)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,40 +126,99 @@ def test_patch_embedding_positions_are_non_persistent_distinct_and_non_square():
 # ---------------------------------------------------------------------------------------------
 # prompts
 
-@pytest.mark.parametrize("prompt", ["a red circle", "🎨🐈‍⬛ emoji", "汉字とかな", "e\u0301 combining", ""])
-def test_tokenize_round_trips_any_unicode_through_bytes(prompt):
-    tokens = tokenize([prompt], max_len=64)[0]
-    assert tokens[0] == BOS_ID
-    body = tokens[1:]
-    ids = body[body != PAD_ID]
-    assert (ids >= 1).all() and (ids <= 256).all() and (tokens < VOCAB_SIZE).all()
-    assert bytes((ids - 1).tolist()).decode("utf-8") == prompt
-    n = len(prompt.encode("utf-8"))
-    assert (body[n:] == PAD_ID).all()                                     # padding after the bytes
+def _real_tokens(tokens):
+    """The tokens of one prompt (S, W) that are not padding, as bytes (BOS as b"BOS")."""
+    out = []
+    for token in tokens.tolist():
+        ids = [i for i in token if i != PAD_ID]
+        if ids:
+            out.append(b"BOS" if ids == [BOS_ID] else bytes(i - 1 for i in ids))
+    return out
 
 
-def test_tokenize_truncates_at_max_len_and_reports_it():
-    prompt = "abcdefghij"
-    tokens = tokenize([prompt, "ab"], max_len=5)
-    assert tokens.shape == (2, 5)
-    assert tokens[0].tolist() == [BOS_ID] + [b + 1 for b in b"abcd"]
-    assert tokens[1].tolist() == [BOS_ID, ord("a") + 1, ord("b") + 1, PAD_ID, PAD_ID]
-    assert prompt_is_truncated(prompt, 5)
-    assert not prompt_is_truncated(prompt, 11)                            # 10 bytes + BOS fit
-    assert prompt_is_truncated(prompt, 10)
-    assert prompt_is_truncated("é", 2) and not prompt_is_truncated("é", 3)   # 2 bytes
+@pytest.mark.parametrize("prompt", ["a red circle", "🎨🐈‍⬛ emoji", "汉字とかな", "e\u0301 combining",
+                                    "flag: Japan!", ""])
+def test_tokenize_gives_bos_then_one_token_per_word_and_keeps_every_byte(prompt):
+    tokens = tokenize([prompt], max_len=16)[0]                           # (S, W)
+    assert tokens.shape == (16, WORD_BYTES)
+    assert tokens[0].tolist() == [BOS_ID] + [PAD_ID] * (WORD_BYTES - 1)
+    pieces = prompt_pieces(prompt)                     # words; one over 12 bytes in pieces
+    assert _real_tokens(tokens) == [b"BOS"] + pieces                     # in order, nothing lost
+    assert b"".join(pieces).decode("utf-8") == "".join(prompt.split())
+    assert len(pieces) == sum(-(-len(w.encode("utf-8")) // WORD_BYTES) for w in prompt_words(prompt))
+    for token in tokens.tolist():                                        # PAD only at the end
+        n = sum(i != PAD_ID for i in token)
+        assert all(i != PAD_ID for i in token[:n]) and max(token) <= BOS_ID
+
+
+def test_prompt_words_split_at_spaces_and_punctuation_in_any_script():
+    assert prompt_words("flag: Japan!") == ["flag", ":", "Japan", "!"]
+    assert prompt_words("  a red\tcircle  ") == ["a", "red", "circle"]
+    assert prompt_words("汉字 とかな 🎨cat") == ["汉字", "とかな", "🎨", "cat"]
+    assert prompt_words("") == []
+
+
+def test_a_long_word_goes_on_in_the_next_token_and_truncation_is_reported():
+    word = "abcdefghijklmnopqrstuvwxyz"                                  # 26 bytes: 12 + 12 + 2
+    assert prompt_pieces(f"a {word}", 12) == [b"a", word[:12].encode(), word[12:24].encode(), b"yz"]
+    tokens = tokenize([f"a {word}"], max_len=4, word_bytes=12)[0]
+    assert _real_tokens(tokens) == [b"BOS", b"a", word[:12].encode(), word[12:24].encode()]
+    assert prompt_is_truncated(f"a {word}", 4) and not prompt_is_truncated(f"a {word}", 5)
+    assert prompt_as_read("a small red circle", 3) == "a small"
+    assert prompt_as_read(f"a {word} b", 4) == f"a {word[:24]}"            # one word, two tokens
+    assert not prompt_is_truncated("a small red circle", 5) and prompt_is_truncated("a small red circle", 4)
+    assert torch.equal(tokenize([""], 8), null_prompt(8))                 # CFG's null condition
+
+
+def test_every_built_in_caption_is_at_most_15_tokens():
+    """The issue's bar is 20; the longest caption (two objects) has 14 words."""
+    _, captions, _ = shapes.render_shapes(300)
+    lengths = [1 + len(prompt_pieces(c)) for c in captions]
+    assert max(lengths) == 15 and min(lengths) == 9
+
+
+def _reference_features(word):
+    """fastText's features of one word, by the definition: the byte n-grams (n = 1, 2, 3) of
+    "<" + word + ">" (a unigram is a byte) and the whole word, hashed one by one in Python."""
+    marked = [START_ID] + [b + 1 for b in word] + [PAD_ID]               # PAD plays ">"
+    ids = []
+    for n in (1, 2, 3):
+        for j in range(len(marked) - n + 1):
+            gram = marked[j:j + n]
+            if n == 1 and gram[0] in (START_ID, PAD_ID):
+                continue
+            h = n
+            for x in gram:
+                h = (h * 263 + x) % 1_000_003
+            ids.append(h % HASH_BUCKETS)
+    h = 0
+    for x in [b + 1 for b in word] + [PAD_ID] * (WORD_BYTES - len(word)):
+        h = (h * 263 + x) % 1_000_003
+    return sorted(ids + [h % HASH_BUCKETS])
+
+
+def test_ngram_ids_are_the_words_hashed_byte_ngrams_and_whole_word():
+    prompt = "a red circle left of \u6c49\u5b57 xyzzyx"
+    tokens = tokenize([prompt, ""], max_len=12)                           # (2, 12, W)
+    ids, real = ngram_ids(tokens, HASH_BUCKETS)                          # (2, 12, G) each
+    for k, word in enumerate(w.encode("utf-8") for w in prompt_words(prompt)):
+        got = sorted(ids[0, k + 1][real[0, k + 1]].tolist())
+        assert got == _reference_features(word)
+        assert len(got) == 3 * len(word) + 2                             # L + (L+1) + L + 1
+    assert real[1, 1:].sum() == 0 and real[0, 9:].sum() == 0              # padding has none
+    assert real[1, 0].sum() == 5                                          # BOS: like a 1-byte word
 
 
 def test_prompt_embedding_padding_does_not_change_valid_outputs_or_pooled():
     torch.manual_seed(1)
     enc = PromptEmbedding(dim=16, depth=2, heads=2, max_len=24).double().eval()
-    short = "cat"
-    alone = tokenize([short], max_len=len(short) + 1)                       # no padding at all
-    both = tokenize([short, "a much longer prompt"], max_len=24)
+    short = "a black cat"
+    alone = tokenize([short], max_len=4)                                  # no padding at all
+    both = tokenize([short, "a much longer prompt than the short one"], max_len=24)
     y1, mask1, pooled1 = enc(alone)
     y2, mask2, pooled2 = enc(both)
-    assert mask1.all() and mask2[0].sum() == len(short) + 1
-    torch.testing.assert_close(y2[0, :len(short) + 1], y1[0], rtol=0, atol=1e-12)
+    assert mask1.all() and mask2[0].sum() == 4 and mask2[1].sum() == 9
+    torch.testing.assert_close(y2[0, :4], y1[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(pooled2[0], pooled1[0], rtol=0, atol=1e-12)
     assert not torch.allclose(pooled2[1], pooled2[0])
 
@@ -174,114 +234,21 @@ def test_empty_prompt_has_one_valid_token_and_a_distinct_output():
         assert (pooled[0] - pooled[i]).norm() > 1e-3
 
 
-@pytest.mark.parametrize("r", [2, 4])
-def test_merged_byte_tokens_keep_padding_invariance_and_shorten_the_sequence(r):
-    """With bytes_per_token = r the encoder sees ceil(S / r) tokens; extra padding still
-    changes nothing for the real tokens, and a group is real when any of its bytes is."""
-    torch.manual_seed(3)
-    enc = PromptEmbedding(dim=16, depth=2, heads=2, max_len=32, bytes_per_token=r).double().eval()
-    short = "a red cat"                                        # 9 bytes + BOS = 10
-    alone = tokenize([short], max_len=10)                      # 10 is not a multiple of 4: padded
-    both = tokenize([short, "a much longer prompt than that"], max_len=32)
-    y1, mask1, pooled1 = enc(alone)
-    y2, mask2, pooled2 = enc(both)
-    n = math.ceil(10 / r)
-    assert y1.shape[1] == n and y2.shape[1] == 32 // r
-    assert mask1.all() and mask2[0].sum() == n
-    torch.testing.assert_close(y2[0, :n], y1[0], rtol=0, atol=1e-12)
-    torch.testing.assert_close(pooled2[0], pooled1[0], rtol=0, atol=1e-12)
-    y, mask, _ = enc(tokenize([""], max_len=32))
-    assert mask[0].tolist() == [True] + [False] * (32 // r - 1)   # BOS keeps the null prompt real
-
-
-# ---------------------------------------------------------------------------------------------
-# prompt tokens that follow the words (word_group > 0)
-
-def _check_word_groups(ids, words, r):
-    """The properties of word-aligned ids, checked without re-deriving them: BOS alone in the
-    first group; the bytes in order are the words' bytes; each group holds bytes of one word
-    only, PAD only at its end; each word starts a group."""
-    assert ids[0] == BOS_ID and all(i == PAD_ID for i in ids[1:r])
-    data = [i - 1 for i in ids if i not in (PAD_ID, BOS_ID)]
-    assert bytes(data) == "".join(words).encode("utf-8")
-    owner = [w for w, word in enumerate(words) for _ in word.encode("utf-8")]   # byte -> word
-    k, starts = 0, []
-    for g in range(r, len(ids), r):
-        group = ids[g:g + r]
-        real = [i for i in group if i != PAD_ID]
-        assert group[:len(real)] == real                      # PAD only after the bytes
-        assert len({owner[k + j] for j in range(len(real))}) == 1
-        if k == 0 or owner[k] != owner[k - 1]:
-            starts.append(owner[k])
-        k += len(real)
-    assert starts == list(range(len(words)))                  # every word opens a group
-
-
-def test_prompt_words_split_at_spaces_and_punctuation_in_any_script():
-    assert prompt_words("flag: Japan!") == ["flag", ":", "Japan", "!"]
-    assert prompt_words("  a red\tcircle  ") == ["a", "red", "circle"]
-    assert prompt_words("汉字 とかな 🎨cat") == ["汉字", "とかな", "🎨", "cat"]
-    assert prompt_words("") == []
-
-
-@pytest.mark.parametrize("r", [2, 4, 8])
-@pytest.mark.parametrize("prompt", ["a red circle", "a blue circle left of a green circle",
-                                    "flag: Japan", "汉字 とかな 🎨 cat", "abcd efgh", ""])
-def test_word_groups_start_every_word_at_a_group_and_keep_its_bytes(prompt, r):
-    ids = prompt_ids(prompt, r)
-    _check_word_groups(ids, prompt_words(prompt), r)
-    tokens = tokenize([prompt], max_len=len(ids) + 3, word_group=r)[0]
-    assert tokens[:len(ids)].tolist() == ids and (tokens[len(ids):] == PAD_ID).all()
-    assert not prompt_is_truncated(prompt, len(ids), r)
-    assert prompt_as_read(prompt, len(ids), r) == " ".join(prompt_words(prompt))
-
-
-def test_a_word_is_the_same_tokens_wherever_it_stands_with_word_groups_and_not_without():
-    r = 4
-    prompts = ["a red circle", "a blue circle", "a large yellow circle right of a circle"]
-    seen = set()
-    for prompt in prompts:
-        ids = tokenize([prompt], 64, r)[0].tolist()            # padded: whole groups
-        groups = [tuple(ids[k:k + r]) for k in range(0, len(ids), r)]
-        starts = [k for k in range(r, len(ids), r) if ids[k] == ord("c") + 1
-                  and bytes(i - 1 for i in ids[k:k + 6]) == b"circle"]
-        assert starts
-        seen |= {tuple(groups[k // r:k // r + 2]) for k in starts}
-    assert len(seen) == 1                                  # "circ" + "le": one pair of tokens
-    plain = set()
-    for prompt in prompts:                                 # 4-byte groups of the plain bytes
-        ids = prompt_ids(prompt)
-        k = bytes(i - 1 for i in ids[1:]).index(b"circle") + 1
-        plain.add(tuple(ids[k // r * r:(k + 6) // r * r + r]))
-    assert len(plain) > 1                                  # cut differently in each prompt
-
-
-def test_word_groups_truncate_whole_groups_and_keep_the_null_prompt():
-    prompt = "a small red circle"          # BOS|a|smal l|red|circ le -> 18 ids with r = 4
-    ids = prompt_ids(prompt, 4)
-    assert len(ids) == 4 + 4 + 8 + 4 + 6
-    assert prompt_is_truncated(prompt, len(ids) - 1, 4) and not prompt_is_truncated(prompt, len(ids), 4)
-    assert prompt_as_read(prompt, 12, 4) == "a smal"
-    assert prompt_as_read(prompt, 20, 4) == "a small red"
-    assert tokenize([prompt], 12, 4)[0].tolist() == ids[:12]
-    for r in (0, 2, 4):
-        assert torch.equal(tokenize([""], 16, r), null_prompt(16))    # CFG's null condition
-
-
-def test_the_encoder_embeds_a_word_apart_from_its_neighbours_with_word_groups():
-    """Before the attention layers (depth 0) a token sees only its own bytes and position:
-    with word groups, "circle" after "red" and after "blue" (same word position) gives the same
-    vectors; with plain 4-byte groups it does not."""
+def test_a_word_embeds_the_same_wherever_it_stands_and_unseen_words_share_ngrams():
+    """Before the attention layers (depth 0) a token is its own n-grams plus its position:
+    "circle" after "red" and after "blue" gives the same vector, and at another position it
+    differs only by the position's; an unseen "circles" shares most n-grams with "circle"."""
     torch.manual_seed(4)
-    enc = PromptEmbedding(dim=16, depth=0, heads=2, max_len=24, bytes_per_token=4).double().eval()
-    y, mask, _ = enc(tokenize(["a red circle", "a blue circle"], 24, word_group=4))
-    assert mask.sum(1).tolist() == [5, 5]                  # BOS | a | red | circ | le
-    torch.testing.assert_close(y[0, 3:5], y[1, 3:5], rtol=0, atol=1e-12)
-    assert not torch.allclose(y[0, 2], y[1, 2])            # "red" and "blue" differ
-    b, _, _ = enc(tokenize(["a red circle", "a blue circle"], 24))
-    assert not torch.allclose(b[0, 3], b[1, 3])            # plain bytes: "irc" vs " cir"
-
-
-def test_word_groups_of_one_byte_are_refused():
-    with pytest.raises(ValueError, match="2 or more bytes"):
-        prompt_ids("a red circle", 1)
+    enc = PromptEmbedding(dim=16, depth=0, heads=2, max_len=8).double().eval()
+    y, mask, _ = enc(tokenize(["a red circle", "a blue circle", "a circle"], 8))
+    assert mask.sum(1).tolist() == [4, 4, 3]                             # BOS | a | red | circle
+    torch.testing.assert_close(y[0, 3], y[1, 3], rtol=0, atol=1e-12)
+    assert not torch.allclose(y[0, 2], y[1, 2])                          # "red" and "blue" differ
+    assert not torch.allclose(y[2, 2], y[0, 3])                          # other positions ...
+    with torch.no_grad():
+        enc.pos.zero_()
+    y, _, _ = enc(tokenize(["a red circle", "a circle"], 8))
+    torch.testing.assert_close(y[1, 2], y[0, 3], rtol=0, atol=1e-12)     # ... only by position
+    ids, real = ngram_ids(tokenize(["circle circles square"], 4), HASH_BUCKETS)
+    circle, circles, square = (set(ids[0, k][real[0, k]].tolist()) for k in (1, 2, 3))
+    assert len(circle & circles) >= 14 and len(circle & square) == 3   # r, e, "e>"

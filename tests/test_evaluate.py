@@ -80,6 +80,8 @@ def test_summarize_takes_median_min_and_max_of_every_number():
 def test_vae_only_cli_psnr_equals_independent_computation(runs, tmp_path):
     r = _evaluate(tmp_path, "--vae", runs["vae"], "--n", 12)
     assert r["settings"] == [] and r["vae"]["n"] == 12 and r["checkpoint"] is None
+    refs = r["references"]                        # floor and ceiling without a flow model too
+    assert r["n"] == 12 and refs["floor_fd"] > 0 and refs["ceiling_fd"] > 0
     vae, _ = checkpoint.load_vae(runs["vae"], "cpu")
     x = _heldout(12).images.double() / 255  # [0, 1]
     with torch.no_grad():
@@ -128,18 +130,17 @@ def test_the_ceiling_of_a_perfect_vae_is_the_floor_and_a_lossy_vae_lies_above_it
     features = features_lib.TrainedFeatureNet(features_lib.FeatureNet(40).eval())  # untrained
     monkeypatch.setattr(ev, "COPY_REFERENCE", 20)
     train = _heldout(30)
-    refs = {k: ev.references(_BlurVAE(k), features(real_a.images), real_b, train, features, 16)
+    refs = {k: ev.references(_BlurVAE(k), features(real_a.images), real_b, features, 16)
             for k in (1, 8, 32)}
-    perfect, train_feats = refs[1]
+    perfect, train_feats = refs[1], ev.copy_reference(_BlurVAE(1), train, features, 16)
     for key in ("fd", "kid", "precision", "recall"):                 # identity: B itself
         assert perfect[f"ceiling_{key}"] == pytest.approx(perfect[f"floor_{key}"], abs=1e-9)
-    lossy, lossier = refs[8][0], refs[32][0]                          # 8x8 blocks; one colour
+    lossy, lossier = refs[8], refs[32]                                # 8x8 blocks; one colour
     assert lossy["floor_fd"] == lossier["floor_fd"] == perfect["floor_fd"]
     assert 1.3 * lossy["floor_fd"] < lossy["ceiling_fd"] < lossier["ceiling_fd"]
     assert lossier["ceiling_precision"] < lossy["ceiling_precision"] < lossy["floor_precision"]
     assert len(train_feats) == 20                                     # capped, a fixed subset
-    assert torch.equal(train_feats, ev.references(_BlurVAE(1), features(real_a.images), real_b,
-                                                  train, features, 16)[1])
+    assert torch.equal(train_feats, ev.copy_reference(_BlurVAE(1), train, features, 16))
     assert not torch.equal(train_feats, features(train.images[:20]))  # shuffled, not the first
 
 

@@ -70,13 +70,13 @@ def test_sample_t_unknown_kind_raises():
 def test_drop_prompts_drops_each_sample_independently_to_the_null_prompt():
     torch.manual_seed(3)
     tokens = tokenize(["a red circle"] * 4000, max_len=16)
-    null = null_prompt(16)                                   # (1, 16)
+    null = null_prompt(16)                                   # (1, 16, W)
     out = drop_prompts(tokens, null, 0.5)
-    dropped = (out == null).all(dim=1)
-    kept = (out == tokens).all(dim=1)
+    dropped = (out == null).all(dim=(1, 2))
+    kept = (out == tokens).all(dim=(1, 2))
     assert (dropped ^ kept).all()                            # each row is one or the other
     assert abs(dropped.float().mean().item() - 0.5) < 0.04   # ~half, not all-or-nothing
-    assert null[0].tolist() == [BOS_ID] + [PAD_ID] * 15
+    assert null[0, :, 0].tolist() == [BOS_ID] + [PAD_ID] * 15 and (null[0, :, 1:] == PAD_ID).all()
     assert torch.equal(drop_prompts(tokens, null, 0.0), tokens)
     assert (drop_prompts(tokens, null, 1.0) == null).all()
 
@@ -106,7 +106,7 @@ def _marginal_field(m, s):
 
 def test_flow_matching_loss_is_minimised_by_the_closed_form_marginal_field():
     m, s, n = 1.5, 0.5, 200_000
-    tokens = tokenize([""], max_len=4).expand(n, 4)
+    tokens = tokenize([""], max_len=4).expand(n, -1, -1)
     u = _marginal_field(m, s)
     losses = {}
     fields = {"exact": u,
@@ -167,7 +167,7 @@ def test_mlp_trained_with_flow_matching_loss_samples_eight_gaussians_moments(one
     model = _MLP()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     batch = 256
-    tokens = tokenize([""], max_len=2).expand(batch, 2)
+    tokens = tokenize([""], max_len=2).expand(batch, -1, -1)
     losses = []
     for step in range(600):
         z = _eight_gaussians(batch)

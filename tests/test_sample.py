@@ -12,7 +12,7 @@ from PIL import Image
 
 import checkpoint
 import sample
-from embeddings import BOS_ID, PAD_ID, null_prompt, tokenize
+from embeddings import BOS_ID, PAD_ID, WORD_BYTES, null_prompt, tokenize
 from sample import cfg_velocity, euler_sample, guided_field
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ class _RecordingModel:
 
     def __call__(self, x, t, tokens):
         self.calls.append((x.shape[0], tokens.clone()))
-        bias = tokens.double().sum(1).view(-1, 1, 1, 1) / 100       # depends on the prompt
+        bias = tokens.double().sum((1, 2)).view(-1, 1, 1, 1) / 100  # depends on the prompt
         return x * t.double().view(-1, 1, 1, 1) + bias
 
 
@@ -89,8 +89,8 @@ def test_guided_field_makes_one_2b_call_with_null_prompt_second_half():
     for batch, seen in model.calls:
         assert batch == 4
         assert torch.equal(seen[:2], tokens)
-        null = torch.full((2, 10), PAD_ID)
-        null[:, 0] = BOS_ID
+        null = torch.full((2, 10, WORD_BYTES), PAD_ID)
+        null[:, 0, 0] = BOS_ID
         assert torch.equal(seen[2:], null)
 
 
@@ -211,8 +211,8 @@ def test_unicode_empty_and_overlong_prompts(cli, runs, tmp_path):
     rc, out, err = cli(*args)
     assert rc == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("warning")]
-    assert len(warnings) == 1 and "longer than the 79 bytes" in warnings[0]
-    assert warnings[0].endswith("it reads only '" + "x" * 79 + "'")   # what the model reads
+    assert len(warnings) == 1 and "longer than the 15 word tokens" in warnings[0]
+    assert warnings[0].endswith("it reads only '" + "x" * 15 * 12 + "'")  # 15 tokens of 12 bytes
     assert Image.open(tmp_path / "p.png").size[0] == 64                 # one 32 px image, drawn 2x
 
 

@@ -19,7 +19,7 @@ import shapes
 import train_flow
 import train_vae
 from dit import DiT, DiTConfig, dit_preset
-from embeddings import null_prompt, prompt_ids, tokenize
+from embeddings import null_prompt, prompt_pieces, tokenize
 from flow import flow_matching_loss
 
 
@@ -108,8 +108,7 @@ def test_resume_restores_the_settings_refuses_another_experiment_and_works_from_
     assert cli(*args)[0] == 0                                         # cli runs in tmp_path
     out = tmp_path / "f"
     for flags, fragment in [(["--seed", 1], "--seed 1 (was 0); --seed would make another"),
-                            (["--patch-size", 1], "--patch-size would make another experiment"),
-                            (["--prompt-words"], "--prompt-words would make another experiment")]:
+                            (["--patch-size", 1], "--patch-size would make another experiment")]:
         expect.one_line_error(cli("train_flow.py", "--out", out, "--resume", "--steps", 2, *flags),
                               fragment)
     rc, _, err = cli("train_flow.py", "--out", out, "--resume", "--patch-size", 1,
@@ -229,16 +228,11 @@ def test_hold_out_pairs_leaves_those_pairs_out_of_the_dit_only(cli, runs, tmp_pa
                           "--hold-out-pairs needs the built-in shapes")
 
 
-def test_prompt_words_trains_on_word_aligned_tokens_and_keeps_the_words_as_written(
-        cli, runs, tmp_path, flow_args):
-    out = tmp_path / "words"
-    rc, stdout, err = cli(*flow_args(out, "--prompt-words"))
-    assert rc == 0 and "token positions of a prompt" in stdout, err
+def test_the_model_reads_its_longest_caption_and_keeps_the_words_as_written(runs):
     _, captions, _ = shapes.render_shapes(64, 0, 32)
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    longest = max(len(prompt_ids(c, 4)) for c in captions)
-    assert ckpt["config"]["prompt_words"] is True and ckpt["args"]["prompt_words"] is True
-    assert ckpt["config"]["max_prompt_len"] == -(-longest // 8) * 8
+    ckpt = torch.load(runs["flow"], weights_only=True)
+    longest = 1 + max(len(prompt_pieces(c)) for c in captions)           # BOS + its words
+    assert ckpt["config"]["max_prompt_len"] == -(-longest // 8) * 8 == 16
     counts = {}
     for caption in captions:
         for word in caption.split():
