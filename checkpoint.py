@@ -1,7 +1,7 @@
 """Checkpoints: files that prove their bytes, and the models they hold. Not in the lecture.
 
 A checkpoint is a dict written by `torch.save`: format and version, its kind ("vae" from
-train_vae.py, "flow" from train_flow.py, "export" from sample.py --export), the step, the model's
+train_vae.py, "flow" from train_flow.py), the step, the model's
 config as a plain dict, the weights ("model" and the averaged "ema"), what --resume needs
 (optimizer, scaler, RNG states, the run's settings "args"), and a sha256 `digest` of all of it.
 
@@ -11,8 +11,7 @@ refused without running it), then the digest of what torch read. A configuration
 file is checked and built on the meta device, and must describe exactly the stored weights,
 before any memory is allocated. Every refusal is one line naming the file.
 
-Offers: FORMAT, FORMAT_VERSION, KEYS, save_checkpoint, load_checkpoint, load_vae, load_flow,
-export_flow
+Offers: FORMAT, FORMAT_VERSION, KEYS, save_checkpoint, load_checkpoint, load_vae, load_flow
 """
 import dataclasses
 import hashlib
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common import UserError, atomic_write, check_output
+from common import UserError, atomic_write
 from dit import DiT, DiTConfig
 from vae import VAE, VAEConfig
 
@@ -31,8 +30,7 @@ FORMAT, FORMAT_VERSION = "latent-flow", 2
 # What each kind of checkpoint must hold besides format, version, kind, step, config and ema.
 KEYS = {"vae": ("model", "optimizer", "scaler", "rng", "args", "finished"),
         "flow": ("model", "optimizer", "scaler", "rng", "args", "vae", "image_size",
-                 "sample_prompts", "caption_words"),
-        "export": ("vae", "image_size", "sample_prompts", "caption_words")}
+                 "sample_prompts", "caption_words")}
 RETRAIN = "use another file or retrain"
 
 
@@ -66,14 +64,14 @@ def _digest(obj):
     return h.hexdigest()
 
 
-def load_checkpoint(path, kinds, flag="--ckpt"):
-    """The checkpoint at `path`, proven and of one of `kinds` (a name or a tuple)."""
-    path, kinds = Path(path), (kinds,) if isinstance(kinds, str) else kinds
+def load_checkpoint(path, kind, flag="--ckpt"):
+    """The checkpoint at `path`, proven and of this `kind` ("vae" or "flow")."""
+    path = Path(path)
     if not path.is_file():
         make = {"flow": "; train one with python train_flow.py, or in a minute a smoke-test one: "
                         "python train_flow.py --steps 20 --vae-steps 20 --n-builtin 500 "
                         "--sample-steps 10 --out runs/smoke",
-                "vae": "; train one with python train_vae.py"}.get(kinds[0], "")
+                "vae": "; train one with python train_vae.py"}.get(kind, "")
         raise UserError(f"{flag} {path}: {'is a folder' if path.is_dir() else 'file not found'}"
                         f"{make if flag != '--resume' else ''}")
     try:
@@ -110,10 +108,10 @@ def load_checkpoint(path, kinds, flag="--ckpt"):
     if not proven:
         raise UserError(f"{flag} {path}: damaged file (what it holds does not match its digest: "
                         f"the disk, a copy or an edit changed it); {RETRAIN}")
-    if ckpt.get("kind") not in kinds:
+    if ckpt.get("kind") != kind:
         raise UserError(f"{flag} {path}: a checkpoint of kind {ckpt.get('kind')!r:.20}, where "
-                        f"one of kind {kinds[0]!r} is needed (a VAE goes to --vae, a flow model "
-                        f"or an export to --ckpt)")
+                        f"one of kind {kind!r} is needed (a VAE goes to --vae, a flow model "
+                        f"to --ckpt)")
     step = ckpt.get("step")
     missing = [k for k in ("config", "ema") + KEYS[ckpt["kind"]] if k not in ckpt]
     if missing or not (type(step) is int and step >= 0):
@@ -197,9 +195,9 @@ def load_vae(path, device, flag="--vae"):
 
 
 def load_flow(path, device="cpu", vae_path=None, flag="--ckpt"):
-    """(EMA DiT, VAE, checkpoint) of a flow checkpoint or an export; the VAE is the one it names
-    or holds, or `vae_path`, and must fit the latents the DiT was trained on."""
-    ckpt = load_checkpoint(path, ("flow", "export"), flag)
+    """(EMA DiT, VAE, checkpoint) of a flow checkpoint; the VAE is the one it names, or
+    `vae_path`, and must fit the latents the DiT was trained on."""
+    ckpt = load_checkpoint(path, "flow", flag)
     info, size, prompts = ckpt["vae"], ckpt["image_size"], ckpt["sample_prompts"]
     if not (isinstance(info, dict) and isinstance(info.get("path"), str)
             and all(isinstance(info.get(k), torch.Tensor) and info[k].dim() == 1
@@ -209,15 +207,11 @@ def load_flow(path, device="cpu", vae_path=None, flag="--ckpt"):
         raise UserError(f"{flag} {path}: damaged checkpoint: its VAE, image size or prompts are "
                         f"malformed; {RETRAIN}")
     model = _build(DiT, DiTConfig, ckpt["config"], ckpt["ema"], flag, path)
-    if vae_path is None and ckpt["kind"] == "export":
-        vae = _build(VAE, VAEConfig, info.get("config"), info.get("ema"), flag, path)
-        vae_path = path
-    else:
-        vae_path = vae_path or info["path"]
-        if not Path(vae_path).is_file():
-            raise UserError(f"{flag} {path} was trained with the VAE {vae_path}, which is not "
-                            f"there any more; pass that VAE (or a copy) with --vae")
-        vae = load_vae(vae_path, device)[0]
+    vae_path = vae_path or info["path"]
+    if not Path(vae_path).is_file():
+        raise UserError(f"{flag} {path} was trained with the VAE {vae_path}, which is not there "
+                        f"any more; pass that VAE (or a copy) with --vae")
+    vae = load_vae(vae_path, device)[0]
     fits = (vae.config.latent_channels == model.config.in_channels
             and (size // vae.config.factor, size // vae.config.factor)
             == (model.config.height, model.config.width)
@@ -229,25 +223,3 @@ def load_flow(path, device="cpu", vae_path=None, flag="--ckpt"):
                         f"with (latent shape or statistics differ); pass that one via --vae")
     return model.to(device), vae.to(device), ckpt
 
-
-def export_flow(path, out, dtype="fp32", vae_path=None, overwrite=False):
-    """Write the EMA DiT of a flow checkpoint and its VAE into one file for sampling only (no
-    optimizer), weights in float32 or bfloat16 ("bf16", half the size; latent statistics stay
-    float32). `out` must be new (unless `overwrite`) and never a file this reads."""
-    inputs = [("--ckpt", path), ("--vae", vae_path)]
-    check_output(out, "--export", overwrite, inputs)
-    model, vae, ckpt = load_flow(path, "cpu", vae_path)
-    check_output(out, "--export", overwrite, inputs + [("its VAE", ckpt["vae"]["path"])])
-    cast = torch.bfloat16 if dtype == "bf16" else torch.float32
-
-    def weights(module, keep=()):
-        return {k: v.to(cast) if v.is_floating_point() and k not in keep else v
-                for k, v in module.state_dict().items()}
-    vae_info = dict(ckpt["vae"], config=dataclasses.asdict(vae.config),
-                    ema=weights(vae, keep=("latent_mean", "latent_std")))
-    save_checkpoint(out, {"format": FORMAT, "version": FORMAT_VERSION, "kind": "export",
-                          "step": ckpt["step"], "config": model.config.to_dict(),
-                          "ema": weights(model), "vae": vae_info, "dtype": dtype,
-                          **{k: ckpt[k] for k in ("image_size", "sample_prompts", "caption_words")},
-                          "data": ckpt.get("data"), "args": ckpt.get("args", {})}, "export")
-    return Path(out)

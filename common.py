@@ -251,19 +251,16 @@ def is_oom(e):
 
 def set_threads(threads=None):
     """Set torch's CPU threads: --threads, else OMP_NUM_THREADS when set (how people run jobs
-    side by side), else the physical cores shared by a torchrun's processes. Returns the line
-    that says so, with a note when the machine is busy (a second torch job on the same cores
+    side by side), else the physical cores. Returns the line that says so, with a note when the machine is busy (a second torch job on the same cores
     slows both several times)."""
     cores = _physical_cores()
     omp = os.environ.get("OMP_NUM_THREADS", "")
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if threads:
         chosen, why = threads, "--threads"
     elif omp.isdigit() and int(omp) > 0:
         chosen, why = int(omp), "OMP_NUM_THREADS"
     else:
-        chosen = max(1, cores // local)
-        why = f"{cores} physical cores" + (f" / {local} processes" if local > 1 else "")
+        chosen, why = cores, f"{cores} physical cores"
     torch.set_num_threads(chosen)
     line = f"CPU threads: {chosen} ({why})"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from checkpoint import export_flow, load_flow
+from checkpoint import load_flow
 from data import grid_scale, save_grid
 from common import (MAX_BATCH, MAX_STEPS, Parser, Progress, UserError, add_machine_flags,
                     atomic_write, autocast, check_output, finite, maybe_compile, pick_amp,
@@ -135,11 +135,6 @@ def write_prompts(path, prompts, replace=True):
 def main(argv=None):
     args = parser().parse_args(argv)
     device = pick_device(args.device)
-    if args.export is not None:
-        path = export_flow(args.ckpt, args.export, args.export_dtype, args.vae, args.overwrite)
-        print(f"wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MiB, {args.export_dtype}); "
-              f"sample from it with: python sample.py --ckpt {path}")
-        return 0
     amp = pick_amp(args.amp, device)
     out, text = Path(args.out), Path(args.out).with_suffix(".prompts.txt")
     if out.suffix.lower() not in Image.registered_extensions():
@@ -201,10 +196,9 @@ def parser():
                "row per prompt, a block of columns per setting.", """examples:
   python sample.py --ckpt runs/flow/ckpt.pt --prompt "a large red circle on a white background"
   python sample.py --prompt "a small blue square on a black background" --n 4 --cfg 1 2 4 7
-  python sample.py --ckpt runs/flow/ckpt.pt --export model.pt --export-dtype bf16
 """)
     add = p.add_argument
-    add("--ckpt", default="runs/flow/ckpt.pt", help="flow checkpoint or --export file")
+    add("--ckpt", default="runs/flow/ckpt.pt", help="flow checkpoint (train_flow.py's ckpt.pt)")
     add("--prompt", action="append", default=None, help="a prompt (repeat for several rows; \"\" "
         "= unconditional). Default: the prompts of the training run's sample grids")
     add("--n", type=positive(int, at_most=4096), default=8, help="images per prompt and setting")
@@ -221,11 +215,8 @@ def parser():
     add("--vae", default=None, help="VAE checkpoint. Default: the one the flow checkpoint names")
     add_machine_flags(p, compile_default=False)
     add("--batch-size", type=positive(int, at_most=MAX_BATCH), default=64, help="images a batch")
-    add("--export", default=None, metavar="PATH", help="instead of sampling, write the EMA DiT "
-        "and its VAE to PATH, one small file to sample from")
-    add("--export-dtype", choices=["fp32", "bf16"], default="fp32", help="--export's weights")
-    add("--overwrite", action="store_true", help="replace --out (and OUT.prompts.txt) or --export "
-        "(never a file this command reads)")
+    add("--overwrite", action="store_true", help="replace --out (and OUT.prompts.txt), never a "
+        "file this command reads")
     return p
 
 

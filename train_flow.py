@@ -236,8 +236,7 @@ def train_dit(run, latents, vae, vae_path, vae_ckpt):
     run.save(step, extra)
     ckpt = out / "ckpt.pt"
     print(f"done: {step} steps; wrote {ckpt} and {out / f'samples_{step:06d}.png'}\nsample more "
-          f"with: python sample.py --ckpt {ckpt} --prompt \"...\"; a small file to sample from: "
-          f"python sample.py --ckpt {ckpt} --export model.pt --export-dtype bf16")
+          f"with: python sample.py --ckpt {ckpt} --prompt \"...\"")
 
 
 def sample_grid(path, model, vae, prompts, args, amp):

@@ -347,10 +347,9 @@ def test_zero_or_wrongly_typed_config_values_are_one_line(cli, runs, tmp_path, e
     assert not (tmp_path / "f").exists()
 
 
-def test_an_export_passed_as_a_vae_is_named_with_the_right_article(cli, runs, tmp_path, expect):
-    export = checkpoint.export_flow(runs["flow"], tmp_path / "export.pt")
-    expect.one_line_error(cli("sample.py", "--ckpt", runs["flow"], "--vae", export),
-                          "a checkpoint of kind 'export', where one of kind 'vae' is needed")
+def test_a_flow_checkpoint_passed_as_a_vae_is_named_as_such(cli, runs, expect):
+    expect.one_line_error(cli("sample.py", "--ckpt", runs["flow"], "--vae", runs["flow"]),
+                          "a checkpoint of kind 'flow', where one of kind 'vae' is needed")
 
 
 @pytest.mark.parametrize("field,value", [("input_size", 65536), ("max_prompt_len", 65536),

@@ -2,7 +2,6 @@
 guidance (the formula and the single batched 2B forward pass), and the command line."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -182,89 +181,7 @@ def test_a_sweep_grid_has_a_block_of_columns_per_guidance_weight_and_step_count(
     assert draw("--cfg", 1, 4, out="l.png").shape[0] > expect.grid_size(2, 4)[1]   # labels on top
 
 
-def test_export_fp32_samples_the_same_images_and_bf16_within_two_grey_levels(runs, tmp_path, run):
-    args = ["--n", 3, "--sample-steps", 4, "--seed", 5, "--prompt", "a red circle", "--prompt", "",
-            "--device", "cpu", "--no-labels"]
-    pictures = {}
-    for name, extra in [("ckpt", []), ("fp32", ["--export-dtype", "fp32"]),
-                        ("bf16", ["--export-dtype", "bf16"])]:
-        ckpt = runs["flow"]
-        if extra:
-            ckpt = tmp_path / f"{name}.pt"
-            run("sample.py", "--ckpt", runs["flow"], "--export", ckpt, *extra)
-        run("sample.py", "--ckpt", ckpt, *args, "--out", tmp_path / f"{name}.png")
-        pictures[name] = np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int)
-    assert np.array_equal(pictures["fp32"], pictures["ckpt"])
-    diff = np.abs(pictures["bf16"] - pictures["ckpt"])
-    assert diff.max() <= 8 and diff.mean() < 1.0, (diff.max(), diff.mean())
-    sizes = {n: (tmp_path / f"{n}.pt").stat().st_size for n in ("fp32", "bf16")}
-    assert sizes["bf16"] < 0.55 * sizes["fp32"] < runs["flow"].stat().st_size
-    model, vae, ckpt = checkpoint.load_flow(tmp_path / "bf16.pt")  # the Python API reads it too
-    assert ckpt["kind"] == "export" and next(model.parameters()).dtype == torch.float32
-
-
-def test_unicode_empty_and_overlong_prompts(cli, runs, tmp_path):
-    prompts = ["🙂 a red circle", "红色的圆", "دائرة حمراء", "", "x" * 500]
-    args = ["sample.py", "--ckpt", runs["flow"], "--n", 1, "--sample-steps", 1, "--out", tmp_path / "p.png"]
-    for p in prompts:
-        args += ["--prompt", p]
-    rc, out, err = cli(*args)
-    assert rc == 0, err
-    warnings = [line for line in err.splitlines() if line.startswith("warning")]
-    assert len(warnings) == 1 and "longer than the 15 word tokens" in warnings[0]
-    assert warnings[0].endswith("it reads only '" + "x" * 15 * 12 + "'")  # 15 tokens of 12 bytes
-    assert Image.open(tmp_path / "p.png").size[0] == 64                 # one 32 px image, drawn 2x
-
-
-def test_a_prompt_that_is_not_utf8_is_one_line(runs, expect, run):
-    proc = run("sample.py", "--ckpt", runs["flow"], "--prompt", b"caf\xe9", check=False)
-    expect.one_line_error((proc.returncode, proc.stdout, proc.stderr), "not valid UTF-8")
-
-
-def test_sample_on_a_full_disk_is_one_line_and_keeps_the_old_picture(cli, runs, small_disk, expect):
-    png = small_disk / "samples.png"
-    png.write_bytes(b"old picture")
-    (small_disk / "filler").write_bytes(b"\0" * (512 * 1024 - 8192))    # the disk is now full
-    rc, out, err = cli("sample.py", "--ckpt", runs["flow"], "--n", 8, "--sample-steps", 1, "--out", png,
-                       "--overwrite")
-    expect.one_line_error((rc, out, err), f"could not write {png} (no space left on device")
-    assert png.read_bytes() == b"old picture"
-    assert sorted(os.listdir(small_disk)) == ["filler", "samples.png"]
-
-
-def test_counts_nothing_can_use_are_refused_when_parsed(cli, runs, tmp_path, expect):
-    for flag, value in [("--n", 10 ** 9), ("--scale", 10 ** 6), ("--sample-steps", 10 ** 20),
-                        ("--batch-size", 10 ** 23)]:
-        expect.one_line_error(cli("sample.py", "--ckpt", runs["flow"], flag, value, "--out",
-                                  tmp_path / "x.png"), f"argument {flag}: must be at most")
-    assert not (tmp_path / "x.png").exists()
-
-
-def test_a_failing_sample_command_makes_no_folder(cli, tmp_path, expect):
-    expect.one_line_error(cli("sample.py", "--ckpt", tmp_path / "nope.pt", "--out",
-                              tmp_path / "new" / "x.png"), "file not found")
-    assert not (tmp_path / "new").exists()
-
-
-# ---------------------------------------------------------------------------------------------
 # outputs never clobber; pictures are never silently wrong (issue 22)
-
-
-def test_export_never_replaces_its_own_checkpoint_or_another_file_unless_overwrite(cli, runs,
-                                                                                  tmp_path, expect):
-    ckpt = tmp_path / "run" / "ckpt.pt"
-    ckpt.parent.mkdir()
-    ckpt.write_bytes(runs["flow"].read_bytes())
-    before = ckpt.read_bytes()
-    expect.one_line_error(cli("sample.py", "--ckpt", ckpt, "--export", tmp_path / "run" / "." /
-                              "ckpt.pt"), "is the file this command reads as --ckpt")
-    notes = tmp_path / "vae.pt"
-    notes.write_bytes(b"a VAE other runs name")
-    expect.one_line_error(cli("sample.py", "--ckpt", ckpt, "--export", notes),
-                          f"--export {notes} exists and this command did not write it")
-    assert ckpt.read_bytes() == before and notes.read_bytes() == b"a VAE other runs name"
-    assert cli("sample.py", "--ckpt", ckpt, "--export", notes, "--overwrite")[0] == 0
-    assert checkpoint.load_checkpoint(notes, "export")["kind"] == "export"
 
 
 def test_sample_refuses_an_existing_picture_or_prompts_file_unless_overwrite(cli, runs, tmp_path,
@@ -283,14 +200,13 @@ def test_sample_refuses_an_existing_picture_or_prompts_file_unless_overwrite(cli
 
 def test_nan_weights_or_a_huge_guidance_weight_stop_with_the_cause_not_a_picture(cli, runs,
                                                                                  tmp_path, expect):
-    export = checkpoint.export_flow(runs["flow"], tmp_path / "export.pt")
-    tampered = torch.load(export, weights_only=True)
+    tampered = torch.load(runs["flow"], weights_only=True)
     next(iter(tampered["ema"].values())).view(-1)[0] = float("nan")
     checkpoint.save_checkpoint(tmp_path / "nan.pt", tampered)   # a valid digest: only the NaN
     args = ["sample.py", "--n", 1, "--sample-steps", 2, "--prompt", "a red circle"]
     expect.one_line_error(cli(*args, "--ckpt", tmp_path / "nan.pt", "--out", tmp_path / "a.png"),
                           "its weights hold inf/NaN")
-    expect.one_line_error(cli(*args, "--ckpt", export, "--cfg", "1e308", "--out", tmp_path / "b.png"),
+    expect.one_line_error(cli(*args, "--ckpt", runs["flow"], "--cfg", "1e308", "--out", tmp_path / "b.png"),
                           "the guidance weight 1e+308 is far too large")
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.txt"))
 
