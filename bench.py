@@ -205,8 +205,9 @@ def dit_inputs(args, device):
     config = dit_preset(args.preset, input_size=args.latent_size, max_prompt_len=MAX_PROMPT_LEN,
                         **sizes)
     z = torch.randn(args.batch, config.in_channels, config.height, config.width, device=device)
-    tokens = tokenize([CAPTIONS[i % len(CAPTIONS)] for i in range(args.batch)], MAX_PROMPT_LEN)
-    return config, z, tokens.to(device), null_prompt(MAX_PROMPT_LEN).to(device)
+    S, W = MAX_PROMPT_LEN, config.prompt_word_bytes
+    tokens = tokenize([CAPTIONS[i % len(CAPTIONS)] for i in range(args.batch)], S, W)
+    return config, z, tokens.to(device), null_prompt(S, W).to(device)
 
 
 def bench_dit(args, device, compile_, amp, whole=False):

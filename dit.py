@@ -154,7 +154,8 @@ class DiT(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(config.time_dim, config.dim), nn.SiLU(),
                                       nn.Linear(config.dim, config.dim))
         self.prompt = PromptEmbedding(config.prompt_dim, config.prompt_depth, config.prompt_heads,
-                                      config.max_prompt_len, config.prompt_buckets)
+                                      config.max_prompt_len, config.prompt_word_bytes,
+                                      config.prompt_buckets)
         self.prompt_pool = nn.Linear(config.prompt_dim, config.dim)
         self.blocks = nn.ModuleList(
             DiTBlock(config.dim, config.heads, config.prompt_dim, config.mlp_ratio, config.qk_norm)

@@ -20,21 +20,21 @@ Slide "Encoding Language Prompt": PromptEmbed(y) in R^{S x k}. The slide uses a 
 CLIP/T5 encoder; none can be downloaded here, so `PromptEmbedding` is learned from scratch with
 the DiT, from the prompt's UTF-8 bytes (no vocabulary file). One token per word: its vector is
 the mean of learned vectors of the word's byte n-grams and of the whole word, hashed into a
-fixed table (fastText's subword vectors), then a few transformer layers. A word is the same
-token wherever it stands, so what the model learns of "circle" after "red" carries over to "blue
-circle" (prompts compose: RESULTS.md, "Composition"), and a word never seen in training still
-gets a vector from the n-grams it shares with words that were. Short words cost one token, not a
-group of bytes: the longest built-in caption is 15 tokens. `PromptEmbedding` returns the token
-sequence, its key-padding mask, and a pooled vector (mean over real tokens) that the DiT adds to
-the time embedding.
+fixed table (after fastText's subword vectors), then a few transformer layers. A word is the
+same token wherever it stands (but for its position), so what the model learns of "circle" after
+"red" carries over to "blue circle" (prompts compose: RESULTS.md, "Composition"), and a word
+never seen in training still gets a vector from the n-grams it shares with words that were. A
+short word costs one token: the longest built-in caption is 15 tokens. `PromptEmbedding`
+returns the token sequence, its key-padding mask, and a pooled vector (mean over real tokens)
+that the DiT adds to the time embedding.
 Every prompt starts with a BOS token, so the empty prompt "" (the null condition of
 classifier-free guidance, `null_prompt`) still has one real token and no attention row is fully
 masked.
 
 Offers: time_frequencies, time_embedding, TimeEmbedding, patchify, unpatchify, sincos_2d,
-PatchEmbedding, PAD_ID, BOS_ID, START_ID, WORD_BYTES, HASH_BUCKETS, prompt_words, prompt_pieces,
-tokenize, prompt_is_truncated, prompt_as_read, null_prompt, ngram_ids, PromptBlock,
-PromptEmbedding
+PatchEmbedding, PAD_ID, BOS_ID, START_ID, MORE_ID, WORD_BYTES, N_GRAMS, HASH_BUCKETS, prompt_words,
+prompt_pieces, tokenize, prompt_is_truncated, prompt_as_read, null_prompt, ngram_ids,
+PromptBlock, PromptEmbedding
 """
 import math
 import re
@@ -151,11 +151,15 @@ class PatchEmbedding(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Prompts
 
-PAD_ID, BOS_ID, START_ID = 0, 257, 258  # byte b is id b + 1; START marks a word's start ("<")
-WORD_BYTES = 12         # bytes per prompt token: a longer word goes on in the next token
-N_GRAMS = (1, 2, 3)     # the byte n-grams of a word that build its embedding (and the whole word)
+# Token ids: byte b is id b + 1; PAD fills a token after its bytes; BOS is the prompt's first
+# token; START is the "<" before a word's first byte (inside ngram_ids); MORE opens the next
+# token of a word longer than WORD_BYTES bytes ("construction-worker" -> "constructio", MORE
+# "n-worker"), so that token is not read as a word of its own.
+PAD_ID, BOS_ID, START_ID, MORE_ID = 0, 257, 258, 259
+WORD_BYTES = 12         # W: ids per prompt token
+N_GRAMS = (1, 2, 3)     # the byte n-grams of a token that build its embedding (and the whole token)
 HASH_BUCKETS = 8192     # rows of the n-gram embedding table; n-grams share rows by their hash
-_HASH_PRIME = 1_000_003
+_BASE, _PRIME = 263, 1_000_003  # a polynomial hash of ids (all < 263) modulo a prime
 
 
 def prompt_words(prompt):
@@ -165,12 +169,17 @@ def prompt_words(prompt):
 
 
 def prompt_pieces(prompt, word_bytes=WORD_BYTES):
-    """The prompt's tokens after BOS, untruncated, as UTF-8 bytes: one per word (prompt_words),
-    a word longer than word_bytes bytes cut into pieces of word_bytes."""
+    """The prompt's tokens after BOS, untruncated, as lists of ids: one per word (prompt_words),
+    its UTF-8 bytes; a word longer than word_bytes bytes goes on in tokens that start with
+    MORE_ID."""
     pieces = []
     for word in prompt_words(prompt):
-        data = word.encode("utf-8")
-        pieces += [data[i:i + word_bytes] for i in range(0, len(data), word_bytes)]
+        ids = [b + 1 for b in word.encode("utf-8")]
+        pieces.append(ids[:word_bytes])
+        rest = ids[word_bytes:]
+        while rest:
+            pieces.append([MORE_ID] + rest[:word_bytes - 1])
+            rest = rest[word_bytes - 1:]
     return pieces
 
 
@@ -178,9 +187,10 @@ def tokenize(prompts, max_len, word_bytes=WORD_BYTES):
     """Word tokens of UTF-8 bytes, no vocabulary file: list of str -> LongTensor
     (B, max_len, word_bytes).
 
-    Token 0 of every prompt is BOS ([BOS_ID, PAD_ID, ...]); token i is the i-th word's bytes (byte
-    b -> id b + 1), padded with PAD_ID (0); a token of PAD_ID only is padding. Prompts of more
-    than max_len tokens are truncated: use `prompt_is_truncated` to warn the user.
+    Token 0 of every prompt is BOS ([BOS_ID, PAD_ID, ...]); token i is the i-th piece of
+    `prompt_pieces` (a word, or the rest of a long one), padded with PAD_ID; a token of PAD_ID
+    only is padding. Prompts of more than max_len tokens are truncated: use
+    `prompt_is_truncated` to warn the user.
     """
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
@@ -188,7 +198,7 @@ def tokenize(prompts, max_len, word_bytes=WORD_BYTES):
     tokens[:, 0, 0] = BOS_ID
     for i, prompt in enumerate(prompts):
         for j, piece in enumerate(prompt_pieces(prompt, word_bytes)[:max_len - 1], start=1):
-            tokens[i, j, :len(piece)] = torch.tensor(list(piece)) + 1
+            tokens[i, j, :len(piece)] = torch.tensor(piece)
     return tokens
 
 
@@ -200,14 +210,14 @@ def prompt_is_truncated(prompt, max_len, word_bytes=WORD_BYTES):
 def prompt_as_read(prompt, max_len, word_bytes=WORD_BYTES):
     """The words of a prompt that `tokenize` keeps (the last perhaps cut), joined by spaces (for
     warnings)."""
-    kept, room = [], max_len - 1                                        # tokens after BOS
-    for word in prompt_words(prompt):
-        data = word.encode("utf-8")[:room * word_bytes]
-        if not data:
-            break
-        kept.append(data.decode("utf-8", "ignore"))
-        room -= -(-len(data) // word_bytes)
-    return " ".join(kept)
+    words = []
+    for piece in prompt_pieces(prompt, word_bytes)[:max_len - 1]:
+        data = bytes(i - 1 for i in piece if i != MORE_ID)
+        if piece[0] == MORE_ID:
+            words[-1] += data
+        else:
+            words.append(data)
+    return " ".join(w.decode("utf-8", "ignore") for w in words)
 
 
 def null_prompt(max_len, word_bytes=WORD_BYTES):
@@ -217,14 +227,23 @@ def null_prompt(max_len, word_bytes=WORD_BYTES):
     return tokenize([""], max_len, word_bytes)
 
 
-def ngram_ids(tokens, buckets, ngrams=N_GRAMS):
-    """fastText's features of each token, hashed into `buckets` rows: the byte n-grams (n in
-    `ngrams`) of "<" + its bytes + ">", and the whole token. tokens (B, S, W) ->
-    (ids (B, S, G), real (B, S, G) bool); "red" gives r e d <r re ed d> <re red ed> and "red".
+def _mix(h):
+    """Scramble a polynomial hash (< 2^31) before it picks a bucket, so that n-grams that differ
+    by a constant do not land in buckets a constant apart (xor-shift-multiply, in int64)."""
+    h = h ^ (h >> 15)
+    h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
+    return h ^ (h >> 12)
 
-    The first PAD after a word's bytes plays ">"; an n-gram is real when every element before
-    its last is a byte or "<" (a unigram must be a byte). The hash mixes n in, so "a" as a
-    unigram and "a" as a whole word differ."""
+
+def ngram_ids(tokens, buckets, ngrams=N_GRAMS):
+    """fastText-style features of each token, hashed into `buckets` rows: the byte n-grams (n in
+    `ngrams`) of "<" + its ids + ">", and the whole token. tokens (B, S, W) -> (ids, real), each
+    (B, S, G) with G = 3W + 4 for n = 1, 2, 3: every window, and whether it is a feature
+    ("red" has 11: r e d, <r re ed d>, <re red ed>, and "red" itself).
+
+    The first PAD after a token's ids plays ">"; an n-gram is real when every element before its
+    last is an id or "<" (a unigram must be an id). n seeds the hash (0: the whole token), so the
+    unigram "a" and the word "a" differ."""
     B, S, W = tokens.shape
     marked = nn.functional.pad(tokens, (1, 1), value=PAD_ID)           # (B, S, W + 2)
     marked[..., 0] = START_ID
@@ -235,20 +254,21 @@ def ngram_ids(tokens, buckets, ngrams=N_GRAMS):
         ok = torch.ones((B, S, L), dtype=torch.bool, device=tokens.device)
         for k in range(n):
             part = marked[..., k:k + L]
-            h = (h * 263 + part) % _HASH_PRIME
+            h = (h * _BASE + part) % _PRIME
             if n == 1:
                 ok = (part != PAD_ID) & (part != START_ID)
             elif k < n - 1:
                 ok = ok & (part != PAD_ID)
         ids.append(h)
         real.append(ok)
-    h = torch.zeros((B, S), dtype=torch.long, device=tokens.device)    # the whole token
-    for k in range(W):
-        h = (h * 263 + tokens[..., k]) % _HASH_PRIME
+    h = torch.zeros((B, S), dtype=torch.long, device=tokens.device)    # the whole token, its
+    for k in range(W):                                                 # ids only (not its PADs)
+        x = tokens[..., k]
+        h = torch.where(x != PAD_ID, (h * _BASE + x) % _PRIME, h)
     ids.append(h[..., None])
     real.append(torch.ones_like(ok[..., :1]))
     is_token = tokens[..., :1] != PAD_ID                                # (B, S, 1): not padding
-    return torch.cat(ids, -1) % buckets, torch.cat(real, -1) & is_token
+    return _mix(torch.cat(ids, -1)) % buckets, torch.cat(real, -1) & is_token
 
 
 class PromptBlock(nn.Module):
@@ -272,17 +292,18 @@ class PromptEmbedding(nn.Module):
     """PromptEmbed(y) in R^{S x k}, learned from scratch: one token per word.
 
     A token's vector is the mean of the embeddings of its hashed byte n-grams and of the whole
-    word (`ngram_ids`; fastText, Bojanowski et al. 2017), plus a learned position. A word is
-    the same vector wherever it stands in a prompt, so what the model learns of "circle" after
-    "red" carries over to "circle" after "blue"; a word it never saw still gets a vector from the
-    n-grams it shares with words it did see. Then a few transformer layers mix the words.
+    word (`ngram_ids`; after fastText, Bojanowski et al. 2017), plus a learned position. Before
+    its position is added a word is the same vector wherever it stands in a prompt, so what the
+    model learns of "circle" after "red" carries over to "circle" after "blue"; a word it never
+    saw still gets a vector from the n-grams it shares with words it did see. Then a few
+    transformer layers mix the words.
 
     forward(tokens (B, S, W)) -> (y (B, S, dim), mask (B, S) bool, pooled (B, dim)).
     """
 
-    def __init__(self, dim, depth, heads, max_len, buckets=HASH_BUCKETS):
+    def __init__(self, dim, depth, heads, max_len, word_bytes=WORD_BYTES, buckets=HASH_BUCKETS):
         super().__init__()
-        self.max_len, self.buckets = max_len, buckets
+        self.max_len, self.word_bytes, self.buckets = max_len, word_bytes, buckets
         self.ngram = nn.Embedding(buckets, dim)
         self.pos = nn.Parameter(torch.zeros(1, max_len, dim))
         nn.init.normal_(self.ngram.weight, std=0.02)
@@ -292,8 +313,9 @@ class PromptEmbedding(nn.Module):
 
     def forward(self, tokens):
         B, S, W = tokens.shape
-        if S > self.max_len:
-            raise ValueError(f"{S} prompt tokens, but this model takes at most {self.max_len}")
+        if S > self.max_len or W != self.word_bytes:
+            raise ValueError(f"prompt tokens of shape {tuple(tokens.shape)}, but this model takes "
+                             f"at most {self.max_len} tokens of {self.word_bytes} ids")
         ids, real = ngram_ids(tokens, self.buckets)                     # (B, S, G) each
         weights = real.to(self.ngram.weight.dtype)[..., None]            # (B, S, G, 1)
         y = (self.ngram(ids) * weights).sum(2) / weights.sum(2).clamp(min=1.0)  # (B, S, k)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import shapes
-from embeddings import (BOS_ID, HASH_BUCKETS, PAD_ID, START_ID, W_MAX, W_MIN, WORD_BYTES,
+from embeddings import (BOS_ID, HASH_BUCKETS, MORE_ID, PAD_ID, START_ID, W_MAX, W_MIN, WORD_BYTES,
                         PatchEmbedding, PromptEmbedding, ngram_ids, null_prompt, patchify,
                         prompt_as_read, prompt_is_truncated, prompt_pieces, prompt_words,
                         time_embedding, time_frequencies, tokenize, unpatchify)
@@ -127,13 +127,13 @@ def test_patch_embedding_positions_are_non_persistent_distinct_and_non_square():
 # prompts
 
 def _real_tokens(tokens):
-    """The tokens of one prompt (S, W) that are not padding, as bytes (BOS as b"BOS")."""
-    out = []
-    for token in tokens.tolist():
-        ids = [i for i in token if i != PAD_ID]
-        if ids:
-            out.append(b"BOS" if ids == [BOS_ID] else bytes(i - 1 for i in ids))
-    return out
+    """The tokens of one prompt (S, W) that are not padding, as lists of their ids."""
+    return [[i for i in token if i != PAD_ID] for token in tokens.tolist() if token[0] != PAD_ID]
+
+
+def _text(pieces):
+    """The UTF-8 bytes that pieces of ids hold (MORE_ID dropped)."""
+    return bytes(i - 1 for piece in pieces for i in piece if i != MORE_ID)
 
 
 @pytest.mark.parametrize("prompt", ["a red circle", "🎨🐈‍⬛ emoji", "汉字とかな", "e\u0301 combining",
@@ -142,13 +142,14 @@ def test_tokenize_gives_bos_then_one_token_per_word_and_keeps_every_byte(prompt)
     tokens = tokenize([prompt], max_len=16)[0]                           # (S, W)
     assert tokens.shape == (16, WORD_BYTES)
     assert tokens[0].tolist() == [BOS_ID] + [PAD_ID] * (WORD_BYTES - 1)
-    pieces = prompt_pieces(prompt)                     # words; one over 12 bytes in pieces
-    assert _real_tokens(tokens) == [b"BOS"] + pieces                     # in order, nothing lost
-    assert b"".join(pieces).decode("utf-8") == "".join(prompt.split())
-    assert len(pieces) == sum(-(-len(w.encode("utf-8")) // WORD_BYTES) for w in prompt_words(prompt))
+    pieces = prompt_pieces(prompt)                     # words; one over 12 bytes goes on
+    assert _real_tokens(tokens) == [[BOS_ID]] + pieces                   # in order, nothing lost
+    assert _text(pieces).decode("utf-8") == "".join(prompt.split())
+    lengths = [len(w.encode("utf-8")) for w in prompt_words(prompt)]     # 12, then 11 per token
+    assert len(pieces) == sum(1 + max(0, -(-(n - WORD_BYTES) // (WORD_BYTES - 1))) for n in lengths)
     for token in tokens.tolist():                                        # PAD only at the end
         n = sum(i != PAD_ID for i in token)
-        assert all(i != PAD_ID for i in token[:n]) and max(token) <= BOS_ID
+        assert all(i != PAD_ID for i in token[:n]) and max(token) <= MORE_ID
 
 
 def test_prompt_words_split_at_spaces_and_punctuation_in_any_script():
@@ -158,16 +159,26 @@ def test_prompt_words_split_at_spaces_and_punctuation_in_any_script():
     assert prompt_words("") == []
 
 
-def test_a_long_word_goes_on_in_the_next_token_and_truncation_is_reported():
-    word = "abcdefghijklmnopqrstuvwxyz"                                  # 26 bytes: 12 + 12 + 2
-    assert prompt_pieces(f"a {word}", 12) == [b"a", word[:12].encode(), word[12:24].encode(), b"yz"]
+def _ids(text):
+    return [b + 1 for b in text.encode("utf-8")]
+
+
+def test_a_long_word_goes_on_in_tokens_marked_more_and_truncation_is_reported():
+    word = "abcdefghijklmnopqrstuvwxyz"                                  # 26 bytes: 12 + 11 + 3
+    more = [MORE_ID] + _ids(word[12:23])
+    assert prompt_pieces(f"a {word}", 12) == [_ids("a"), _ids(word[:12]), more,
+                                              [MORE_ID] + _ids(word[23:])]
     tokens = tokenize([f"a {word}"], max_len=4, word_bytes=12)[0]
-    assert _real_tokens(tokens) == [b"BOS", b"a", word[:12].encode(), word[12:24].encode()]
+    assert _real_tokens(tokens) == [[BOS_ID], _ids("a"), _ids(word[:12]), more]
     assert prompt_is_truncated(f"a {word}", 4) and not prompt_is_truncated(f"a {word}", 5)
     assert prompt_as_read("a small red circle", 3) == "a small"
-    assert prompt_as_read(f"a {word} b", 4) == f"a {word[:24]}"            # one word, two tokens
-    assert not prompt_is_truncated("a small red circle", 5) and prompt_is_truncated("a small red circle", 4)
-    assert torch.equal(tokenize([""], 8), null_prompt(8))                 # CFG's null condition
+    assert prompt_as_read(f"a {word} b", 4) == f"a {word[:23]}"            # one word, two tokens
+    assert prompt_is_truncated("a small red circle", 4)
+    assert not prompt_is_truncated("a small red circle", 5)
+    # a word of 16 bytes is not the two words of 12 and 4 bytes it is cut into
+    assert not torch.equal(tokenize(["abcdefghijklmnop"], 4), tokenize(["abcdefghijkl mnop"], 4))
+    null = null_prompt(8)                                                 # CFG's null condition
+    assert null.shape == (1, 8, WORD_BYTES) and null[0, 0, 0] == BOS_ID and null.sum() == BOS_ID
 
 
 def test_every_built_in_caption_is_at_most_15_tokens():
@@ -177,36 +188,36 @@ def test_every_built_in_caption_is_at_most_15_tokens():
     assert max(lengths) == 15 and min(lengths) == 9
 
 
-def _reference_features(word):
-    """fastText's features of one word, by the definition: the byte n-grams (n = 1, 2, 3) of
-    "<" + word + ">" (a unigram is a byte) and the whole word, hashed one by one in Python."""
-    marked = [START_ID] + [b + 1 for b in word] + [PAD_ID]               # PAD plays ">"
-    ids = []
-    for n in (1, 2, 3):
-        for j in range(len(marked) - n + 1):
-            gram = marked[j:j + n]
-            if n == 1 and gram[0] in (START_ID, PAD_ID):
-                continue
-            h = n
-            for x in gram:
-                h = (h * 263 + x) % 1_000_003
-            ids.append(h % HASH_BUCKETS)
-    h = 0
-    for x in [b + 1 for b in word] + [PAD_ID] * (WORD_BYTES - len(word)):
-        h = (h * 263 + x) % 1_000_003
-    return sorted(ids + [h % HASH_BUCKETS])
+def _reference_features(ids):
+    """The features of one token's ids, by the definition, one by one in Python: the n-grams
+    (n = 1, 2, 3) of "<" + ids + ">" (a unigram is an id) and the whole token, each a polynomial
+    hash seeded with n (0 for the whole token), scrambled, then taken modulo the buckets."""
+    def bucket(seed, gram):
+        h = seed
+        for x in gram:
+            h = (h * 263 + x) % 1_000_003
+        h ^= h >> 15
+        h = (h * 0x2C1B3C6D) % 2 ** 32
+        return (h ^ (h >> 12)) % HASH_BUCKETS
+    marked = [START_ID] + ids + [PAD_ID]                                  # PAD plays ">"
+    grams = [(n, marked[j:j + n]) for n in (1, 2, 3) for j in range(len(marked) - n + 1)]
+    return sorted([bucket(n, g) for n, g in grams if n > 1 or g[0] not in (START_ID, PAD_ID)]
+                  + [bucket(0, ids)])
 
 
-def test_ngram_ids_are_the_words_hashed_byte_ngrams_and_whole_word():
-    prompt = "a red circle left of \u6c49\u5b57 xyzzyx"
+def test_ngram_ids_are_the_tokens_hashed_ngrams_and_whole_token():
+    prompt = "a red circle left of \u6c49\u5b57 abcdefghijkl abcdefghijklm"
     tokens = tokenize([prompt, ""], max_len=12)                           # (2, 12, W)
     ids, real = ngram_ids(tokens, HASH_BUCKETS)                          # (2, 12, G) each
-    for k, word in enumerate(w.encode("utf-8") for w in prompt_words(prompt)):
-        got = sorted(ids[0, k + 1][real[0, k + 1]].tolist())
-        assert got == _reference_features(word)
-        assert len(got) == 3 * len(word) + 2                             # L + (L+1) + L + 1
-    assert real[1, 1:].sum() == 0 and real[0, 9:].sum() == 0              # padding has none
+    pieces = prompt_pieces(prompt)                    # 8 words; the 13-byte one in 2 tokens
+    assert len(pieces) == 9 and pieces[-1] == [MORE_ID, ord("m") + 1]
+    for k, piece in enumerate(pieces, start=1):
+        got = sorted(ids[0, k][real[0, k]].tolist())
+        assert got == _reference_features(piece)
+        assert len(got) == 3 * len(piece) + 2                            # L + (L+1) + L + 1
+    assert real[1, 1:].sum() == 0 and real[0, 1 + len(pieces):].sum() == 0   # padding has none
     assert real[1, 0].sum() == 5                                          # BOS: like a 1-byte word
+    assert ids.shape[-1] == 3 * WORD_BYTES + 4
 
 
 def test_prompt_embedding_padding_does_not_change_valid_outputs_or_pooled():
