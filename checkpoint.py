@@ -1,9 +1,9 @@
 """Checkpoints: files that prove their bytes, and the models they hold. Not in the lecture.
 
 A checkpoint is a dict written by `torch.save`: format and version, its kind ("vae" from
-train_vae.py, "flow" from train_flow.py), the step, the model's
-config as a plain dict, the weights ("model" and the averaged "ema"), what --resume needs
-(optimizer, scaler, RNG states, the run's settings "args"), and a sha256 `digest` of all of it.
+train_vae.py, "flow" from train_flow.py), the step, the model's config as a plain dict, the
+weights ("model" and the averaged "ema"), what --resume needs (optimizer, scaler, RNG states, the
+run's settings "args"), and a sha256 `digest` of all of it.
 
 Saving is atomic (common.atomic_write). Loading proves the bytes before anything is used: every
 CRC-32 of torch's zip file, then `torch.load(weights_only=True)` (a file that would run code is

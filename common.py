@@ -251,8 +251,8 @@ def is_oom(e):
 
 def set_threads(threads=None):
     """Set torch's CPU threads: --threads, else OMP_NUM_THREADS when set (how people run jobs
-    side by side), else the physical cores. Returns the line that says so, with a note when the machine is busy (a second torch job on the same cores
-    slows both several times)."""
+    side by side), else the physical cores. Returns the line that says so, with a note when the
+    machine is busy (a second torch job on the same cores slows both several times)."""
     cores = _physical_cores()
     omp = os.environ.get("OMP_NUM_THREADS", "")
     if threads:

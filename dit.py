@@ -54,7 +54,7 @@ class DiTConfig:
     prompt_depth: int = 2        # transformer layers in the prompt encoder
     prompt_heads: int = 4
     max_prompt_len: int = 32     # S: prompt tokens, BOS + one per word; longer prompts are cut
-    prompt_word_bytes: int = 12  # W: bytes per prompt token (a longer word takes two)
+    prompt_word_bytes: int = 12  # W: ids per prompt token (a longer word takes more)
     prompt_buckets: int = 8192   # rows of the hashed byte n-gram table (embeddings.ngram_ids)
     qk_norm: bool = False        # LayerNorm on q and k in every attention
 
@@ -143,7 +143,8 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """u_theta(x_t, t, y): forward(x_t (B, C, h, w), t (B,), tokens (B, S, W)) -> u (B, C, h, w)."""
+    """u_theta(x_t, t, y): forward(x_t (B, C, h, w), t (B,), tokens (B, S, W)) -> u, the
+    shape of x_t."""
 
     def __init__(self, config):
         super().__init__()
