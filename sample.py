@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from checkpoint import load_flow
-from data import grid_scale, save_grid
+from data import from_model_range, grid_scale, save_grid
 from common import (MAX_BATCH, MAX_STEPS, Parser, Progress, UserError, add_machine_flags,
                     atomic_write, autocast, check_output, finite, maybe_compile, pick_amp,
                     pick_device, positive, run_main, seed_value)
@@ -110,7 +110,7 @@ def generate(model, vae, prompts, sample_steps=50, cfg_scale=4.0, seed=0, batch_
                      "checkpoint or a diverged training); use another checkpoint")
             raise UserError(f"sampling gave inf/NaN (cfg {cfg_scale:g}, {sample_steps} steps): "
                             f"{cause}")
-        images.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+        images.append(from_model_range(x).cpu())                        # uint8 (b, 3, H, W)
         progress.update(i + len(x))
     return torch.cat(images)
 
@@ -206,7 +206,8 @@ def parser():
         default=[50], help="Euler steps (model evaluations); several make a sweep")
     add("--cfg", dest="cfg_scales", metavar="W", nargs="+", type=finite, default=[4.0],
         help="guidance weight w (1 = no guidance); several make a sweep")
-    add("--cfg-interval", type=positive(float, allow_zero=True, at_most=1.0), nargs=2, metavar=("T0", "T1"), default=None,
+    add("--cfg-interval", type=positive(float, allow_zero=True, at_most=1.0), nargs=2,
+        metavar=("T0", "T1"), default=None,
         help="guide only for t in [T0, T1) (e.g. 0.2 1: not near pure noise). Default: always")
     add("--seed", type=seed_value, default=0, help="noise seed: same seed, same images")
     add("--out", default="samples.png", help="the picture (and OUT.prompts.txt); both must be new")
