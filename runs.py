@@ -83,7 +83,9 @@ class Run:
     """One training run in its folder --out (see the module docstring)."""
 
     def __init__(self, parser, argv, kind, experiment):
-        self.args, given = parser.parse(argv)
+        self.args, self.flags_given = parser.parse(argv)  # the flags; those the command set
+        self.derived = set()    # settings the script computes (--minutes' steps): a run stopped
+                                # before its first checkpoint starts again though they differ
         args, self.kind, self.out = self.args, kind, Path(self.args.out)
         for key in PATHS & set(vars(args)):
             if getattr(args, key) is not None:
@@ -103,7 +105,7 @@ class Run:
                 raise UserError(f"--resume: the run in {self.out} stopped before its first "
                                 f"checkpoint; start it again with its command without --resume")
             self.resume = load_checkpoint(self.out / "ckpt.pt", kind, "--resume")
-            self._restore(parser, given, self.resume["args"], experiment)
+            self._restore(parser, self.flags_given, self.resume["args"], experiment)
         self.device = pick_device(args.device)
         line = set_threads(args.threads)
         print(line if self.device.type == "cpu" else f"device: {self.device}", flush=True)
@@ -160,11 +162,12 @@ class Run:
         found = sorted(n for n in os.listdir(out) if RUN_FILES.fullmatch(n)) if out.is_dir() else []
         if found and not args.resume:
             try:
-                stored = json.loads((out / "args.json").read_text())
-            except (OSError, ValueError):
+                stored = dict(json.loads((out / "args.json").read_text()))
+            except (OSError, ValueError, TypeError):
                 stored = {}
             now = self.settings()
-            stopped_early = "ckpt.pt" not in found and stored == now
+            stopped_early = "ckpt.pt" not in found and all(
+                stored.get(k) == now.get(k) for k in (set(stored) | set(now)) - self.derived)
             if not (args.overwrite or stopped_early):
                 raise UserError(f"--out {out} already holds a run ({', '.join(found[:6])}); "
                                 f"{'continue it with --resume, ' if 'ckpt.pt' in found else ''}"

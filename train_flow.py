@@ -21,6 +21,7 @@ sample), samples_<step>.png and prompts.txt, args.json, log.jsonl and loss.png.
 """
 import hashlib
 import re
+import statistics
 import sys
 import time
 from collections import Counter
@@ -38,7 +39,7 @@ from dit import PRESETS, DiT, count_parameters, dit_preset
 from embeddings import null_prompt, prompt_pieces, prompt_words, tokenize
 from flow import flow_matching_loss
 from runs import EMA, Run, adamw, add_training_flags
-from sample import generate, write_prompts
+from sample import generate, guided_field, write_prompts
 from shapes import HELD_OUT_PAIRS, held_out_objects
 from vae import encode_means
 
@@ -68,6 +69,7 @@ def main(argv=None):
     """The recipe, step by step."""
     with Run(parser(), argv, "flow", EXPERIMENT) as run:
         args = run.args
+        check_minutes(run)
         if run.resume is not None and run.resume["step"] >= args.steps:
             print(f"{args.out} is already at step {run.resume['step']} of {args.steps}; nothing "
                   f"to do (a larger --steps trains on)")
@@ -75,6 +77,8 @@ def main(argv=None):
         train_set = load_data(args)                                        # step 1
         vae_path, given = find_vae(args, run.resume, run.device)
         run.lock([("--data", args.data), ("--vae", vae_path)])
+        if args.minutes and run.resume is None:
+            size_to_minutes(args, run.device, train_set, vae_path, given)
         vae, vae_ckpt = ensure_vae(args, vae_path, given, run, train_set)
         mu = encode(vae, vae_ckpt, train_set, args)                         # step 2
         latents = latent_data(mu, vae, train_set, args, run)                # step 3
@@ -136,8 +140,7 @@ def latent_data(mu, vae, train_set, args, run):
               f"({', '.join(' '.join(p) for p in HELD_OUT_PAIRS)}); the DiT never sees them")
         mu, captions = mu[keep], [captions[i] for i in keep]
     word_bytes = PRESETS[args.preset].prompt_word_bytes
-    longest = 1 + max(len(prompt_pieces(c, word_bytes)) for c in train_set.captions)  # + BOS
-    max_len = min(256, -(-longest // 8) * 8)                            # a multiple of 8
+    max_len, longest = prompt_length(train_set.captions, word_bytes)
     print(f"prompts: the model reads up to {max_len - 1} words of a prompt (the longest caption "
           f"has {longest - 1}); longer prompts are cut")
     config = dit_preset(args.preset, input_size=mu.shape[-1], in_channels=mu.shape[1],
@@ -149,6 +152,13 @@ def latent_data(mu, vae, train_set, args, run):
                       tokens=tokenize(captions, max_len, word_bytes).to(run.device),
                       config=config, prompts=prompts, name=train_set.name,
                       words=dict(Counter(w for c in captions for w in prompt_words(c))))
+
+
+def prompt_length(captions, word_bytes):
+    """(S, longest): BOS and the longest caption's tokens, and S, that rounded up to a multiple
+    of 8 (at most 256): the prompt tokens the DiT reads."""
+    longest = 1 + max(len(prompt_pieces(c, word_bytes)) for c in captions)
+    return min(256, -(-longest // 8) * 8), longest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +292,10 @@ def auto_vae_path(args):
         digest = hashlib.sha1(args.data.encode()).hexdigest()[:8]
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(args.data).name)
         tag = f"{name}-{digest}-{args.image_size}px"
-    tag += f"-{args.vae_steps}steps" if args.vae_steps is not None else ""
+    if args.minutes:                              # (its steps are sized after this is named)
+        tag += f"-{args.minutes:g}min"
+    elif args.vae_steps is not None:
+        tag += f"-{args.vae_steps}steps"
     return Path(args.out).absolute().parent / f"vae-{tag}" / "ckpt.pt"
 
 
@@ -314,6 +327,76 @@ def ensure_vae(args, path, given, run, train_set):
 
 
 # ---------------------------------------------------------------------------------------------
+# --minutes: a run sized to the time at hand
+
+def check_minutes(run):
+    """--minutes sizes --steps and --vae-steps of a new run; a resumed run keeps its own."""
+    if run.args.minutes and run.resume is None and run.flags_given & {"steps", "vae_steps"}:
+        raise UserError("--minutes sizes --steps and --vae-steps itself; pass one or the other")
+    if run.resume is not None and "minutes" in run.flags_given:
+        raise UserError("--minutes sizes a new run; --resume goes on to the run's --steps (pass "
+                        "a larger --steps to train on)")
+    run.derived = {"steps", "vae_steps"} if run.args.minutes else set()
+
+
+def size_to_minutes(args, device, train_set, vae_path, given):
+    """--minutes N: --steps, and --vae-steps when the automatic VAE is still to train, scaled
+    together from their defaults (3,600 and 3,000) so that the training and the sample grids
+    take about N minutes on this machine (loading and encoding the data come on top). A training
+    step of each model is timed here, eagerly, on a fresh copy at the run's sizes, and so is an
+    Euler step of a grid."""
+    amp = pick_amp(args.amp, device)
+    vae_args = train_vae.parser().parse_args(["--image-size", str(args.image_size)])
+    vae_config = given[0].config if given else train_vae.vae_config(vae_args)
+    t_vae = 0.0                          # seconds per VAE step: 0 when the VAE is there already
+    if given is None and not (vae_path.is_file() and
+                              load_checkpoint(vae_path, "vae", "--vae")["finished"]):
+        vae, ema, opt, scaler = train_vae.build(vae_config, vae_args, device, amp)
+        x = train_set.images[torch.randint(len(train_set), (vae_args.batch_size,))].to(device)
+        t_vae = _seconds(lambda: train_vae.train_step(vae, vae, ema, opt, scaler, x, 0,
+                                                      vae_args, amp))
+    max_len = prompt_length(train_set.captions, PRESETS[args.preset].prompt_word_bytes)[0]
+    config = dit_preset(args.preset, input_size=args.image_size // vae_config.factor,
+                        in_channels=vae_config.latent_channels, patch_size=args.patch_size,
+                        max_prompt_len=max_len)
+    model, ema, opt, scaler = build(config, args, device, amp)
+    B, G = args.batch_size, args.grid_prompts * args.grid_images
+    captions = [train_set.captions[i % len(train_set)] for i in range(max(B, G))]
+    tokens = tokenize(captions, max_len, config.prompt_word_bytes).to(device)  # (max(B, G), S, W)
+    z = torch.randn(len(captions), config.in_channels, config.height, config.width, device=device)
+    null = null_prompt(max_len, config.prompt_word_bytes).to(device)
+    t_dit = _seconds(lambda: train_step(model, model, ema, opt, scaler, z[:B], tokens[:B], null,
+                                        0, args, amp))
+    with torch.inference_mode(), autocast(device, amp):
+        u = guided_field(ema.model, tokens[:G], null, args.cfg_scale)
+        t_grid = _seconds(lambda: u(z[:G], torch.zeros(G, device=device)))
+    # seconds = steps x (a DiT step + its share of the grids and the VAE's steps) + the last grid
+    ratio = train_vae.DEFAULTS["steps"] / DEFAULTS["steps"]          # VAE steps per DiT step
+    per_step = t_dit + t_grid * args.sample_steps / args.sample_every + t_vae * ratio
+    steps = int((args.minutes * 60 - t_grid * args.sample_steps) / per_step)
+    if steps < 1:
+        raise UserError(f"--minutes {args.minutes:g} is too short here: one step and a sample "
+                        f"grid take {(per_step + t_grid * args.sample_steps) / 60:.2g} minutes")
+    args.steps = min(steps, MAX_STEPS)
+    if t_vae:
+        args.vae_steps = min(max(1, round(args.steps * ratio)), MAX_STEPS)
+    print(f"--minutes {args.minutes:g}: {args.steps} DiT steps ({t_dit:.3f} s each)"
+          + (f" and {args.vae_steps} VAE steps ({t_vae:.3f} s each)" if t_vae else "")
+          + ", from steps timed here")
+
+
+def _seconds(step, repeats=3):
+    """Median seconds of step() over `repeats` calls after two untimed ones (which warm up);
+    step() returns a tensor, read back so that the device has finished."""
+    times = []
+    for _ in range(2 + repeats):
+        t0 = time.perf_counter()
+        float(step().float().sum())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])
+
+
+# ---------------------------------------------------------------------------------------------
 # The command line
 
 def parser():
@@ -321,6 +404,7 @@ def parser():
                """examples:
   python train_flow.py                      # the whole recipe on the built-in shapes -> runs/flow
   python train_flow.py --data ~/photos --image-size 64 --out runs/photos
+  python train_flow.py --data ~/photos --minutes 60 --out runs/hour  # sized to an hour here
   python train_flow.py --steps 20 --vae-steps 20 --n-builtin 500 --out runs/smoke   # a quick test
 """)
     add_training_flags(p, DEFAULTS, "runs/flow")
@@ -329,6 +413,9 @@ def parser():
         "beside --out, trained first when missing")
     add("--vae-steps", type=positive(int, at_most=MAX_STEPS), default=None,
         help="training steps of the automatic VAE. Default: train_vae.py's")
+    add("--minutes", type=positive(float, at_most=10 ** 5), default=None,
+        help="size the whole command to about this many minutes on this machine: --steps and "
+             "--vae-steps scaled together from their defaults, from steps timed at the start")
     add("--hold-out-pairs", action="store_true", default=DEFAULTS["hold_out_pairs"],
         help="leave shapes.HELD_OUT_PAIRS out of the DiT's training (does it compose?)")
     add("--preset", default=DEFAULTS["preset"], choices=sorted(PRESETS), help="DiT size")

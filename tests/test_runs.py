@@ -137,3 +137,17 @@ def test_fused_adamw_takes_the_same_steps_as_the_reference_implementation():
             opt.step()
             opt.zero_grad()
     torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_stopped_early_restarts_though_the_settings_its_script_derives_differ(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    run = open_run(out, "--steps", 7)
+    (out / "args.json").write_text(json.dumps({**run.settings(), "steps": 9}))  # sized otherwise
+    (out / "log.jsonl").write_text("")
+    with pytest.raises(common.UserError, match="already holds a run"):
+        run.lock()                                  # another --steps: another run
+    run.derived = {"steps"}
+    run.lock()                                      # derived by the script (--minutes): the same
+    assert run.replaced == ["args.json", "log.jsonl"]
+    run.close()

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import statistics
 
 import torch
 from PIL import Image
@@ -264,3 +265,34 @@ def test_the_training_steps_and_the_sampler_never_read_a_value_back_from_the_dev
     monkeypatch.undo()
     assert loss.ndim == 0 and torch.isfinite(x).all() and x.shape == z.shape
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))   # it stepped
+
+
+def test_minutes_sizes_both_trainings_to_the_budget_from_timed_steps(cli, tmp_path, tiny, expect,
+                                                                    monkeypatch):
+    timed = []
+
+    def median(times):                       # each phase's step runs 5 times and "takes" 0.1 s
+        timed.append(len(times))
+        return 0.1
+    monkeypatch.setattr(statistics, "median", median)
+    flags = ["--n-builtin", 64, "--batch-size", 8, "--sample-every", 4, "--sample-steps", 2,
+             "--log-every", 100, *tiny.cpu]
+    expect.one_line_error(cli("train_flow.py", "--out", tmp_path / "f", "--minutes", 1,
+                              "--steps", 5, *flags), "--minutes sizes --steps and --vae-steps")
+    rc, out, err = cli("train_flow.py", "--out", tmp_path / "f", "--minutes", 0.06, *flags)
+    assert rc == 0 and timed == [3, 3, 3], err          # a VAE step, a DiT step, a grid step
+    # 3.6 s = 14.57 steps x (0.1 + 0.1 x 2 / 4 grid steps + 0.1 x 3000 / 3600 VAE) + a grid
+    steps = json.loads((tmp_path / "f" / "args.json").read_text())["steps"]
+    assert steps == 14 and "--minutes 0.06: 14 DiT steps (0.100 s each) and 12 VAE steps" in out
+    vae = torch.load(tmp_path / "vae-shapes-32px-seed0-n64-0.06min" / "ckpt.pt", weights_only=True)
+    assert vae["step"] == 12 and vae["finished"]
+    # a resumed run keeps its sized steps and finds its VAE; --minutes there is refused
+    rc, out, err = cli("train_flow.py", "--out", tmp_path / "f", "--resume", "--steps", 16, *flags)
+    assert rc == 0 and torch.load(tmp_path / "f" / "ckpt.pt", weights_only=True)["step"] == 16, err
+    expect.one_line_error(cli("train_flow.py", "--out", tmp_path / "f", "--resume", "--minutes",
+                              1, *flags), "--minutes sizes a new run")
+    # with the VAE there, the whole budget goes to the DiT; a budget below one step is refused
+    rc, out, err = cli("train_flow.py", "--out", tmp_path / "g", "--minutes", 0.06, *flags)
+    assert rc == 0 and "--minutes 0.06: 22 DiT steps (0.100 s each), from" in out, err
+    expect.one_line_error(cli("train_flow.py", "--out", tmp_path / "h", "--minutes", 0.001,
+                              *flags), "--minutes 0.001 is too short here")
