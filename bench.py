@@ -39,9 +39,7 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +49,8 @@ import train_flow
 import train_vae
 from attention import attention
 from common import (MAX_BATCH, MAX_STEPS, Parser, autocast, check_output, cpu_has_native_bf16,
-                    pick_amp, pick_device, positive, run_main, set_threads, write_json)
+                    median_time, pick_amp, pick_device, positive, run_main, set_threads,
+                    synchronizer, write_json)
 from data import to_model_range
 from dit import PRESETS, DiT, dit_preset
 from embeddings import null_prompt, tokenize
@@ -75,26 +74,6 @@ def count_flops(fn):
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
-
-
-def synchronizer(device):
-    """A function that waits for the device's queued work (a no-op on CPU)."""
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-
-
-def median_time(fn, warmup, repeats, sync=lambda: None, clock=time.perf_counter):
-    """Median seconds of one fn() call: `warmup` untimed calls, then `repeats` timed ones.
-    sync() runs before each clock reading, so queued GPU work is inside its own measurement."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = clock()
-        fn()
-        sync()
-        times.append(clock() - t0)
-    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------------

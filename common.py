@@ -6,7 +6,7 @@
   `positive`, `finite`, `fraction`, `seed_value` refuse nan, inf and absurd sizes as the command
   line is read.
 - Device and precision: `pick_device`, `pick_amp`, `autocast`, `maybe_compile`, `set_threads`,
-  `is_oom`.
+  `is_oom`; `median_time` (with `synchronizer`) times a step, for bench.py and --minutes.
 - Files: `atomic_write` (temporary file, fsync, rename: a crash never leaves a torn file),
   `write_json`, and `check_output` (no command replaces a file it did not make unless told to,
   nor ever one of its inputs).
@@ -16,7 +16,7 @@ Imports no project module, and nothing POSIX-only: it runs on Windows, macOS and
 
 Offers: UserError, run_main, Parser, add_machine_flags, MAX_STEPS, MAX_BATCH, MAX_COUNT, positive,
 finite, fraction, seed_value, pick_device, cpu_has_native_bf16, pick_amp, autocast, maybe_compile,
-is_oom, set_threads, atomic_write, write_json, check_output, Progress
+median_time, synchronizer, is_oom, set_threads, atomic_write, write_json, check_output, Progress
 """
 import argparse
 import errno
@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -240,6 +241,26 @@ def maybe_compile(model, device, flag):
         return model(*args, **kwargs)
     call._orig_mod = model                    # as torch.compile's wrapper: the model behind it
     return call
+
+
+def synchronizer(device):
+    """A function that waits for the device's queued work (a no-op on CPU)."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def median_time(fn, warmup, repeats, sync=lambda: None, clock=time.perf_counter):
+    """Median seconds of one fn() call: `warmup` untimed calls, then `repeats` timed ones.
+    sync() runs before each clock reading, so queued GPU work is inside its own measurement."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = clock()
+        fn()
+        sync()
+        times.append(clock() - t0)
+    return statistics.median(times)
 
 
 def is_oom(e):

@@ -33,7 +33,7 @@ masked.
 
 Offers: time_frequencies, time_embedding, TimeEmbedding, patchify, unpatchify, sincos_2d,
 PatchEmbedding, PAD_ID, BOS_ID, START_ID, MORE_ID, WORD_BYTES, N_GRAMS, HASH_BUCKETS, prompt_words,
-prompt_pieces, tokenize, prompt_is_truncated, prompt_as_read, null_prompt, ngram_ids,
+prompt_pieces, tokenize, prompt_length, prompt_is_truncated, prompt_as_read, null_prompt, ngram_ids,
 PromptBlock, PromptEmbedding
 """
 import math
@@ -200,6 +200,13 @@ def tokenize(prompts, max_len, word_bytes=WORD_BYTES):
         for j, piece in enumerate(prompt_pieces(prompt, word_bytes)[:max_len - 1], start=1):
             tokens[i, j, :len(piece)] = torch.tensor(piece)
     return tokens
+
+
+def prompt_length(captions, word_bytes=WORD_BYTES):
+    """(S, longest) for a set of captions: `longest`, BOS and the longest caption's tokens, and
+    S, that rounded up to a multiple of 8 (at most 256): the prompt tokens a model of them reads."""
+    longest = 1 + max(len(prompt_pieces(c, word_bytes)) for c in captions)
+    return min(256, -(-longest // 8) * 8), longest
 
 
 def prompt_is_truncated(prompt, max_len, word_bytes=WORD_BYTES):

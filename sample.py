@@ -108,8 +108,7 @@ def generate(model, vae, prompts, sample_steps=50, cfg_scale=4.0, seed=0, batch_
             cause = (f"the guidance weight {cfg_scale:g} is far too large; use one like 1-10"
                      if abs(cfg_scale) > 100 else "the model's weights give inf/NaN (a damaged "
                      "checkpoint or a diverged training); use another checkpoint")
-            raise UserError(f"sampling gave inf/NaN (cfg {cfg_scale:g}, {sample_steps} steps): "
-                            f"{cause}")
+            raise UserError(f"inf/NaN samples (cfg {cfg_scale:g}, {sample_steps} steps): {cause}")
         images.append(from_model_range(x).cpu())                        # uint8 (b, 3, H, W)
         progress.update(i + len(x))
     return torch.cat(images)
@@ -151,12 +150,10 @@ def main(argv=None):
                        args.cfg_interval)
               .view(len(prompts), args.n, 3, ckpt["image_size"], ckpt["image_size"])
               for w, steps in settings]                          # (P, n, 3, H, W) each
-    labels = [", ".join(([f"cfg {w:g}"] if len(args.cfg_scales) > 1 else []) +
-                        ([f"{s} steps"] if len(args.sample_steps) > 1 else []))
-              for w, s in settings]
-    info = {"prompts": prompts, "seed": args.seed, "cfg": args.cfg_scales,
-            "cfg_interval": args.cfg_interval,
-            "steps": args.sample_steps, "n": args.n, "checkpoint": str(args.ckpt)}
+    labels = [", ".join([f"cfg {w:g}"] * (len(args.cfg_scales) > 1) +
+                        [f"{s} steps"] * (len(args.sample_steps) > 1)) for w, s in settings]
+    info = {"prompts": prompts, "seed": args.seed, "cfg": args.cfg_scales, "n": args.n,
+            "cfg_interval": args.cfg_interval, "steps": args.sample_steps, "checkpoint": args.ckpt}
     save_grid(out, torch.cat(blocks, dim=1).flatten(0, 1), nrow=args.n * len(settings),
               row_labels=[p or "(empty prompt: unconditional)" for p in prompts]
               if args.labels else None,
@@ -176,9 +173,7 @@ def check_prompts(prompts, config, caption_words):
     their bytes alone: guessed at)."""
     S, W = config.max_prompt_len, config.prompt_word_bytes
     for prompt in prompts:
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError:
+        if any("\ud800" <= c <= "\udfff" for c in prompt):   # a lone surrogate: no UTF-8
             raise UserError(f"--prompt {ascii(prompt)[:60]}: not valid UTF-8 text; check the "
                             f"terminal's or the file's encoding")
         if prompt_is_truncated(prompt, S, W):

@@ -20,8 +20,6 @@ Outputs under --out (default runs/flow): ckpt.pt (everything needed to resume ex
 sample), samples_<step>.png and prompts.txt, args.json, log.jsonl and loss.png.
 """
 import hashlib
-import re
-import statistics
 import sys
 import time
 from collections import Counter
@@ -34,9 +32,9 @@ import data as data_lib
 import train_vae
 from checkpoint import load_checkpoint, load_vae
 from common import (MAX_STEPS, Parser, UserError, autocast, finite, fraction, maybe_compile,
-                    pick_amp, positive, run_main)
+                    median_time, pick_amp, positive, run_main, synchronizer)
 from dit import PRESETS, DiT, count_parameters, dit_preset
-from embeddings import null_prompt, prompt_pieces, prompt_words, tokenize
+from embeddings import null_prompt, prompt_length, prompt_words, tokenize
 from flow import flow_matching_loss
 from runs import EMA, Run, adamw, add_training_flags
 from sample import generate, guided_field, write_prompts
@@ -139,26 +137,26 @@ def latent_data(mu, vae, train_set, args, run):
               f"training images show a held-out colour x shape pair "
               f"({', '.join(' '.join(p) for p in HELD_OUT_PAIRS)}); the DiT never sees them")
         mu, captions = mu[keep], [captions[i] for i in keep]
-    word_bytes = PRESETS[args.preset].prompt_word_bytes
-    max_len, longest = prompt_length(train_set.captions, word_bytes)
-    print(f"prompts: the model reads up to {max_len - 1} words of a prompt (the longest caption "
-          f"has {longest - 1}); longer prompts are cut")
-    config = dit_preset(args.preset, input_size=mu.shape[-1], in_channels=mu.shape[1],
-                        patch_size=args.patch_size, max_prompt_len=max_len)
+    config = dit_config(args, vae.config, train_set.captions, say=True)
     distinct = list(dict.fromkeys(captions))      # a folder is sorted by name: show its range
     prompts = distinct[::max(1, len(distinct) // args.grid_prompts) if args.data else 1][
         :args.grid_prompts] or [""]
     return LatentData(z=vae.normalize_latents(mu.to(run.device)),
-                      tokens=tokenize(captions, max_len, word_bytes).to(run.device),
+                      tokens=tokenize(captions, config.max_prompt_len,
+                                      config.prompt_word_bytes).to(run.device),
                       config=config, prompts=prompts, name=train_set.name,
                       words=dict(Counter(w for c in captions for w in prompt_words(c))))
 
 
-def prompt_length(captions, word_bytes):
-    """(S, longest): BOS and the longest caption's tokens, and S, that rounded up to a multiple
-    of 8 (at most 256): the prompt tokens the DiT reads."""
-    longest = 1 + max(len(prompt_pieces(c, word_bytes)) for c in captions)
-    return min(256, -(-longest // 8) * 8), longest
+def dit_config(args, vae_config, captions, say=False):
+    """The DiT (--preset, --patch-size) that fits the VAE's latents and reads whole captions."""
+    max_len, longest = prompt_length(captions, PRESETS[args.preset].prompt_word_bytes)
+    if say:
+        print(f"prompts: the model reads up to {max_len - 1} words of a prompt (the longest "
+              f"caption has {longest - 1}); longer prompts are cut")
+    return dit_preset(args.preset, input_size=args.image_size // vae_config.factor,
+                      in_channels=vae_config.latent_channels, patch_size=args.patch_size,
+                      max_prompt_len=max_len)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +269,7 @@ def find_vae(args, resume, device):
     beside --out (say runs/vae-shapes-32px-seed0-n20000/ckpt.pt), loaded or trained later by
     `ensure_vae` (not when resuming: a run goes on with its own VAE). Before any slow work, the
     image size must divide into its latents and those into patches."""
-    path = Path(args.vae) if args.vae is not None else auto_vae_path(args)
+    path = Path(args.vae) if args.vae is not None else train_vae.automatic_path(args)
     if not path.is_file() and (args.vae is not None or resume is not None):
         what = "is a folder; pass its ckpt.pt" if path.is_dir() else "file not found"
         raise UserError(f"--vae {path}: {what}; pass the VAE the run was trained with (or a copy)"
@@ -284,38 +282,15 @@ def find_vae(args, resume, device):
     return path, given
 
 
-def auto_vae_path(args):
-    """One automatic VAE per dataset, image size (and --vae-steps), beside the run folder."""
-    if args.data is None:
-        tag = f"shapes-{args.image_size}px-seed{args.seed}-n{args.n_builtin}"
-    else:
-        digest = hashlib.sha1(args.data.encode()).hexdigest()[:8]
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(args.data).name)
-        tag = f"{name}-{digest}-{args.image_size}px"
-    if args.minutes:                              # (its steps are sized after this is named)
-        tag += f"-{args.minutes:g}min"
-    elif args.vae_steps is not None:
-        tag += f"-{args.vae_steps}steps"
-    return Path(args.out).absolute().parent / f"vae-{tag}" / "ckpt.pt"
-
-
 def ensure_vae(args, path, given, run, train_set):
     """The EMA VAE and its checkpoint: `given` (--vae, loaded by find_vae), or the automatic one,
-    trained first, or finished if a run stopped while training it: train_vae.py with its defaults
-    and this run's data, size, seed and machine flags."""
+    trained first by train_vae.py (or finished, if a run stopped while training it)."""
     ckpt = load_checkpoint(path, "vae", "--vae") if given is None and path.is_file() else None
     if given is None and (ckpt is None or not ckpt["finished"]):
         print(f"{'finishing the unfinished' if ckpt else 'no --vae given: training the'} "
               f"automatic VAE of this data first ({path.parent}; the recipe: latent space "
               f"first, then the flow model)")
-        flags = {"--out": path.parent, "--image-size": args.image_size, "--seed": args.seed,
-                 "--n-builtin": args.n_builtin, "--device": args.device, "--amp": args.amp,
-                 "--data": args.data, "--steps": args.vae_steps, "--threads": args.threads}
-        argv = [str(a) for k, v in flags.items() if v is not None for a in (k, v)]
-        argv += ["--resume"] if ckpt else []
-        argv += [] if args.compile is None else ["--compile" if args.compile else "--no-compile"]
-        train_vae.main(argv, resume_command="the same python train_flow.py command (it finishes "
-                                            "the VAE, then trains the flow model)")
+        train_vae.train_automatic(args, path, resume=ckpt is not None)
     else:
         data_lib.announce(train_set)
     vae, ckpt = given or load_vae(path, run.device)
@@ -341,35 +316,25 @@ def check_minutes(run):
 
 def size_to_minutes(args, device, train_set, vae_path, given):
     """--minutes N: --steps, and --vae-steps when the automatic VAE is still to train, scaled
-    together from their defaults (3,600 and 3,000) so that the training and the sample grids
-    take about N minutes on this machine (loading and encoding the data come on top). A training
-    step of each model is timed here, eagerly, on a fresh copy at the run's sizes, and so is an
-    Euler step of a grid."""
-    amp = pick_amp(args.amp, device)
-    vae_args = train_vae.parser().parse_args(["--image-size", str(args.image_size)])
-    vae_config = given[0].config if given else train_vae.vae_config(vae_args)
-    t_vae = 0.0                          # seconds per VAE step: 0 when the VAE is there already
-    if given is None and not (vae_path.is_file() and
-                              load_checkpoint(vae_path, "vae", "--vae")["finished"]):
-        vae, ema, opt, scaler = train_vae.build(vae_config, vae_args, device, amp)
-        x = train_set.images[torch.randint(len(train_set), (vae_args.batch_size,))].to(device)
-        t_vae = _seconds(lambda: train_vae.train_step(vae, vae, ema, opt, scaler, x, 0,
-                                                      vae_args, amp))
-    max_len = prompt_length(train_set.captions, PRESETS[args.preset].prompt_word_bytes)[0]
-    config = dit_preset(args.preset, input_size=args.image_size // vae_config.factor,
-                        in_channels=vae_config.latent_channels, patch_size=args.patch_size,
-                        max_prompt_len=max_len)
+    together from their defaults (3,600 and 3,000) so that training and sample grids take about
+    N minutes here (loading and encoding come on top), from a training step of each model and an
+    Euler step of a grid, timed on fresh models at the run's sizes."""
+    amp, sync = pick_amp(args.amp, device), synchronizer(device)
+    vae_config = given[0].config if given else train_vae.vae_config(args)
+    todo = given is None and not (vae_path.is_file() and
+                                  load_checkpoint(vae_path, "vae", "--vae")["finished"])
+    t_vae = train_vae.step_seconds(vae_config, train_set.images, device, amp) if todo else 0.0
+    config = dit_config(args, vae_config, train_set.captions)
     model, ema, opt, scaler = build(config, args, device, amp)
     B, G = args.batch_size, args.grid_prompts * args.grid_images
-    captions = [train_set.captions[i % len(train_set)] for i in range(max(B, G))]
-    tokens = tokenize(captions, max_len, config.prompt_word_bytes).to(device)  # (max(B, G), S, W)
-    z = torch.randn(len(captions), config.in_channels, config.height, config.width, device=device)
-    null = null_prompt(max_len, config.prompt_word_bytes).to(device)
-    t_dit = _seconds(lambda: train_step(model, model, ema, opt, scaler, z[:B], tokens[:B], null,
-                                        0, args, amp))
+    z = torch.randn(max(B, G), config.in_channels, config.height, config.width, device=device)
+    null = null_prompt(config.max_prompt_len, config.prompt_word_bytes).to(device)  # (1, S, W)
+    tokens = null.expand(max(B, G), -1, -1)           # any prompt costs what "" costs: S tokens
+    t_dit = median_time(lambda: train_step(model, model, ema, opt, scaler, z[:B], tokens[:B],
+                                           null, 0, args, amp), 2, 3, sync)
     with torch.inference_mode(), autocast(device, amp):
         u = guided_field(ema.model, tokens[:G], null, args.cfg_scale)
-        t_grid = _seconds(lambda: u(z[:G], torch.zeros(G, device=device)))
+        t_grid = median_time(lambda: u(z[:G], torch.zeros(G, device=device)), 2, 3, sync)
     # seconds = steps x (a DiT step + its share of the grids and the VAE's steps) + the last grid
     ratio = train_vae.DEFAULTS["steps"] / DEFAULTS["steps"]          # VAE steps per DiT step
     per_step = t_dit + t_grid * args.sample_steps / args.sample_every + t_vae * ratio
@@ -383,17 +348,6 @@ def size_to_minutes(args, device, train_set, vae_path, given):
     print(f"--minutes {args.minutes:g}: {args.steps} DiT steps ({t_dit:.3f} s each)"
           + (f" and {args.vae_steps} VAE steps ({t_vae:.3f} s each)" if t_vae else "")
           + ", from steps timed here")
-
-
-def _seconds(step, repeats=3):
-    """Median seconds of step() over `repeats` calls after two untimed ones (which warm up);
-    step() returns a tensor, read back so that the device has finished."""
-    times = []
-    for _ in range(2 + repeats):
-        t0 = time.perf_counter()
-        float(step().float().sum())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[2:])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,17 +10,24 @@ with the encoder's mean) gives the per-channel latent statistics that normalise 
 model learns; the checkpoint keeps them, and those latents, so that train_flow.py need not
 encode the same images again.
 
+With no --vae, train_flow.py trains the automatic VAE of its data through `train_automatic`
+(this command with its defaults), kept at `automatic_path`.
+
 Outputs under --out (default runs/vae): ckpt.pt (weights, EMA weights, optimizer, RNG states,
 settings; once finished also the latent statistics and latents), recon.png (held-out images
 above their reconstructions), log.jsonl and loss.png.
 """
 import dataclasses
+import hashlib
+import re
 import sys
+from pathlib import Path
 
 import torch
 
 import data as data_lib
-from common import Parser, UserError, autocast, maybe_compile, pick_amp, positive, run_main
+from common import (Parser, UserError, autocast, maybe_compile, median_time, pick_amp, positive,
+                    run_main, synchronizer)
 from kl import kl_to_standard_normal
 from metrics import psnr
 from runs import EMA, Run, adamw, add_training_flags
@@ -158,6 +165,48 @@ def vae_config(args):
         raise UserError(f"--image-size {size} is not divisible by the downsampling factor "
                         f"{VAE_PRESETS[name].factor} of VAE preset {name}")
     return vae_preset(name, image_size=size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The automatic VAE: what train_flow.py trains first when it is given no --vae
+
+def automatic_path(args):
+    """train_flow.py's automatic VAE of its data, image size (and --vae-steps or --minutes),
+    beside its --out: say runs/vae-shapes-32px-seed0-n20000/ckpt.pt."""
+    if args.data is None:
+        tag = f"shapes-{args.image_size}px-seed{args.seed}-n{args.n_builtin}"
+    else:
+        digest = hashlib.sha1(args.data.encode()).hexdigest()[:8]
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(args.data).name)
+        tag = f"{name}-{digest}-{args.image_size}px"
+    if args.minutes:                              # (its steps are sized after this is named)
+        tag += f"-{args.minutes:g}min"
+    elif args.vae_steps is not None:
+        tag += f"-{args.vae_steps}steps"
+    return Path(args.out).absolute().parent / f"vae-{tag}" / "ckpt.pt"
+
+
+def train_automatic(args, path, resume):
+    """This command, with its defaults and train_flow.py's data, size, seed, --vae-steps and
+    machine flags, trains (or with `resume` finishes) the automatic VAE at `path`."""
+    flags = {"--out": path.parent, "--image-size": args.image_size, "--seed": args.seed,
+             "--n-builtin": args.n_builtin, "--device": args.device, "--amp": args.amp,
+             "--data": args.data, "--steps": args.vae_steps, "--threads": args.threads}
+    argv = [str(a) for k, v in flags.items() if v is not None for a in (k, v)]
+    argv += ["--resume"] if resume else []
+    argv += [] if args.compile is None else ["--compile" if args.compile else "--no-compile"]
+    main(argv, resume_command="the same python train_flow.py command (it finishes the VAE, then "
+                              "trains the flow model)")
+
+
+def step_seconds(config, images, device, amp):
+    """Seconds of one default training step of a fresh VAE of `config` on uint8 `images`, eager
+    (train_flow.py --minutes)."""
+    args = parser().parse_args([])
+    model, ema, opt, scaler = build(config, args, device, amp)
+    x = images[torch.randint(len(images), (args.batch_size,))].to(device)
+    return median_time(lambda: train_step(model, model, ema, opt, scaler, x, 0, args, amp), 2, 3,
+                       synchronizer(device))
 
 
 def parser():

@@ -10,8 +10,8 @@ import torch.nn as nn
 import shapes
 from embeddings import (BOS_ID, HASH_BUCKETS, MORE_ID, PAD_ID, START_ID, W_MAX, W_MIN, WORD_BYTES,
                         PatchEmbedding, PromptEmbedding, ngram_ids, null_prompt, patchify,
-                        prompt_as_read, prompt_is_truncated, prompt_pieces, prompt_words,
-                        time_embedding, time_frequencies, tokenize, unpatchify)
+                        prompt_as_read, prompt_is_truncated, prompt_length, prompt_pieces,
+                        prompt_words, time_embedding, time_frequencies, tokenize, unpatchify)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +179,14 @@ def test_a_long_word_goes_on_in_tokens_marked_more_and_truncation_is_reported():
     assert not torch.equal(tokenize(["abcdefghijklmnop"], 4), tokenize(["abcdefghijkl mnop"], 4))
     null = null_prompt(8)                                                 # CFG's null condition
     assert null.shape == (1, 8, WORD_BYTES) and null[0, 0, 0] == BOS_ID and null.sum() == BOS_ID
+
+
+def test_prompt_length_reads_the_longest_caption_whole_in_a_multiple_of_8_tokens():
+    captions = ["a red circle", "one two three four five six seven eight nine"]     # 3 and 9 words
+    assert prompt_length(captions) == (16, 10)               # BOS + 9 words, rounded up to 16
+    assert not any(prompt_is_truncated(c, 16) for c in captions)
+    assert prompt_length(["a " + "abcdefghijklmnopqrstuvwxyz"], 12) == (8, 5)  # 1 + 1 + 3 pieces
+    assert prompt_length(["w " * 1000]) == (256, 1001)                         # capped at 256
 
 
 def test_every_built_in_caption_is_at_most_15_tokens():
