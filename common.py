@@ -245,12 +245,15 @@ def maybe_compile(model, device, flag):
 
 def synchronizer(device):
     """A function that waits for the device's queued work (a no-op on CPU)."""
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return torch.mps.synchronize if device.type == "mps" else (lambda: None)
 
 
-def median_time(fn, warmup, repeats, sync=lambda: None, clock=time.perf_counter):
-    """Median seconds of one fn() call: `warmup` untimed calls, then `repeats` timed ones.
-    sync() runs before each clock reading, so queued GPU work is inside its own measurement."""
+def median_time(fn, warmup=2, repeats=3, sync=lambda: None, clock=time.perf_counter):
+    """Median seconds of one fn() call: `warmup` untimed calls (compiling, warming caches), then
+    `repeats` timed ones. sync() runs before each clock reading, so queued GPU work is inside its
+    own measurement."""
     for _ in range(warmup):
         fn()
     times = []

@@ -150,8 +150,9 @@ def main(argv=None):
                        args.cfg_interval)
               .view(len(prompts), args.n, 3, ckpt["image_size"], ckpt["image_size"])
               for w, steps in settings]                          # (P, n, 3, H, W) each
-    labels = [", ".join([f"cfg {w:g}"] * (len(args.cfg_scales) > 1) +
-                        [f"{s} steps"] * (len(args.sample_steps) > 1)) for w, s in settings]
+    sweeps = len(args.cfg_scales) > 1, len(args.sample_steps) > 1    # label what a sweep varies
+    labels = [", ".join(x for x, varies in zip((f"cfg {w:g}", f"{s} steps"), sweeps) if varies)
+              for w, s in settings]
     info = {"prompts": prompts, "seed": args.seed, "cfg": args.cfg_scales, "n": args.n,
             "cfg_interval": args.cfg_interval, "steps": args.sample_steps, "checkpoint": args.ckpt}
     save_grid(out, torch.cat(blocks, dim=1).flatten(0, 1), nrow=args.n * len(settings),
@@ -168,9 +169,8 @@ def main(argv=None):
 
 
 def check_prompts(prompts, config, caption_words):
-    """Refuse a prompt that is not text; a line for each prompt longer than the model reads
-    (quoting what it reads), and for each with words the training captions never had (read from
-    their bytes alone: guessed at)."""
+    """Refuse a prompt that is not text; a line for each prompt longer than the model reads (what
+    it reads), and for each with words the training captions never had (guessed at from bytes)."""
     S, W = config.max_prompt_len, config.prompt_word_bytes
     for prompt in prompts:
         if any("\ud800" <= c <= "\udfff" for c in prompt):   # a lone surrogate: no UTF-8

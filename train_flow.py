@@ -137,7 +137,10 @@ def latent_data(mu, vae, train_set, args, run):
               f"training images show a held-out colour x shape pair "
               f"({', '.join(' '.join(p) for p in HELD_OUT_PAIRS)}); the DiT never sees them")
         mu, captions = mu[keep], [captions[i] for i in keep]
-    config = dit_config(args, vae.config, train_set.captions, say=True)
+    config = dit_config(args, vae.config, train_set.captions)
+    longest = prompt_length(train_set.captions, config.prompt_word_bytes)[1]
+    print(f"prompts: the model reads up to {config.max_prompt_len - 1} words of a prompt (the "
+          f"longest caption has {longest - 1}); longer prompts are cut")
     distinct = list(dict.fromkeys(captions))      # a folder is sorted by name: show its range
     prompts = distinct[::max(1, len(distinct) // args.grid_prompts) if args.data else 1][
         :args.grid_prompts] or [""]
@@ -148,12 +151,9 @@ def latent_data(mu, vae, train_set, args, run):
                       words=dict(Counter(w for c in captions for w in prompt_words(c))))
 
 
-def dit_config(args, vae_config, captions, say=False):
+def dit_config(args, vae_config, captions):
     """The DiT (--preset, --patch-size) that fits the VAE's latents and reads whole captions."""
-    max_len, longest = prompt_length(captions, PRESETS[args.preset].prompt_word_bytes)
-    if say:
-        print(f"prompts: the model reads up to {max_len - 1} words of a prompt (the longest "
-              f"caption has {longest - 1}); longer prompts are cut")
+    max_len = prompt_length(captions, PRESETS[args.preset].prompt_word_bytes)[0]
     return dit_preset(args.preset, input_size=args.image_size // vae_config.factor,
                       in_channels=vae_config.latent_channels, patch_size=args.patch_size,
                       max_prompt_len=max_len)
@@ -317,13 +317,15 @@ def check_minutes(run):
 def size_to_minutes(args, device, train_set, vae_path, given):
     """--minutes N: --steps, and --vae-steps when the automatic VAE is still to train, scaled
     together from their defaults (3,600 and 3,000) so that training and sample grids take about
-    N minutes here (loading and encoding come on top), from a training step of each model and an
-    Euler step of a grid, timed on fresh models at the run's sizes."""
+    N minutes here (loading and encoding come on top). Timed on fresh models: a DiT training step
+    and an Euler step of a grid at this run's sizes, and a default VAE training step
+    (train_vae.default_step_seconds) unless the VAE is there already."""
     amp, sync = pick_amp(args.amp, device), synchronizer(device)
     vae_config = given[0].config if given else train_vae.vae_config(args)
     todo = given is None and not (vae_path.is_file() and
                                   load_checkpoint(vae_path, "vae", "--vae")["finished"])
-    t_vae = train_vae.step_seconds(vae_config, train_set.images, device, amp) if todo else 0.0
+    x = train_set.images
+    t_vae = train_vae.default_step_seconds(vae_config, x, device, amp) if todo else 0.0
     config = dit_config(args, vae_config, train_set.captions)
     model, ema, opt, scaler = build(config, args, device, amp)
     B, G = args.batch_size, args.grid_prompts * args.grid_images
@@ -331,10 +333,10 @@ def size_to_minutes(args, device, train_set, vae_path, given):
     null = null_prompt(config.max_prompt_len, config.prompt_word_bytes).to(device)  # (1, S, W)
     tokens = null.expand(max(B, G), -1, -1)           # any prompt costs what "" costs: S tokens
     t_dit = median_time(lambda: train_step(model, model, ema, opt, scaler, z[:B], tokens[:B],
-                                           null, 0, args, amp), 2, 3, sync)
+                                           null, 0, args, amp), sync=sync)
     with torch.inference_mode(), autocast(device, amp):
         u = guided_field(ema.model, tokens[:G], null, args.cfg_scale)
-        t_grid = median_time(lambda: u(z[:G], torch.zeros(G, device=device)), 2, 3, sync)
+        t_grid = median_time(lambda: u(z[:G], torch.zeros(G, device=device)), sync=sync)
     # seconds = steps x (a DiT step + its share of the grids and the VAE's steps) + the last grid
     ratio = train_vae.DEFAULTS["steps"] / DEFAULTS["steps"]          # VAE steps per DiT step
     per_step = t_dit + t_grid * args.sample_steps / args.sample_every + t_vae * ratio

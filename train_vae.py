@@ -11,7 +11,8 @@ model learns; the checkpoint keeps them, and those latents, so that train_flow.p
 encode the same images again.
 
 With no --vae, train_flow.py trains the automatic VAE of its data through `train_automatic`
-(this command with its defaults), kept at `automatic_path`.
+(this command with its defaults but the flow run's data, size, seed and machine flags), kept at
+`automatic_path`; both read train_flow.py's flags.
 
 Outputs under --out (default runs/vae): ckpt.pt (weights, EMA weights, optimizer, RNG states,
 settings; once finished also the latent statistics and latents), recon.png (held-out images
@@ -171,8 +172,8 @@ def vae_config(args):
 # The automatic VAE: what train_flow.py trains first when it is given no --vae
 
 def automatic_path(args):
-    """train_flow.py's automatic VAE of its data, image size (and --vae-steps or --minutes),
-    beside its --out: say runs/vae-shapes-32px-seed0-n20000/ckpt.pt."""
+    """Where the automatic VAE of train_flow.py's flags `args` lives: one per dataset, image size
+    (and --vae-steps or --minutes), beside --out (say runs/vae-shapes-32px-seed0-n20000/ckpt.pt)."""
     if args.data is None:
         tag = f"shapes-{args.image_size}px-seed{args.seed}-n{args.n_builtin}"
     else:
@@ -187,8 +188,8 @@ def automatic_path(args):
 
 
 def train_automatic(args, path, resume):
-    """This command, with its defaults and train_flow.py's data, size, seed, --vae-steps and
-    machine flags, trains (or with `resume` finishes) the automatic VAE at `path`."""
+    """This command, with its defaults but the data, size, seed, --vae-steps and machine flags of
+    train_flow.py's flags `args`, trains (or with `resume` finishes) the automatic VAE at `path`."""
     flags = {"--out": path.parent, "--image-size": args.image_size, "--seed": args.seed,
              "--n-builtin": args.n_builtin, "--device": args.device, "--amp": args.amp,
              "--data": args.data, "--steps": args.vae_steps, "--threads": args.threads}
@@ -199,14 +200,14 @@ def train_automatic(args, path, resume):
                               "trains the flow model)")
 
 
-def step_seconds(config, images, device, amp):
-    """Seconds of one default training step of a fresh VAE of `config` on uint8 `images`, eager
-    (train_flow.py --minutes)."""
+def default_step_seconds(config, images, device, amp):
+    """Seconds of one training step with this command's defaults (batch, optimizer) of a fresh
+    VAE of `config` on uint8 `images`, eager: what train_flow.py --minutes sizes by."""
     args = parser().parse_args([])
     model, ema, opt, scaler = build(config, args, device, amp)
     x = images[torch.randint(len(images), (args.batch_size,))].to(device)
-    return median_time(lambda: train_step(model, model, ema, opt, scaler, x, 0, args, amp), 2, 3,
-                       synchronizer(device))
+    return median_time(lambda: train_step(model, model, ema, opt, scaler, x, 0, args, amp),
+                       sync=synchronizer(device))
 
 
 def parser():

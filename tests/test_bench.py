@@ -33,16 +33,6 @@ def test_count_flops_of_linear_forward_backward_is_three_forwards():
     assert bench.count_flops(lambda: layer(x).sum().backward()) == 3 * forward
 
 
-def test_median_time_calls_warmup_plus_repeats_times_and_returns_median_of_timed_calls():
-    ticks = iter([0.0, 1.0, 10.0, 13.0, 20.0, 22.0])   # durations 1, 3, 2 -> median 2
-    calls, syncs = [], []
-    result = bench.median_time(lambda: calls.append(1), warmup=2, repeats=3,
-                               sync=lambda: syncs.append(1), clock=lambda: next(ticks))
-    assert len(calls) == 2 + 3
-    assert result == 2.0
-    assert len(syncs) == 2 * 3          # before starting and before stopping each timed call
-
-
 def test_peaks_are_flops_and_bytes_over_the_measured_time(monkeypatch):
     seen = []
 

@@ -166,3 +166,13 @@ def test_progress_leaves_paused_work_out_of_the_rate_and_prints_when_forced(caps
     entry = progress.update(10, {"loss": 0.5}, force=True)
     assert entry["img_per_s"] == 8.0 and entry["step"] == 10 and entry["loss"] == 0.5
     assert capsys.readouterr().out.startswith("step 10/100 loss 0.5 | 8 img/s | ETA")
+
+
+def test_median_time_calls_warmup_plus_repeats_times_and_returns_median_of_timed_calls():
+    ticks = iter([0.0, 1.0, 10.0, 13.0, 20.0, 22.0])   # durations 1, 3, 2 -> median 2
+    calls, syncs = [], []
+    result = common.median_time(lambda: calls.append(1), warmup=2, repeats=3,
+                                sync=lambda: syncs.append(1), clock=lambda: next(ticks))
+    assert len(calls) == 2 + 3
+    assert result == 2.0
+    assert len(syncs) == 2 * 3          # before starting and before stopping each timed call
