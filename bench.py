@@ -16,11 +16,11 @@ median of --repeats timed steps (CUDA is synchronised before every clock reading
                per step) under torch.inference_mode, images/s
     attention  the hand-written attention() vs the fused F.scaled_dot_product_attention on the
                DiT's self-attention shape (B, H, L, Dh), forward + backward
-    recipe     the default `python train_flow.py`, phase by phase: the vae-step, dit-step and
-               sample (one Euler step of a grid) rows at the run's sizes (train_vae.DEFAULTS,
-               train_flow.DEFAULTS), eager under --amp, and vae.encode_means of 256 images; one
-               untimed call and the median of --repeats each, times the calls the run makes.
-               The global RNG state is restored afterwards.
+    recipe     the default `python train_flow.py`, phase by phase: train_flow.time_steps (what
+               --minutes sizes by: a VAE step, a DiT step and an Euler step of a sample grid at
+               the run's sizes, eager under --amp, two untimed calls and the median of --repeats)
+               on 256 built-in images, and vae.encode_means of those, times the calls the run
+               makes. The global RNG state is restored afterwards.
 
 FLOPs per image: torch.utils.flop_counter.FlopCounterMode over one eager step (forward +
 backward, not the optimizer) divided by the batch. It counts matmuls, convolutions and attention
@@ -51,7 +51,7 @@ from attention import attention
 from common import (MAX_BATCH, MAX_STEPS, Parser, autocast, check_output, cpu_has_native_bf16,
                     median_time, pick_amp, pick_device, positive, run_main, set_threads,
                     synchronizer, write_json)
-from data import to_model_range
+from data import load_dataset, to_model_range
 from dit import PRESETS, DiT, dit_preset
 from embeddings import null_prompt, tokenize
 from flow import flow_matching_loss
@@ -301,37 +301,32 @@ def measure(what, build, kwargs, args, device, compile_, amp, peaks):
 
 
 def predict_recipe(repeats, device, amp):
-    """The default `python train_flow.py` here (the docstring's `recipe`), from the vae-step,
-    dit-step and sample rows' steps at the run's sizes: {"phases": {name: {count, call_s,
-    minutes}}, "minutes", "amp"}."""
-    flow, vae_run = settings(train_flow.DEFAULTS), settings(train_vae.DEFAULTS)
-    size, factor = vae_run.image_size, train_vae.vae_config(vae_run).factor
-    shapes = argparse.Namespace(preset=flow.preset, dim=None, depth=None, heads=None,
-                                image_size=size, latent_size=size // factor, sample_steps=1)
+    """The default `python train_flow.py` here (the docstring's `recipe`): train_flow.time_steps
+    (what --minutes sizes by) at the default run's sizes, on 256 built-in images, and
+    vae.encode_means of those: {"phases": {name: {count, call_s, minutes}}, "minutes", "amp"}."""
+    flow = settings(train_flow.DEFAULTS)
+    train_set = load_dataset(None, flow.image_size, "train", 256, flow.seed)
+    vae_config = train_vae.vae_config(flow)
     grids = len(range(flow.sample_every, flow.steps, flow.sample_every)) + 1
     cuda = torch.cuda.is_available()
     rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None
-    phases = {}
-
-    def phase(name, count, calls, step):             # `count` steps, images or grids: `calls`
-        s = median_time(step, 1, repeats, synchronizer(device))
-        phases[name] = {"count": count, "call_s": s, "minutes": calls * s / 60}
-
-    def row(build, batch, **kwargs):                 # (step, eager twin, model) at the run's sizes
-        shapes.batch = batch
-        return build(shapes, device, False, amp, **kwargs)
     try:
-        step, _, vae = row(bench_vae, vae_run.batch_size, whole=True)
-        phase("VAE", vae_run.steps, vae_run.steps, step)
-        images = torch.randint(0, 256, (256, 3, size, size), dtype=torch.uint8)   # on the CPU
-        phase("encoding", flow.n_builtin, flow.n_builtin / 256, lambda: encode_means(vae, images))
-        phase("DiT", flow.steps, flow.steps, row(bench_dit, flow.batch_size, whole=True)[0])
-        grid = row(bench_sample, flow.grid_prompts * flow.grid_images)[0]    # one batch, 1 step
-        phase("sample grids", grids, grids * flow.sample_steps, grid)
+        t_vae, t_dit, t_grid = train_flow.time_steps(flow, device, amp, train_set, vae_config,
+                                                     True, repeats)
+        vae = VAE(vae_config).to(device)
+        t_enc = median_time(lambda: encode_means(vae, train_set.images), 1, repeats,
+                            synchronizer(device))
     finally:
         torch.set_rng_state(rng[0])
         if cuda:
             torch.cuda.set_rng_state_all(rng[1])
+    vae_steps = train_vae.DEFAULTS["steps"]     # name: (count, calls, seconds a call)
+    phases = {"VAE": (vae_steps, vae_steps, t_vae),
+              "encoding": (flow.n_builtin, flow.n_builtin / 256, t_enc),
+              "DiT": (flow.steps, flow.steps, t_dit),
+              "sample grids": (grids, grids * flow.sample_steps, t_grid)}
+    phases = {name: {"count": count, "call_s": s, "minutes": calls * s / 60}
+              for name, (count, calls, s) in phases.items()}
     return {"phases": phases, "minutes": sum(p["minutes"] for p in phases.values()),
             "amp": str(amp)}
 

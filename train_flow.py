@@ -317,26 +317,12 @@ def check_minutes(run):
 def size_to_minutes(args, device, train_set, vae_path, given):
     """--minutes N: --steps, and --vae-steps when the automatic VAE is still to train, scaled
     together from their defaults (3,600 and 3,000) so that training and sample grids take about
-    N minutes here (loading and encoding come on top). Timed on fresh models: a DiT training step
-    and an Euler step of a grid at this run's sizes, and a default VAE training step
-    (train_vae.default_step_seconds) unless the VAE is there already."""
-    amp, sync = pick_amp(args.amp, device), synchronizer(device)
+    N minutes here (loading and encoding come on top), by `time_steps`."""
     vae_config = given[0].config if given else train_vae.vae_config(args)
     todo = given is None and not (vae_path.is_file() and
                                   load_checkpoint(vae_path, "vae", "--vae")["finished"])
-    x = train_set.images
-    t_vae = train_vae.default_step_seconds(vae_config, x, device, amp) if todo else 0.0
-    config = dit_config(args, vae_config, train_set.captions)
-    model, ema, opt, scaler = build(config, args, device, amp)
-    B, G = args.batch_size, args.grid_prompts * args.grid_images
-    z = torch.randn(max(B, G), config.in_channels, config.height, config.width, device=device)
-    null = null_prompt(config.max_prompt_len, config.prompt_word_bytes).to(device)  # (1, S, W)
-    tokens = null.expand(max(B, G), -1, -1)           # any prompt costs what "" costs: S tokens
-    t_dit = median_time(lambda: train_step(model, model, ema, opt, scaler, z[:B], tokens[:B],
-                                           null, 0, args, amp), sync=sync)
-    with torch.inference_mode(), autocast(device, amp):
-        u = guided_field(ema.model, tokens[:G], null, args.cfg_scale)
-        t_grid = median_time(lambda: u(z[:G], torch.zeros(G, device=device)), sync=sync)
+    t_vae, t_dit, t_grid = time_steps(args, device, pick_amp(args.amp, device), train_set,
+                                      vae_config, todo)
     # seconds = steps x (a DiT step + its share of the grids and the VAE's steps) + the last grid
     ratio = train_vae.DEFAULTS["steps"] / DEFAULTS["steps"]          # VAE steps per DiT step
     per_step = t_dit + t_grid * args.sample_steps / args.sample_every + t_vae * ratio
@@ -350,6 +336,29 @@ def size_to_minutes(args, device, train_set, vae_path, given):
     print(f"--minutes {args.minutes:g}: {args.steps} DiT steps ({t_dit:.3f} s each)"
           + (f" and {args.vae_steps} VAE steps ({t_vae:.3f} s each)" if t_vae else "")
           + ", from steps timed here")
+
+
+def time_steps(args, device, amp, train_set, vae_config, vae_todo, repeats=3):
+    """Seconds of (a VAE step, a DiT step, an Euler step of a sample grid), timed eagerly on fresh
+    models at this run's sizes: the DiT's training step, the grid's guided forward, and when
+    `vae_todo` a default VAE training step (else 0). What --minutes sizes a run by, and what
+    bench.py --what recipe predicts the default run with."""
+    sync = synchronizer(device)
+    t_vae = train_vae.default_step_seconds(vae_config, train_set.images, device, amp,
+                                           repeats) if vae_todo else 0.0
+    config = dit_config(args, vae_config, train_set.captions)
+    model, ema, opt, scaler = build(config, args, device, amp)
+    B, G = args.batch_size, args.grid_prompts * args.grid_images
+    z = torch.randn(max(B, G), config.in_channels, config.height, config.width, device=device)
+    null = null_prompt(config.max_prompt_len, config.prompt_word_bytes).to(device)  # (1, S, W)
+    tokens = null.expand(max(B, G), -1, -1)           # any prompt costs what "" costs: S tokens
+    t_dit = median_time(lambda: train_step(model, model, ema, opt, scaler, z[:B], tokens[:B],
+                                           null, 0, args, amp), repeats=repeats, sync=sync)
+    with torch.inference_mode(), autocast(device, amp):
+        u = guided_field(ema.model, tokens[:G], null, args.cfg_scale)
+        t_grid = median_time(lambda: u(z[:G], torch.zeros(G, device=device)), repeats=repeats,
+                             sync=sync)
+    return t_vae, t_dit, t_grid
 
 
 # ---------------------------------------------------------------------------------------------

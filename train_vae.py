@@ -200,14 +200,14 @@ def train_automatic(args, path, resume):
                               "trains the flow model)")
 
 
-def default_step_seconds(config, images, device, amp):
+def default_step_seconds(config, images, device, amp, repeats=3):
     """Seconds of one training step with this command's defaults (batch, optimizer) of a fresh
-    VAE of `config` on uint8 `images`, eager: what train_flow.py --minutes sizes by."""
+    VAE of `config` on uint8 `images`, eager (train_flow.time_steps)."""
     args = parser().parse_args([])
     model, ema, opt, scaler = build(config, args, device, amp)
     x = images[torch.randint(len(images), (args.batch_size,))].to(device)
     return median_time(lambda: train_step(model, model, ema, opt, scaler, x, 0, args, amp),
-                       sync=synchronizer(device))
+                       repeats=repeats, sync=synchronizer(device))
 
 
 def parser():

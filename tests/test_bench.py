@@ -123,11 +123,12 @@ def test_memory_is_unknown_without_proc_and_the_table_shows_dashes(monkeypatch):
 def test_recipe_times_each_phase_and_multiplies_by_the_default_runs_calls(monkeypatch):
     timed = []
 
-    def fake_median_time(fn, warmup, repeats, sync):
+    def fake_median_time(fn, warmup=2, repeats=3, sync=None):
         fn()                                 # the real calls run once: the API is the scripts'
         timed.append((warmup, repeats))
         return 0.5
-    monkeypatch.setattr(bench, "median_time", fake_median_time)
+    for module in (bench, train_flow, train_vae):   # the steps: train_flow.time_steps
+        monkeypatch.setattr(module, "median_time", fake_median_time)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     recipe = bench.predict_recipe(7, CPU, None)
@@ -137,7 +138,7 @@ def test_recipe_times_each_phase_and_multiplies_by_the_default_runs_calls(monkey
     assert flow["steps"] == 3600 and flow["sample_every"] == 1000
     calls = {"VAE": vae["steps"], "encoding": flow["n_builtin"] / 256, "DiT": flow["steps"],
              "sample grids": grids * flow["sample_steps"]}
-    assert list(recipe["phases"]) == list(calls) and timed == [(1, 7)] * 4
+    assert list(recipe["phases"]) == list(calls) and timed == [(2, 7)] * 3 + [(1, 7)]
     for name, p in recipe["phases"].items():
         assert p["call_s"] == 0.5 and p["minutes"] == pytest.approx(calls[name] * 0.5 / 60)
     assert recipe["phases"]["encoding"]["count"] == flow["n_builtin"]
