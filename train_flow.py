@@ -7,8 +7,10 @@ Slide "Latent Diffusion Models (LDMs) - Recipe", one function per step, called i
   1. Data: the images x_1..x_N (`load_data`) and the VAE that makes their latent space
      (`ensure_vae`, near the end: with no --vae, the automatic VAE of this data, trained first
      by train_vae.py).
-  2. Encoding: every image becomes a latent, the VAE encoder's *mean* (`encode`).
-  3. Latent data: z_1..z_N, normalised per channel, with their prompts (`latent_data`).
+  2. Encoding: every image becomes a latent, the VAE encoder's *mean* (`encode`; train_vae.py
+     stored those of its own training images in the VAE's checkpoint, with their statistics).
+  3. Latent data: z_1..z_N, normalised per channel by those statistics, with their prompts
+     (`latent_data`).
   4. Latent diffusion model: a DiT trained with the CondOT flow matching loss (flow.py), prompts
      dropped to the empty prompt with probability 10% so that classifier-free guidance works,
      training times t drawn logit-normal (Stable Diffusion 3; --t-dist uniform is the lecture's)
@@ -72,12 +74,12 @@ def main(argv=None):
             print(f"{args.out} is already at step {run.resume['step']} of {args.steps}; nothing "
                   f"to do (a larger --steps trains on)")
             return 0
-        train_set = load_data(args)                                        # step 1
-        vae_path, given = find_vae(args, run.resume, run.device)
+        train_set = load_data(args)                                        # step 1: the data
+        vae_path, given = find_vae(args, run.resume, run.device)           # ... and its VAE
         run.lock([("--data", args.data), ("--vae", vae_path)])
         if args.minutes and run.resume is None:
             size_to_minutes(args, run.device, train_set, vae_path, given)
-        vae, vae_ckpt = ensure_vae(args, vae_path, given, run, train_set)
+        vae, vae_ckpt = ensure_vae(args, vae_path, given, run, train_set)  # (trained if need be)
         mu = encode(vae, vae_ckpt, train_set, args)                         # step 2
         latents = latent_data(mu, vae, train_set, args, run)                # step 3
         train_dit(run, latents, vae, vae_path, vae_ckpt)                    # steps 4 and 5
@@ -119,7 +121,7 @@ def encode(vae, vae_ckpt, train_set, args):
 @dataclass
 class LatentData:
     """The training set in latent space: what the DiT learns from (recipe step 3)."""
-    z: torch.Tensor          # (N, C, h, w) encoder means, normalised per channel (~unit scale)
+    z: torch.Tensor          # (N, C, h, w) encoder means, normalised by the VAE's statistics
     tokens: torch.Tensor     # (N, S, W) their captions as prompt tokens
     config: object           # the DiTConfig that fits these latents and prompts
     prompts: list            # the fixed prompts of the sample grids
@@ -160,7 +162,7 @@ def dit_config(args, vae_config, captions):
 
 
 # ---------------------------------------------------------------------------------------------
-# Step 4: the DiT, trained with the CondOT flow matching loss (and step 5's grids on the way)
+# Steps 4 and 5: the DiT, trained with the CondOT flow matching loss, and its sample grids
 
 def build(config, args, device, amp):
     """Step 4's state: the DiT (initialised from --seed), its EMA, AdamW, the GradScaler."""
@@ -239,7 +241,7 @@ def train_dit(run, latents, vae, vae_path, vae_ckpt):
         if step % args.sample_every == 0 and step < args.steps:
             grid()
     if not run.stopped:
-        grid()                        # before the last save: a run is done once its grid is
+        grid()                        # before the last save, so a finished run has its grid
     run.stop_if_asked(step, extra, f"python train_flow.py --resume --out {args.out}")
     run.save(step, extra)
     ckpt = out / "ckpt.pt"
@@ -316,8 +318,8 @@ def check_minutes(run):
 
 def size_to_minutes(args, device, train_set, vae_path, given):
     """--minutes N: --steps, and --vae-steps when the automatic VAE is still to train, scaled
-    together from their defaults (3,600 and 3,000) so that training and sample grids take about
-    N minutes here (loading and encoding come on top), by `time_steps`."""
+    together from their DEFAULTS (here and train_vae.py's) so that training and sample grids take
+    about N minutes here (loading and encoding come on top), by `time_steps`."""
     vae_config = given[0].config if given else train_vae.vae_config(args)
     todo = given is None and not (vae_path.is_file() and
                                   load_checkpoint(vae_path, "vae", "--vae")["finished"])
