@@ -16,7 +16,8 @@ two references, the same in every row: the real-vs-real floor (floor_*: real set
 set A) and the VAE ceiling (ceiling_*: B decoded from its encoder means, against A: what a
 perfect generator of this VAE's latents would score). A row reads floor <= ceiling <= fd: the
 first gap is the VAE's, the second the flow's. copy_share says whether the samples are copies of
-training images (about 0.05 when they generalise, 1 for copies; a warning above COPY_WARN).
+training images, compared in the VAE's latent space with all of them (about 0.05 when they
+generalise, 1 for copies; a warning above COPY_WARN).
 Then the VAE section, all as tables and as JSON. In reading order:
     load_models, real_sets               what is evaluated: the models, the two real sets
     prompt_task                          what prompt accuracy can mean for a dataset
@@ -24,7 +25,8 @@ Then the VAE section, all as tables and as JSON. In reading order:
                                          its score; seen prompts vs held-out colour x shape pairs
     pick_features                        Inception, else a CNN trained here (features.py)
     evaluate_checkpoint                  one checkpoint: evaluate_vae_section, references (floor,
-                                         ceiling: reconstruct), evaluate_settings (copy_warning)
+                                         ceiling: reconstruct), evaluate_settings (flat_means,
+                                         copy_warning)
     summarize                            several trainings (--ckpt a b c): median, min, max
     format_table, report, summary_report the tables
     parser, main                         the command line
@@ -58,7 +60,6 @@ ATTRIBUTES = ("shape", "color", "size", "count", "background", "position")
 COMPOSITION = ("seen_", "held_out_")  # the keys of composition_accuracy
 MIN_N = 5            # precision/recall with k = 3 needs k + 2 points; KID needs 2
 MAX_CLASSES = 100    # more distinct captions than this are not class names
-COPY_REFERENCE = 2000  # training images (a fixed-seed subset) that copy_share compares with
 COPY_WARN = 0.5      # a copy_share above this is warned about
 
 
@@ -269,8 +270,8 @@ def evaluate_checkpoint(args, ckpt, inception, device):
     print(f"VAE on {n_vae} held-out images done ({time.perf_counter() - t0:.1f}s elapsed)",
           flush=True)
     settings = [] if model is None else evaluate_settings(
-        model, vae, real_a, real_feats, refs, copy_reference(vae, train, features,
-                                                             args.batch_size),
+        model, vae, real_a, real_feats, refs,
+        flat_means(vae, reconstruct(vae, train.images, args.batch_size), args.batch_size),
         features, task, classifier, args, device, t0,
         composition=source.hold_out_pairs and task.kind == "attributes")
     results = {"checkpoint": ckpt, "vae_checkpoint": source.vae_path, "data": test.name,
@@ -338,20 +339,21 @@ def references(vae, real_feats, real_b, features, batch_size=250, seed=0):
             **metrics("ceiling_", features(reconstruct(vae, real_b.images, batch_size)))}
 
 
-def copy_reference(vae, train, features, batch_size=250):
-    """The features of the reconstructions of up to COPY_REFERENCE training images (a fixed-seed
-    subset) that copy_share compares samples with: a sample that reproduces a training latent
-    decodes to that image's reconstruction, not to the image itself."""
-    keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:COPY_REFERENCE]
-    return features(reconstruct(vae, train.images[keep], batch_size))
+def flat_means(vae, images, batch_size=250):
+    """The encoder means of uint8 images, flat (N, k*h*w): where copy_share compares samples with
+    the reconstructions of every training image (a sample that reproduces a training latent
+    decodes to that image's reconstruction, not to the image; no feature network runs, so all
+    the training images count, however many)."""
+    return encode_means(vae, images, batch_size).flatten(1)
 
 
-def evaluate_settings(model, vae, real_a, real_feats, refs, train_feats, features, task,
+def evaluate_settings(model, vae, real_a, real_feats, refs, train_mu, features, task,
                       classifier, args, device, t0, composition=False):
     """One dict per (cfg, steps): prompt accuracy (and, with `composition`, its split into seen
     and held-out pairs), distribution metrics of the samples against real_a (whose features are
-    real_feats), copy_share (against train_feats), the references `refs` and the seconds. The
-    samples are prompted with real_a's captions, so both sets have the same captions."""
+    real_feats), copy_share (their encoder means against the training images', train_mu), the
+    references `refs` and the seconds. The samples are prompted with real_a's captions, so both
+    sets have the same captions."""
     amp, rows = pick_amp(args.amp, device), []
     for cfg_scale in args.cfg_scales:
         for steps in args.sample_steps:
@@ -363,8 +365,8 @@ def evaluate_settings(model, vae, real_a, real_feats, refs, train_feats, feature
                    **prompt_scores(fake, real_a, task, classifier),
                    **(composition_accuracy(fake, real_a.attributes) if composition else {}),
                    **distribution_metrics(real_feats, fake_feats, seed=args.seed),
-                   "copy_share": copy_share(train_feats, fake_feats)
-                   if len(train_feats) > 1 else None, **refs}      # None: 1 training image
+                   "copy_share": copy_share(train_mu, flat_means(vae, fake, args.batch_size))
+                   if len(train_mu) > 1 else None, **refs}         # None: 1 training image
             row["seconds"] = time.perf_counter() - t
             rows.append(row)
             print(f"cfg {cfg_scale:g} steps {steps}: {len(fake)} images, fd {row['fd']:.4g} "

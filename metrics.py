@@ -158,11 +158,12 @@ def precision_recall(real, fake, k=3, batch_size=1024):
     return precision, recall
 
 
-def _knn_radii(feats, k, batch_size):
-    """Distance from each point to its k-th nearest neighbour in the same set, self excluded. (N,)"""
-    radii = []
-    for i in range(0, len(feats), batch_size):
-        d = torch.cdist(feats[i:i + batch_size], feats)  # (b, N), includes the 0 to itself
+def _knn_radii(feats, k, batch_size, points=None):
+    """Distance from each of `points` (rows of feats; default all of them) to its k-th nearest
+    neighbour in feats, itself excluded. (len(points),)"""
+    points, radii = feats if points is None else points, []
+    for i in range(0, len(points), batch_size):
+        d = torch.cdist(points[i:i + batch_size], feats)  # (b, N), includes the 0 to itself
         radii.append(d.kthvalue(k + 1, dim=1).values)  # k + 1: skip the point itself
     return torch.cat(radii)
 
@@ -206,18 +207,21 @@ def distribution_metrics(real_feats, fake_feats, real_feats_2=None, k=3, kid_sub
 # Memorisation: are the samples copies of training points?
 
 
-def copy_share(train_feats, fake_feats, quantile=0.05, batch_size=1024):
+def copy_share(train_feats, fake_feats, quantile=0.05, batch_size=1024, radii_of=2000):
     """Share of fake points (N, D) whose nearest training point (of train_feats (M, D), M >= 2)
     is nearer than the `quantile` of the training points' distances to their nearest other
     training point (the threshold counts as near).
 
     By exchangeability a fresh point of the training distribution is as far from the M training
     points as one training point is from the M - 1 others, so samples that generalise score about
-    `quantile` (0.05), and copies of training points 1. Float64, batched."""
+    `quantile` (0.05), and copies of training points 1. Every sample is compared with all M
+    training points; the threshold comes from up to `radii_of` of them (a fixed-seed subset),
+    which keeps a large training set cheap. Float64, batched."""
     train, fake = train_feats.double(), fake_feats.double()
     if len(train) < 2:
         raise ValueError(f"copy_share needs at least 2 training points, got {len(train)}")
-    threshold = torch.quantile(_knn_radii(train, 1, batch_size), quantile)
+    subset = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:radii_of]
+    threshold = torch.quantile(_knn_radii(train, 1, batch_size, train[subset]), quantile)
     nearest = torch.cat([torch.cdist(fake[i:i + batch_size], train).min(dim=1).values
                          for i in range(0, len(fake), batch_size)])     # (N,)
     return float((nearest <= threshold).double().mean())

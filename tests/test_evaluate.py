@@ -123,25 +123,20 @@ def test_recon_accuracy_is_the_checkers_on_a_perfect_vae_and_drops_when_detail_i
     assert "recon_acc" not in ev.evaluate_vae_section(_BlurVAE(1), held.images, None)
 
 
-def test_the_ceiling_of_a_perfect_vae_is_the_floor_and_a_lossy_vae_lies_above_it(monkeypatch):
+def test_the_ceiling_of_a_perfect_vae_is_the_floor_and_a_lossy_vae_lies_above_it():
     test = data_lib.load_dataset(None, 32, "test", n_builtin=64, seed=0)
     real_a, real_b = ev.real_sets(None, test, 48, 32, seed=0)
     torch.manual_seed(0)
     features = features_lib.TrainedFeatureNet(features_lib.FeatureNet(40).eval())  # untrained
-    monkeypatch.setattr(ev, "COPY_REFERENCE", 20)
-    train = _heldout(30)
     refs = {k: ev.references(_BlurVAE(k), features(real_a.images), real_b, features, 16)
             for k in (1, 8, 32)}
-    perfect, train_feats = refs[1], ev.copy_reference(_BlurVAE(1), train, features, 16)
+    perfect = refs[1]
     for key in ("fd", "kid", "precision", "recall"):                 # identity: B itself
         assert perfect[f"ceiling_{key}"] == pytest.approx(perfect[f"floor_{key}"], abs=1e-9)
     lossy, lossier = refs[8], refs[32]                                # 8x8 blocks; one colour
     assert lossy["floor_fd"] == lossier["floor_fd"] == perfect["floor_fd"]
     assert 1.3 * lossy["floor_fd"] < lossy["ceiling_fd"] < lossier["ceiling_fd"]
     assert lossier["ceiling_precision"] < lossy["ceiling_precision"] < lossy["floor_precision"]
-    assert len(train_feats) == 20                                     # capped, a fixed subset
-    assert torch.equal(train_feats, ev.copy_reference(_BlurVAE(1), train, features, 16))
-    assert not torch.equal(train_feats, features(train.images[:20]))  # shuffled, not the first
 
 
 @pytest.mark.parametrize("samples", ["copies", "fresh"])

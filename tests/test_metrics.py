@@ -258,6 +258,16 @@ def test_copy_share_is_one_for_copies_about_the_quantile_for_fresh_points_and_be
     assert metrics.copy_share(train, far) == 0.0
 
 
+def test_copy_share_compares_with_every_training_point_and_a_subset_sets_its_threshold():
+    g = torch.Generator().manual_seed(2)
+    train, fresh = torch.randn(3000, 8, generator=g), torch.randn(1000, 8, generator=g)
+    copies = train + 1e-4 * torch.randn(3000, 8, generator=g)  # 90% outside a 300-point subset
+    assert metrics.copy_share(train, copies, radii_of=300) == 1.0
+    full = metrics.copy_share(train, fresh, radii_of=3000)     # every training point's radius
+    assert 0.02 <= full <= 0.09
+    assert abs(metrics.copy_share(train, fresh, radii_of=300) - full) <= 0.03
+
+
 def test_copy_share_matches_a_brute_force_count():
     g = torch.Generator().manual_seed(1)
     train, fake = torch.randn(40, 3, generator=g), torch.randn(30, 3, generator=g)
