@@ -134,8 +134,8 @@ def test_recipe_times_each_phase_and_multiplies_by_the_default_runs_calls(monkey
     recipe = bench.predict_recipe(7, CPU, None)
     assert torch.equal(torch.get_rng_state(), before)                 # the RNG is restored
     flow, vae = train_flow.DEFAULTS, train_vae.DEFAULTS
-    grids = 4                                 # at 1000, 2000, 3000 and the end (3600)
-    assert flow["steps"] == 3600 and flow["sample_every"] == 1000
+    grids = 3                                 # at 1000, 2000 and the end (2930)
+    assert flow["steps"] == 2930 and flow["sample_every"] == 1000
     calls = {"VAE": vae["steps"], "encoding": flow["n_builtin"] / 256, "DiT": flow["steps"],
              "sample grids": grids * flow["sample_steps"]}
     assert list(recipe["phases"]) == list(calls) and timed == [(2, 7)] * 3 + [(1, 7)]

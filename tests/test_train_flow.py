@@ -281,11 +281,11 @@ def test_minutes_sizes_both_trainings_to_the_budget_from_timed_steps(cli, tmp_pa
                               "--steps", 5, *flags), "--minutes sizes --steps and --vae-steps")
     rc, out, err = cli("train_flow.py", "--out", tmp_path / "f", "--minutes", 0.06, *flags)
     assert rc == 0 and timed == [3, 3, 3], err          # a VAE step, a DiT step, a grid step
-    # 3.6 s = 14.57 steps x (0.1 + 0.1 x 2 / 4 grid steps + 0.1 x 3000 / 3600 VAE) + a grid
+    # 3.6 s = 9.58 steps x (0.1 + 0.1 x 2 / 4 grid steps + 0.1 x 6000 / 2930 VAE) + a grid
     steps = json.loads((tmp_path / "f" / "args.json").read_text())["steps"]
-    assert steps == 14 and "--minutes 0.06: 14 DiT steps (0.100 s each) and 12 VAE steps" in out
+    assert steps == 9 and "--minutes 0.06: 9 DiT steps (0.100 s each) and 18 VAE steps" in out
     vae = torch.load(tmp_path / "vae-shapes-32px-seed0-n64-0.06min" / "ckpt.pt", weights_only=True)
-    assert vae["step"] == 12 and vae["finished"]
+    assert vae["step"] == 18 and vae["finished"]
     # a resumed run keeps its sized steps and finds its VAE; --minutes there is refused
     rc, out, err = cli("train_flow.py", "--out", tmp_path / "f", "--resume", "--steps", 16, *flags)
     assert rc == 0 and torch.load(tmp_path / "f" / "ckpt.pt", weights_only=True)["step"] == 16, err
