@@ -50,8 +50,7 @@ DEFAULTS = {
     "preset": "tiny", "patch_size": 2,
     # flow matching: training times t, and prompts dropped (CFG's null condition) at p_uncond
     "t_dist": "logit_normal", "p_uncond": 0.1,
-    # AdamW: linear warm-up then a constant rate, gradients clipped, weights averaged. 2,930
-    # steps: with train_vae.py's 6,000, the one-thread time of the earlier 3,600 and 3,000
+    # AdamW: linear warm-up, constant rate, clipped gradients, EMA (2,930 + 6,000 VAE: RESULTS.md)
     "steps": 2930, "batch_size": 64, "lr": 1e-3, "adam_betas": [0.9, 0.95], "weight_decay": 0.0,
     "warmup": 200, "grad_clip": 1.0, "ema_decay": 0.995,
     # sample grids: grid_images EMA samples of each of grid_prompts prompts, sample_steps Euler
