@@ -83,7 +83,7 @@ def guided_field(model, cond, null_cond, cfg_scale, interval=None):
 # From a trained model to pictures
 
 @torch.inference_mode()
-def generate(model, vae, prompts, sample_steps=50, cfg_scale=4.0, seed=0, batch_size=64, amp=None,
+def generate(model, vae, prompts, sample_steps=50, cfg_scale=2.0, seed=0, batch_size=64, amp=None,
              cfg_interval=None):
     """uint8 images (N, 3, H, W) for N prompts: noise -> Euler + CFG -> denormalise -> decode.
 
@@ -199,7 +199,7 @@ def parser():
     add("--n", type=positive(int, at_most=4096), default=8, help="images per prompt and setting")
     add("--sample-steps", metavar="N", nargs="+", type=positive(int, at_most=MAX_STEPS),
         default=[50], help="Euler steps (model evaluations); several make a sweep")
-    add("--cfg", dest="cfg_scales", metavar="W", nargs="+", type=finite, default=[4.0],
+    add("--cfg", dest="cfg_scales", metavar="W", nargs="+", type=finite, default=[2.0],
         help="guidance weight w (1 = no guidance); several make a sweep")
     add("--cfg-interval", type=positive(float, allow_zero=True, at_most=1.0), nargs=2,
         metavar=("T0", "T1"), default=None,

@@ -54,9 +54,10 @@ DEFAULTS = {
     "steps": 2930, "batch_size": 64, "lr": 1e-3, "adam_betas": [0.9, 0.95], "weight_decay": 0.0,
     "warmup": 200, "grad_clip": 1.0, "ema_decay": 0.995,
     # sample grids: grid_images EMA samples of each of grid_prompts prompts, sample_steps Euler
-    # steps at guidance weight cfg_scale, every sample_every steps and at the end
+    # steps at guidance weight cfg_scale (2: best on both datasets, RESULTS.md), every
+    # sample_every steps and at the end
     "sample_every": 1000, "grid_prompts": 8, "grid_images": 8, "sample_steps": 50,
-    "cfg_scale": 4.0,
+    "cfg_scale": 2.0,
     "log_every": 50, "ckpt_every": 500,
 }
 # Settings whose change makes another experiment: --resume refuses them without --allow-changes
@@ -295,6 +296,11 @@ def ensure_vae(args, path, given, run, train_set):
         train_vae.train_automatic(args, path, resume=ckpt is not None)
     else:
         data_lib.announce(train_set)
+        if given is None and ckpt["step"] < train_vae.DEFAULTS["steps"] and not (
+                args.minutes or args.vae_steps):            # made by an earlier, shorter default
+            print(f"note: the automatic VAE {path} has {ckpt['step']} steps, the default now "
+                  f"{train_vae.DEFAULTS['steps']}; it is used as it is (delete {path.parent} for "
+                  f"the default's)", file=sys.stderr)
     vae, ckpt = given or load_vae(path, run.device)
     if ckpt["data"] != train_set.name:
         print(f"warning: the VAE {path} was trained on {ckpt['data']}, this run uses "

@@ -155,7 +155,7 @@ def test_labelled_grid_carries_prompts_and_settings_in_png_text_and_a_prompts_fi
     assert labelled.width == plain.width and labelled.height > plain.height   # a strip per row
     assert json.loads(labelled.text["prompts"]) == prompts
     assert (labelled.text["seed"], json.loads(labelled.text["cfg"]), json.loads(labelled.text["steps"])) \
-        == ("3", [4.0], [2])
+        == ("3", [2.0], [2])
     assert labelled.text["checkpoint"] == str(runs["flow"])
     assert (tmp_path / "l.prompts.txt").read_text().splitlines() == prompts
     # the labels are text over the picture: the rows of images themselves are unchanged

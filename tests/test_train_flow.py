@@ -3,6 +3,7 @@ the files of a run and its falling loss, a folder of the user's images, a resume
 straight one, the automatic VAE (beside --out, locked, finished, never deleted), mistakes as one
 line before any slow work."""
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -118,10 +119,10 @@ def test_resume_restores_the_settings_refuses_another_experiment_and_works_from_
     # a byte-identical copy of its VAE, elsewhere, is the same VAE
     (tmp_path / "v").rename(tmp_path / "moved")
     monkeypatch.chdir(tmp_path / "moved")
-    rc, stdout, err = cli("train_flow.py", "--resume", "--out", out, "--steps", 2, "--cfg", 2,
+    rc, stdout, err = cli("train_flow.py", "--resume", "--out", out, "--steps", 2, "--cfg", 3,
                           "--vae", tmp_path / "moved" / "ckpt.pt")
     assert rc == 0 and "resumed" in stdout, err
-    assert "--steps 2 (was 1), --vae" in stdout and "--cfg 2.0 (was 4.0)" in stdout
+    assert "--steps 2 (was 1), --vae" in stdout and "--cfg 3.0 (was 2.0)" in stdout
     settings = json.loads((out / "args.json").read_text())
     assert settings["lr"] == 3e-4 and settings["steps"] == 2          # stored, then changed
     (tmp_path / "moved").rename(tmp_path / "gone")
@@ -170,6 +171,24 @@ def test_the_automatic_vae_lives_beside_out_is_finished_if_stopped_and_never_del
     rc, _, err = cli("train_flow.py", "--out", vae.parent, "--vae-steps", 4, "--overwrite", *flags)
     expect.one_line_error((rc, _, err), "would delete a file this command reads as --vae")
     assert torch.load(vae, weights_only=True)["finished"]
+
+
+def test_an_automatic_vae_of_an_earlier_shorter_default_is_used_as_it_is_with_a_note(
+        cli, runs, tmp_path, tiny, monkeypatch):
+    flags = ["--steps", 1, "--n-builtin", 64, "--batch-size", 8, "--sample-steps", 1, *tiny.cpu]
+    vae = tmp_path / "vae-shapes-32px-seed0-n64" / "ckpt.pt"
+    ckpt = torch.load(runs["vae"], weights_only=True)              # finished, tiny.vae_steps
+    checkpoint.save_checkpoint(vae, ckpt)
+    before = vae.read_bytes()
+    monkeypatch.setitem(train_vae.DEFAULTS, "steps", ckpt["step"])   # the default it was made by
+    rc, out, err = cli("train_flow.py", "--out", tmp_path / "a", *flags)
+    assert rc == 0 and "note: the automatic VAE" not in err, err
+    monkeypatch.setitem(train_vae.DEFAULTS, "steps", ckpt["step"] + 2)   # the default grew
+    rc, out, err = cli("train_flow.py", "--out", tmp_path / "b", *flags)
+    assert rc == 0 and f"has {ckpt['step']} steps, the default now {ckpt['step'] + 2}" in err, err
+    assert f"delete {vae.parent}" in err and vae.read_bytes() == before   # used, not changed
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["vae"]["sha1"] == \
+        hashlib.sha1(before).hexdigest()
 
 
 def test_the_lock_is_taken_before_the_automatic_vae_is_trained(cli, tmp_path, expect, tiny):
