@@ -54,8 +54,7 @@ DEFAULTS = {
     "steps": 2930, "batch_size": 64, "lr": 1e-3, "adam_betas": [0.9, 0.95], "weight_decay": 0.0,
     "warmup": 200, "grad_clip": 1.0, "ema_decay": 0.995,
     # sample grids: grid_images EMA samples of each of grid_prompts prompts, sample_steps Euler
-    # steps at guidance weight cfg_scale (2: best on both datasets, RESULTS.md), every
-    # sample_every steps and at the end
+    # steps at guidance weight cfg_scale (2: RESULTS.md), every sample_every steps and at the end
     "sample_every": 1000, "grid_prompts": 8, "grid_images": 8, "sample_steps": 50,
     "cfg_scale": 2.0,
     "log_every": 50, "ckpt_every": 500,
