@@ -112,11 +112,16 @@ class Run:
 
     def _restore(self, parser, given, saved, experiment):
         """The stored settings become the values of the flags not given, checked as the command
-        line's are; given flags that differ are listed, experiment ones refused."""
-        args, changes = self.args, {}
+        line's are; given flags that differ are listed, experiment ones refused; settings the run
+        did not store (newer than it) are named with the defaults they take."""
+        args, changes, newer = self.args, {}, []
         for action in parser._actions:
             key, flag = action.dest, (action.option_strings or [""])[0]
-            if key not in saved or key in NOT_SETTINGS:
+            if key in NOT_SETTINGS or key not in vars(args):
+                continue
+            if key not in saved:             # a setting newer than the run: today's value
+                if key not in given:
+                    newer.append(f"{flag} {getattr(args, key)}")
                 continue
             old, now = saved[key], getattr(args, key)
             if key not in given:
@@ -140,6 +145,9 @@ class Run:
                             f"experiment: use the run's values, another --out, or --allow-changes")
         if text:
             print(f"resuming with changed settings: {text}")
+        if newer:
+            print(f"note: settings newer than this run take today's defaults: {', '.join(newer)}",
+                  file=sys.stderr)
 
     def settings(self):
         """The run's settings as stored (plain values, JSON's view of them)."""

@@ -50,9 +50,10 @@ DEFAULTS = {
     "preset": "tiny", "patch_size": 2,
     # flow matching: training times t, and prompts dropped (CFG's null condition) at p_uncond
     "t_dist": "logit_normal", "p_uncond": 0.1,
-    # AdamW: linear warm-up, constant rate, clipped gradients, EMA (2,930 + 6,000 VAE: RESULTS.md)
+    # AdamW: linear warm-up, constant rate, linear cool-down to 0 over the last fifth, clipped
+    # gradients, EMA (2,930 + 6,000 VAE steps: RESULTS.md)
     "steps": 2930, "batch_size": 64, "lr": 1e-3, "adam_betas": [0.9, 0.95], "weight_decay": 0.0,
-    "warmup": 200, "grad_clip": 1.0, "ema_decay": 0.995,
+    "warmup": 200, "cooldown": 0.2, "grad_clip": 1.0, "ema_decay": 0.995,
     # sample grids: grid_images EMA samples of each of grid_prompts prompts, sample_steps Euler
     # steps at guidance weight cfg_scale (2: RESULTS.md), every sample_every steps and at the end
     "sample_every": 1000, "grid_prompts": 8, "grid_images": 8, "sample_steps": 50,
@@ -176,12 +177,13 @@ def build(config, args, device, amp):
 
 def train_step(net, model, ema, opt, scaler, z, tokens, null, step, args, amp):
     """One optimizer step on latents z (B, C, h, w) and prompt tokens (B, S, W): this step's
-    learning rate (linear warm-up, then constant), the CondOT loss with prompts dropped to
-    `null` at --p-uncond, backward, clipped gradients, AdamW, the EMA. `net` is the model as
-    called (compiled or not), `model` the plain one. Returns the loss, detached, with no
+    learning rate (linear warm-up, constant, linear cool-down to 0), the CondOT loss with prompts
+    dropped to `null` at --p-uncond, backward, clipped gradients, AdamW, the EMA. `net` is the
+    model as called (compiled or not), `model` the plain one. Returns the loss, detached, with no
     host sync. bench.py times this very function."""
     for group in opt.param_groups:
-        group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+        group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1),
+                                    (args.steps - step) / max(args.cooldown * args.steps, 1))
     with autocast(z.device, amp):
         loss = flow_matching_loss(net, z, tokens, null, args.p_uncond, args.t_dist)
     scaler.scale(loss).backward()
@@ -397,6 +399,9 @@ def parser():
         help="training times t: uniform on [0, 1] (the lecture's) or logit-normal (SD3's)")
     add("--p-uncond", type=fraction, default=DEFAULTS["p_uncond"],
         help="probability of replacing a prompt by the empty prompt (for CFG)")
+    add("--cooldown", type=fraction, default=DEFAULTS["cooldown"],
+        help="the learning rate falls linearly to 0 over this last fraction of --steps (a run "
+             "resumed with a larger --steps goes back to --lr, then cools down again)")
     add("--adam-betas", type=fraction, nargs=2, default=DEFAULTS["adam_betas"],
         help="AdamW's betas")
     add("--warmup", type=positive(int, allow_zero=True, at_most=MAX_STEPS),

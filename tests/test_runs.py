@@ -104,6 +104,22 @@ def test_a_stored_setting_no_flag_allows_is_refused_on_resume(runs, tmp_path, mo
         open_run(tmp_path, "--resume")
 
 
+def test_a_setting_newer_than_the_run_takes_todays_default_and_says_so(runs, tmp_path,
+                                                                        monkeypatch, capsys):
+    ckpt = torch.load(runs["vae"], weights_only=True)
+    stored = {k: v for k, v in ckpt["args"].items() if k not in ("lr", "grad_clip")}
+    monkeypatch.setattr(runs_lib, "load_checkpoint", lambda *a: {**ckpt, "args": stored})
+    (tmp_path / "ckpt.pt").write_text("x")
+    run = open_run(tmp_path, "--resume", "--grad-clip", "2")
+    assert run.args.lr == train_vae.DEFAULTS["lr"] and run.args.grad_clip == 2
+    err = capsys.readouterr().err
+    assert f"settings newer than this run take today's defaults: --lr {train_vae.DEFAULTS['lr']}" \
+        in err and "--grad-clip" not in err
+    monkeypatch.undo()
+    open_run(runs["vae_dir"], "--resume")                      # a run that stored every setting
+    assert "newer" not in capsys.readouterr().err
+
+
 def test_plot_loss_draws_the_logged_curve(tmp_path):
     log, png = tmp_path / "log.jsonl", tmp_path / "loss.png"
     log.write_text("".join(json.dumps({"step": s, "loss": 10 / s}) + "\n" for s in range(1, 50)))

@@ -10,6 +10,7 @@ import re
 import signal
 import statistics
 
+import pytest
 import torch
 from PIL import Image
 
@@ -284,6 +285,21 @@ def test_the_training_steps_and_the_sampler_never_read_a_value_back_from_the_dev
     monkeypatch.undo()
     assert loss.ndim == 0 and torch.isfinite(x).all() and x.shape == z.shape
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))   # it stepped
+
+
+def test_the_learning_rate_warms_up_holds_and_cools_down_to_zero_as_written():
+    cpu = torch.device("cpu")
+    z, tokens, null = torch.randn(2, 4, 8, 8), tokenize(["a red circle"] * 2, 16), null_prompt(16)
+    for cooldown, tail in [(0.4, [1, 0.75, 0.5, 0.25]), (0.0, [1, 1, 1, 1])]:
+        args = argparse.Namespace(**{**train_flow.DEFAULTS, "steps": 10, "warmup": 3,
+                                     "cooldown": cooldown}, seed=0)
+        model, ema, opt, scaler = train_flow.build(dit_preset("tiny", max_prompt_len=16, depth=1),
+                                                   args, cpu, None)
+        rates = []
+        for step in range(10):
+            train_flow.train_step(model, model, ema, opt, scaler, z, tokens, null, step, args, None)
+            rates.append(opt.param_groups[0]["lr"] / args.lr)
+        assert rates == pytest.approx([1 / 3, 2 / 3, 1, 1, 1, 1] + tail, abs=1e-12)
 
 
 def test_minutes_sizes_both_trainings_to_the_budget_from_timed_steps(cli, tmp_path, tiny, expect,
