@@ -297,11 +297,15 @@ def ensure_vae(args, path, given, run, train_set):
         train_vae.train_automatic(args, path, resume=ckpt is not None)
     else:
         data_lib.announce(train_set)
-        if given is None and ckpt["step"] < train_vae.DEFAULTS["steps"] and not (
-                args.minutes or args.vae_steps):            # made by an earlier, shorter default
-            print(f"note: the automatic VAE {path} has {ckpt['step']} steps, the default now "
-                  f"{train_vae.DEFAULTS['steps']}; it is used as it is (delete {path.parent} for "
-                  f"the default's)", file=sys.stderr)
+        today = train_vae.DEFAULTS              # a finished automatic VAE: made by today's?
+        older = [] if given else [
+            f"--{k.replace('_', '-')} {ckpt['args'].get(k, 0)}, the default now {today[k]}"
+            for k in ("steps", "decoder_noise") if ckpt["args"].get(k, 0) != today[k]
+            and not (k == "steps" and (args.minutes or args.vae_steps))]
+        if older:
+            print(f"note: the automatic VAE {path} was made by an earlier default ("
+                  f"{'; '.join(older)}); it is used as it is (delete {path.parent} for today's)",
+                  file=sys.stderr)
     vae, ckpt = given or load_vae(path, run.device)
     if ckpt["data"] != train_set.name:
         print(f"warning: the VAE {path} was trained on {ckpt['data']}, this run uses "

@@ -40,6 +40,9 @@ DEFAULTS = {
     "image_size": 32, "n_builtin": 20000,
     # Algorithm 7's constants (only lambda = 2 sigma^2 beta = 5e-3 matters; vae.py says why)
     "beta": DEFAULT_BETA, "sigma": DEFAULT_SIGMA,
+    # the decoder's latents noised by up to this fraction of their spread (vae.noised_latents):
+    # 0 is Algorithm 7's; 0.2 lowers Twemoji's FID, its shapes check is pending (RESULTS.md)
+    "decoder_noise": 0.0,
     # AdamW at a constant rate, gradients clipped, weights averaged (runs.EMA warms the decay up:
     # 0.9985 at step 6,000, so the average spans about the last ninth of the steps). 6,000 steps:
     # a VAE that keeps more detail is worth more than the DiT steps its time would buy
@@ -49,7 +52,8 @@ DEFAULTS = {
     "eval_images": 512, "log_every": 50, "ckpt_every": 500,
 }
 # Settings whose change makes another experiment: --resume refuses them without --allow-changes.
-EXPERIMENT = {"data", "n_builtin", "seed", "image_size", "vae_preset", "beta", "sigma"}
+EXPERIMENT = {"data", "n_builtin", "seed", "image_size", "vae_preset", "beta", "sigma",
+              "decoder_noise"}
 
 
 def main(argv=None, resume_command=None):
@@ -121,7 +125,7 @@ def train_step(net, model, ema, opt, scaler, images, step, args, amp):
     not), `model` the plain one. Returns (total, recon, kl), detached, with no host sync."""
     x = data_lib.to_model_range(images)                       # 1: a mini-batch in [-1, 1]
     with autocast(images.device, amp):
-        x_hat, mu, logvar = net(x)                             # 2-5: encode, reparameterize, decode
+        x_hat, mu, logvar = net(x, args.decoder_noise)         # 2-5 (and vae.noised_latents)
     total, recon, kl = vae_loss(x, x_hat, mu, logvar, args.beta, args.sigma)   # 6-8
     scaler.scale(total).backward()
     scaler.unscale_(opt)                                       # 9: the gradient update
@@ -227,6 +231,9 @@ def parser():
                    help="KL weight beta of Algorithm 7")
     p.add_argument("--sigma", type=positive(float), default=DEFAULTS["sigma"],
                    help="decoder std sigma of Algorithm 7 (recon = ||x - x_hat||^2 / (2 sigma^2))")
+    p.add_argument("--decoder-noise", type=positive(float, allow_zero=True, at_most=10),
+                   default=DEFAULTS["decoder_noise"], help="the decoder trains on latents noised "
+                   "by up to this fraction of their spread (vae.noised_latents; 0: Algorithm 7's)")
     p.add_argument("--eval-images", type=positive(int), default=DEFAULTS["eval_images"],
                    help="held-out images of the final PSNR / KL report")
     return p

@@ -34,7 +34,7 @@ tanh), it is the Gaussian mean mu_theta(z) of Algorithm 7. Non-square images wor
 and W are divisible by f.
 
 Offers: DEFAULT_BETA, DEFAULT_SIGMA, VAEConfig, VAE_PRESETS, vae_preset, ResBlock, AttnBlock,
-Downsample, Upsample, Encoder, Decoder, VAE, encode_means, latent_stats, vae_loss
+Downsample, Upsample, Encoder, Decoder, VAE, noised_latents, encode_means, latent_stats, vae_loss
 """
 import dataclasses
 from dataclasses import dataclass
@@ -295,10 +295,13 @@ class VAE(nn.Module):
         """z (B, k, h, w) -> x_hat (B, 3, h*f, w*f)."""
         return self.decoder(z)
 
-    def forward(self, x):
-        """Algorithm 7, lines 2-5: returns x_hat (B, 3, H, W), mu and logvar (B, k, H/f, W/f)."""
+    def forward(self, x, decoder_noise=0.0):
+        """Algorithm 7, lines 2-5: returns x_hat (B, 3, H, W), mu and logvar (B, k, H/f, W/f).
+        With decoder_noise s > 0 (training) the decoder reads `noised_latents(z, mu, s)`."""
         mu, logvar = self.encode(x)
         z = self.reparameterize(mu, logvar)
+        if decoder_noise:
+            z = noised_latents(z, mu, decoder_noise)
         return self.decode(z), mu, logvar
 
     # Latent normalisation for the flow model --------------------------------
@@ -327,6 +330,16 @@ class VAE(nn.Module):
         mean = self.latent_mean.to(z.dtype).view(1, -1, 1, 1)
         std = self.latent_std.to(z.dtype).view(1, -1, 1, 1)
         return z * std + mean
+
+
+def noised_latents(z, mu, scale):
+    """z (B, k, h, w) + u * std_c(mu) * n, u ~ U(0, scale) per image, n ~ N(0, I), std_c the
+    batch's spread of the means per channel: a departure from Algorithm 7 that trains the
+    decoder on latents a little off the encoder's, as the flow model's samples are, so that it
+    forgives their errors. Relative to the latents' own spread, so the encoder cannot outgrow it
+    (a fixed noise std changed nothing; RESULTS.md, "A decoder that forgives")."""
+    u = scale * torch.rand(z.shape[0], 1, 1, 1, device=z.device, dtype=z.dtype)   # (B, 1, 1, 1)
+    return z + u * mu.detach().std(dim=(0, 2, 3)).view(1, -1, 1, 1) * torch.randn_like(z)
 
 
 @torch.no_grad()

@@ -174,7 +174,7 @@ def test_the_automatic_vae_lives_beside_out_is_finished_if_stopped_and_never_del
     assert torch.load(vae, weights_only=True)["finished"]
 
 
-def test_an_automatic_vae_of_an_earlier_shorter_default_is_used_as_it_is_with_a_note(
+def test_an_automatic_vae_of_an_earlier_default_is_used_as_it_is_with_a_note(
         cli, runs, tmp_path, tiny, monkeypatch):
     flags = ["--steps", 1, "--n-builtin", 64, "--batch-size", 8, "--sample-steps", 1, *tiny.cpu]
     vae = tmp_path / "vae-shapes-32px-seed0-n64" / "ckpt.pt"
@@ -186,8 +186,12 @@ def test_an_automatic_vae_of_an_earlier_shorter_default_is_used_as_it_is_with_a_
     assert rc == 0 and "note: the automatic VAE" not in err, err
     monkeypatch.setitem(train_vae.DEFAULTS, "steps", ckpt["step"] + 2)   # the default grew
     rc, out, err = cli("train_flow.py", "--out", tmp_path / "b", *flags)
-    assert rc == 0 and f"has {ckpt['step']} steps, the default now {ckpt['step'] + 2}" in err, err
+    assert rc == 0 and f"--steps {ckpt['step']}, the default now {ckpt['step'] + 2}" in err, err
     assert f"delete {vae.parent}" in err and vae.read_bytes() == before   # used, not changed
+    monkeypatch.setitem(train_vae.DEFAULTS, "steps", ckpt["step"])
+    monkeypatch.setitem(train_vae.DEFAULTS, "decoder_noise", 0.3)       # a setting changed
+    rc, out, err = cli("train_flow.py", "--out", tmp_path / "c", *flags)
+    assert rc == 0 and "(--decoder-noise 0.0, the default now 0.3)" in err, err
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["vae"]["sha1"] == \
         hashlib.sha1(before).hexdigest()
 

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from kl import kl_to_standard_normal
 from vae import (DEFAULT_BETA, DEFAULT_SIGMA, VAE, VAE_PRESETS, VAEConfig,
-                 latent_stats, vae_loss, vae_preset)
+                 latent_stats, noised_latents, vae_loss, vae_preset)
 
 torch.set_num_threads(2)
 
@@ -186,6 +186,23 @@ def test_reparameterize_returns_mu_at_tiny_variance_and_has_right_moments():
     z = VAE.reparameterize(mu.expand(n, 3), logvar.expand(n, 3))
     assert torch.allclose(z.mean(0), mu[0], atol=0.02)
     assert torch.allclose(z.var(0), logvar.exp()[0], rtol=0.02)
+
+
+def test_decoder_noise_is_uniform_in_size_per_image_and_relative_to_each_channels_spread():
+    torch.manual_seed(0)
+    scale, spread = 0.2, torch.tensor([0.5, 1.0, 2.0, 8.0], dtype=torch.float64)
+    mu = (torch.randn(4000, 4, 4, 4, dtype=torch.float64) * spread.view(1, -1, 1, 1) + 3.0)
+    mu.requires_grad_(True)
+    out = noised_latents(mu, mu, scale)                       # z = mu: only the added noise
+    d = (out - mu).detach() / mu.detach().std(dim=(0, 2, 3)).view(1, -1, 1, 1)
+    per_image = d.flatten(1).std(dim=1)                       # u_i ~ U(0, scale), 64 samples each
+    assert per_image.max() < scale * 1.4 and per_image.min() < 0.01
+    assert abs(per_image.mean() - scale / 2) < 0.005
+    per_channel = d.transpose(0, 1).flatten(1).std(dim=1)     # E[u^2]^0.5 = scale / 3^0.5 each
+    assert torch.allclose(per_channel, torch.full((4,), scale / 3 ** 0.5, dtype=torch.float64),
+                          rtol=0.03)
+    out.sum().backward()                                      # the spread is a constant: the
+    assert torch.equal(mu.grad, torch.ones_like(mu))          # encoder cannot shrink the noise
 
 
 def test_gradients_reach_every_parameter():
