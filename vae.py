@@ -14,6 +14,10 @@ q(z | x) = N(mu_phi(x), diag(sigma_phi^2(x))) and adds a KL pull towards the pri
     7: L_KL    = 1/B sum_i 1/2 sum_j (mu_ij^2 + sigma_ij^2 - log sigma_ij^2 - 1)
     8: L = L_recon + beta * L_KL
 
+One departure, train_vae.py's default: during training the decoder reads z plus a little noise
+relative to the latents' spread (`noised_latents`), as the flow model's samples are a little
+off the encoder's latents; a decoder trained so forgives them.
+
 Slide "Latent Diffusion Models - Recipe", step 2: the dataset of latents is the encoder *mean*
 mu_phi(x). The flow model then learns those latents; it trains best on unit-scale data, so the
 VAE also carries per-channel latent statistics (buffers `latent_mean`, `latent_std`, saved in
