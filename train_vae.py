@@ -38,18 +38,15 @@ from vae import (DEFAULT_BETA, DEFAULT_SIGMA, VAE, VAE_PRESETS, encode_means, la
 # The recipe's numbers, all in one place (every flag's default), the same on every device.
 DEFAULTS = {
     "image_size": 32, "n_builtin": 20000,
-    # Algorithm 7's constants (only lambda = 2 sigma^2 beta = 5e-3 matters; vae.py says why)
-    "beta": DEFAULT_BETA, "sigma": DEFAULT_SIGMA,
-    # the decoder also learns from latents noised by up to this fraction of their spread
-    # (vae.noised_latents; 0 is Algorithm 7's): it forgives the DiT's errors (RESULTS.md)
-    "decoder_noise": 0.2,
+    # Algorithm 7's constants (only lambda = 2 sigma^2 beta = 5e-3 matters; vae.py says why), and
+    # the decoder's input noise, a fraction of the latents' spread (vae.noised_latents; 0: none)
+    "beta": DEFAULT_BETA, "sigma": DEFAULT_SIGMA, "decoder_noise": 0.2,
     # AdamW at a constant rate, gradients clipped, weights averaged (runs.EMA warms the decay up:
     # 0.9985 at step 6,000, so the average spans about the last ninth of the steps). 6,000 steps:
     # a VAE that keeps more detail is worth more than the DiT steps its time would buy
     # (RESULTS.md, "the default's time split differently")
     "steps": 6000, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0,
-    "ema_decay": 0.999,
-    "eval_images": 512, "log_every": 50, "ckpt_every": 500,
+    "ema_decay": 0.999, "eval_images": 512, "log_every": 50, "ckpt_every": 500,
 }
 # Settings whose change makes another experiment: --resume refuses them without --allow-changes.
 EXPERIMENT = {"data", "n_builtin", "seed", "image_size", "vae_preset", "beta", "sigma",
