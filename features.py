@@ -21,6 +21,7 @@ Offers: FeatureExtractor, INCEPTION_FILE, INCEPTION_PACKAGE, INCEPTION_SIZE, fin
 load_inception, FeatureNet, TrainedFeatureNet, ROTATION_IMAGES, feature_task, class_labels,
 rotation_task, train_feature_net, classifier_accuracy
 """
+import hashlib
 import importlib.util
 import math
 import os
@@ -38,19 +39,27 @@ from common import Progress
 
 class FeatureExtractor:
     """A named map from uint8 images (N, C, H, W) to float32 features (N, D) on the CPU,
-    run in batches on `device` under inference mode. `fn` sees one float batch on device."""
+    run in batches on `device` under inference mode. `fn` sees one float batch on device.
+    An image set seen before (by its bytes) is not run again: evaluating several checkpoints of
+    one data set (and of one VAE) measures the real sets (and the reconstructions) once."""
 
     def __init__(self, name, fn, batch_size=64, device="cpu"):
         self.name, self.fn, self.batch_size, self.device = name, fn, batch_size, device
+        self.seen = {}                                   # sha1 of an image set -> its features
 
     @torch.inference_mode()
     def __call__(self, images):
-        out, progress = [], Progress("features", len(images))
-        for i in range(0, len(images), self.batch_size):
-            batch = images[i:i + self.batch_size].to(self.device)
-            out.append(self.fn(batch).float().cpu())
-            progress.update(i + len(batch))
-        return torch.cat(out)  # (N, D)
+        images = images.cpu().contiguous()
+        key = hashlib.sha1(f"{images.dtype}{tuple(images.shape)}".encode()
+                           + images.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+        if key not in self.seen:
+            out, progress = [], Progress("features", len(images))
+            for i in range(0, len(images), self.batch_size):
+                batch = images[i:i + self.batch_size].to(self.device)
+                out.append(self.fn(batch).float().cpu())
+                progress.update(i + len(batch))
+            self.seen[key] = torch.cat(out)  # (N, D)
+        return self.seen[key]       # an inference tensor: no caller can change it in place
 
     def __repr__(self):
         return f"FeatureExtractor({self.name!r})"

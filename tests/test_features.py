@@ -132,3 +132,18 @@ def test_a_file_that_is_not_the_fid_inception_is_refused_naming_it_and_why(tmp_p
     assert message.startswith(f"--inception {path}: ") and why in message and "\n" not in message
     if case == "not torchscript":                       # the reason in brackets is not blank
         assert message.split("not a TorchScript model (")[1].rstrip(")").strip()
+
+
+def test_an_image_set_seen_before_is_not_run_again():
+    calls = []
+    extractor = features.FeatureExtractor(
+        "mean", lambda x: calls.append(len(x)) or x.float().mean(dim=(2, 3)), 2)
+    a = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    b = a.clone()
+    b[3, 0, 0, 0] ^= 1                                          # one pixel differs
+    extractor(a)
+    again, other = extractor(a.clone()), extractor(b)
+    assert calls == [2, 2, 2, 2]                                # a once, b once, 2 per batch
+    assert torch.equal(again, a.float().mean(dim=(2, 3)))
+    assert torch.equal(other, b.float().mean(dim=(2, 3))) and not torch.equal(other, again)
+    assert torch.equal(extractor(a[:2]), again[:2]) and calls == [2, 2, 2, 2, 2]  # a new set
