@@ -297,15 +297,18 @@ def ensure_vae(args, path, given, run, train_set):
         train_vae.train_automatic(args, path, resume=ckpt is not None)
     else:
         data_lib.announce(train_set)
-        today = train_vae.DEFAULTS              # a finished automatic VAE: made by today's?
-        older = [] if given else [
-            f"--{k.replace('_', '-')} {ckpt['args'].get(k, 0)}, the default now {today[k]}"
-            for k in ("steps", "decoder_noise") if ckpt["args"].get(k, 0) != today[k]
-            and not (k == "steps" and (args.minutes or args.vae_steps))]
-        if older:
-            print(f"note: the automatic VAE {path} was made by an earlier default ("
-                  f"{'; '.join(older)}); it is used as it is (delete {path.parent} for today's)",
-                  file=sys.stderr)
+        if given is None:                       # a finished automatic VAE: made by today's?
+            today, k = train_vae.DEFAULTS, train_vae.vae_config(args).latent_channels
+            older = [f"--{n.replace('_', '-')} {ckpt['args'].get(n, 0)}, the default now "
+                     f"{today[n]}" for n in ("steps", "decoder_noise")
+                     if ckpt["args"].get(n, 0) != today[n]
+                     and not (n == "steps" and (args.minutes or args.vae_steps))]
+            older += [f"{ckpt['config']['latent_channels']} latent channels, {k} now"] * (
+                ckpt["config"]["latent_channels"] != k)
+            if older:
+                print(f"note: the automatic VAE {path} was made by an earlier default ("
+                      f"{'; '.join(older)}); it is used as it is (delete {path.parent} for "
+                      f"today's)", file=sys.stderr)
     vae, ckpt = given or load_vae(path, run.device)
     if ckpt["data"] != train_set.name:
         print(f"warning: the VAE {path} was trained on {ckpt['data']}, this run uses "

@@ -114,6 +114,7 @@ class VAEConfig:
 
 
 VAE_PRESETS = {
+    # (train_vae.py gives a folder of images 8 latent channels instead of 4: vae_config)
     # 32 px -> 8 x 8 x 4 (f = 4): 2 x 2 pixel patches, then 64 channels at 16 x 16 and 8 x 8;
     # small enough to train on a CPU in minutes.
     "32": VAEConfig(image_size=32, base_channels=64, channel_mults=(1, 1), num_res_blocks=1,

@@ -15,6 +15,7 @@ from PIL import Image
 
 import checkpoint
 import common
+import train_vae
 
 
 def test_vae_run_writes_checkpoint_recon_grid_and_log_and_its_loss_falls(runs, expect, tiny):
@@ -189,6 +190,16 @@ def test_a_folder_of_under_20_images_says_its_psnr_is_on_training_images(cli, tm
     assert rc == 0, err
     assert "training-image (under 20 images: none held out) PSNR" in out
     assert "held-out PSNR" not in out
+    # a folder of images gets 8 latent channels (the built-in shapes 4, as `runs` shows)
+    assert checkpoint.load_checkpoint(tmp_path / "v" / "ckpt.pt", "vae")["latents"].shape[1] == 8
+
+
+def test_latent_channels_follow_the_data_unless_given(tmp_path):
+    def k(*argv):
+        return train_vae.vae_config(train_vae.parser().parse([str(a) for a in argv])[0]) \
+            .latent_channels
+    assert [k(), k("--data", tmp_path), k("--data", tmp_path, "--latent-channels", 4),
+            k("--latent-channels", 16)] == [4, 8, 4, 16]
 
 
 def test_a_finished_run_is_not_overwritten_and_resume_says_it_is_done(cli, runs, tmp_path, expect,
