@@ -41,9 +41,8 @@ DEFAULTS = {
     # Algorithm 7's constants (only lambda = 2 sigma^2 beta = 5e-3 matters; vae.py says why), and
     # the decoder's input noise, a fraction of the latents' spread (vae.noised_latents; 0: none)
     "beta": DEFAULT_BETA, "sigma": DEFAULT_SIGMA, "decoder_noise": 0.2,
-    # latent channels k (None: by the data): 8 for a folder of images, whose detail they keep
-    # (Twemoji FID 73.4 against 78.4), 4 for the built-in shapes, whose shapes the DiT draws
-    # worse from 8 (95-96% right against 98-99%; RESULTS.md, "Latent channels by the data")
+    # latent channels k, None: by the data (8 for a folder, whose detail they keep; 4 for the
+    # built-in shapes, which the DiT draws worse from 8: RESULTS.md, "Latent channels by the data")
     "latent_channels": None,
     # AdamW at a constant rate, gradients clipped, weights averaged (runs.EMA warms the decay up:
     # 0.9985 at step 6,000, so the average spans about the last ninth of the steps). 6,000 steps:
@@ -166,8 +165,7 @@ def report_heldout(vae, test_set, run, batch_size=64):
 
 
 def vae_config(args):
-    """The VAE preset --vae-preset names (default: by --image-size), at --image-size, with
-    --latent-channels (default: by the data, see DEFAULTS)."""
+    """The --vae-preset (default: by --image-size) at --image-size, with --latent-channels."""
     size = args.image_size
     name = getattr(args, "vae_preset", None) or ("32" if size <= 32 else "64" if size <= 64 else
                                                  "large")
@@ -231,8 +229,7 @@ def parser():
     add_training_flags(p, DEFAULTS, "runs/vae")
     p.add_argument("--vae-preset", choices=sorted(VAE_PRESETS), default=None,
                    help="VAE size. Default: '32' up to 32 px, '64' up to 64 px, else 'large'")
-    p.add_argument("--latent-channels", type=positive(int, at_most=256),
-                   default=DEFAULTS["latent_channels"],
+    p.add_argument("--latent-channels", type=positive(int, at_most=256), default=None,
                    help="channels k of the latents. Default: 8 for a --data folder (real images "
                    "keep more detail), 4 for the built-in shapes")
     p.add_argument("--beta", type=positive(float, allow_zero=True), default=DEFAULTS["beta"],
