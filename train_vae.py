@@ -5,18 +5,16 @@
 
 Algorithm 7, "beta-VAE Training Procedure": for each mini-batch, encode (mu, log sigma^2),
 reparameterize z = mu + sigma * eps, decode, and minimise L_recon + beta * L_KL (vae.vae_loss),
-in `train_step`, the body of the loop in `main`. At the end, recipe step 2 (encode every image
-with the encoder's mean) gives the per-channel latent statistics that normalise what the flow
-model learns; the checkpoint keeps them, and those latents, so that train_flow.py need not
-encode the same images again.
+in `train_step`, the body of the loop in `main`. At the end, recipe step 2 (every image encoded
+by the encoder's mean) gives the per-channel statistics that normalise the flow model's latents;
+the checkpoint keeps them and those latents (train_flow.py need not encode them again).
 
-With no --vae, train_flow.py trains the automatic VAE of its data through `train_automatic`
-(this command with its defaults but the flow run's data, size, seed and machine flags), kept at
-`automatic_path`; both read train_flow.py's flags.
+With no --vae, train_flow.py trains the automatic VAE of its data (`automatic_path`) by
+`train_automatic`: this command with its defaults but the flow run's data, size, seed and
+machine flags.
 
-Outputs under --out (default runs/vae): ckpt.pt (weights, EMA weights, optimizer, RNG states,
-settings; once finished also the latent statistics and latents), recon.png (held-out images
-above their reconstructions), log.jsonl and loss.png.
+Outputs under --out (default runs/vae): ckpt.pt (weights, EMA, optimizer, RNG states, settings;
+once finished the latent statistics and latents), recon.png, log.jsonl and loss.png.
 """
 import dataclasses
 import hashlib
@@ -42,12 +40,11 @@ DEFAULTS = {
     # the decoder's input noise, a fraction of the latents' spread (vae.noised_latents; 0: none)
     "beta": DEFAULT_BETA, "sigma": DEFAULT_SIGMA, "decoder_noise": 0.2,
     # latent channels k, None: by the data (8 for a folder, whose detail they keep; 4 for the
-    # built-in shapes, which the DiT draws worse from 8: RESULTS.md, "Latent channels by the data")
+    # shapes, which the DiT draws worse from 8: RESULTS.md, "Latent channels by the data")
     "latent_channels": None,
-    # AdamW at a constant rate, gradients clipped, weights averaged (runs.EMA warms the decay up:
-    # 0.9985 at step 6,000, so the average spans about the last ninth of the steps). 6,000 steps:
-    # a VAE that keeps more detail is worth more than the DiT steps its time would buy
-    # (RESULTS.md, "the default's time split differently")
+    # AdamW at a constant rate, clipped gradients, weights averaged (runs.EMA warms the decay up:
+    # 0.9985 at step 6,000, about the last ninth of the steps). 6,000 steps: a VAE's detail is
+    # worth more than the DiT steps its time would buy (RESULTS.md, "the default's time split")
     "steps": 6000, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0,
     "ema_decay": 0.999, "eval_images": 512, "log_every": 50, "ckpt_every": 500,
 }
@@ -63,14 +60,13 @@ def main(argv=None, resume_command=None):
         args, device = run.args, run.device
         if run.resume is not None and run.resume["finished"] and run.resume["step"] >= args.steps:
             print(f"{args.out} is finished at step {run.resume['step']}; nothing to do (a "
-                    f"larger --steps trains on)")
+                  f"larger --steps trains on)")
             return 0
         torch.manual_seed(args.seed)
         config = vae_config(args)
-        train_set = data_lib.load_dataset(args.data, args.image_size, "train", args.n_builtin,
-                                          args.seed)
-        test_set = data_lib.load_dataset(args.data, args.image_size, "test", args.n_builtin,
-                                         args.seed)
+        train_set, test_set = (data_lib.load_dataset(args.data, args.image_size, split,
+                                                     args.n_builtin, args.seed)
+                               for split in ("train", "test"))
         run.lock([("--data", args.data)])
         amp = pick_amp(args.amp, device)
         model, ema, opt, scaler = build(config, args, device, amp)
@@ -79,8 +75,8 @@ def main(argv=None, resume_command=None):
             group["lr"] = args.lr
         data_lib.announce(train_set)
         print(f"VAE {config.image_size}px -> {config.latent_channels}x{config.latent_size}x"
-                f"{config.latent_size} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-                f"params) on {device}, amp {amp}, {len(train_set)} images, beta {args.beta}")
+              f"{config.latent_size} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+              f"params) on {device}, amp {amp}, {len(train_set)} images, beta {args.beta}")
         images = train_set.images.to(device)           # uint8, all in memory
         net = maybe_compile(model, device, args.compile)
         extra = {"config": dataclasses.asdict(config), "data": train_set.name}
@@ -102,8 +98,8 @@ def main(argv=None, resume_command=None):
             raise UserError(f"the VAE's encoder gives inf/NaN latents at step {step}; lower --lr "
                             f"or use --amp off")
         mean, std = latent_stats(latents.split(1024))
-        ema.model.set_latent_stats(mean, std)
-        model.set_latent_stats(mean, std)
+        for vae in (ema.model, model):
+            vae.set_latent_stats(mean, std)
         key = data_lib.dataset_key(args.data, args.image_size, args.n_builtin, args.seed)
         run.save(step, {**extra, "latents": latents, "data_key": key}, finished=True)
         report_heldout(ema.model, test_set, run)
@@ -139,9 +135,8 @@ def train_step(net, model, ema, opt, scaler, images, step, args, amp):
 
 @torch.no_grad()
 def report_heldout(vae, test_set, run, batch_size=64):
-    """The finished VAE on held-out images, decoded from the encoder means: PSNR (dB) and KL
-    (nats per latent dimension) printed and logged, and recon.png (originals above their
-    reconstructions). evaluate.py's VAE section adds SSIM, rFID and prompt accuracy."""
+    """The finished VAE on held-out images decoded from the encoder means: PSNR (dB) and KL (nats
+    per latent dimension) printed and logged, recon.png (originals above reconstructions)."""
     images = test_set.images[:run.args.eval_images]
     device = next(vae.parameters()).device
     psnrs, kls, pairs = [], [], None
@@ -155,8 +150,7 @@ def report_heldout(vae, test_set, run, batch_size=64):
     data_lib.save_grid(run.out / "recon.png", pairs, nrow=min(8, len(images)),
                        scale=data_lib.grid_scale(run.args.image_size))
     psnr_db, kl = float(torch.cat(psnrs).mean()), float(torch.cat(kls).mean())
-    mean, std = [round(v, 3) for v in vae.latent_mean.tolist()], \
-        [round(v, 3) for v in vae.latent_std.tolist()]
+    mean, std = ([round(v, 3) for v in s.tolist()] for s in (vae.latent_mean, vae.latent_std))
     where = "held-out" if test_set.held_out else "training-image (under 20 images: none held out)"
     print(f"{where} PSNR {psnr_db:.2f} dB | KL {kl:.3f} nats/dim | latent mean {mean} std {std}")
     print(f"wrote {run.out / 'ckpt.pt'}, {run.out / 'recon.png'}, {run.out / 'log.jsonl'}")
@@ -205,13 +199,11 @@ def train_automatic(args, path, resume):
     argv = [str(a) for k, v in flags.items() if v is not None for a in (k, v)]
     argv += ["--resume"] if resume else []
     argv += [] if args.compile is None else ["--compile" if args.compile else "--no-compile"]
-    main(argv, resume_command="the same python train_flow.py command (it finishes the VAE, then "
-                              "trains the flow model)")
+    main(argv, resume_command="the same python train_flow.py command (it finishes the VAE first)")
 
 
 def default_step_seconds(config, images, device, amp, repeats=3):
-    """Seconds of one training step with this command's defaults (batch, optimizer) of a fresh
-    VAE of `config` on uint8 `images`, eager (train_flow.time_steps)."""
+    """Seconds of an eager default training step of a fresh VAE of `config` (for --minutes)."""
     args = parser().parse_args([])
     model, ema, opt, scaler = build(config, args, device, amp)
     x = images[torch.randint(len(images), (args.batch_size,))].to(device)
@@ -227,20 +219,20 @@ def parser():
   python train_vae.py --resume --out runs/vae --steps 4000    # continue a run further
 """)
     add_training_flags(p, DEFAULTS, "runs/vae")
-    p.add_argument("--vae-preset", choices=sorted(VAE_PRESETS), default=None,
-                   help="VAE size. Default: '32' up to 32 px, '64' up to 64 px, else 'large'")
-    p.add_argument("--latent-channels", type=positive(int, at_most=256), default=None,
-                   help="channels k of the latents. Default: 8 for a --data folder (real images "
-                   "keep more detail), 4 for the built-in shapes")
-    p.add_argument("--beta", type=positive(float, allow_zero=True), default=DEFAULTS["beta"],
-                   help="KL weight beta of Algorithm 7")
-    p.add_argument("--sigma", type=positive(float), default=DEFAULTS["sigma"],
-                   help="decoder std sigma of Algorithm 7 (recon = ||x - x_hat||^2 / (2 sigma^2))")
-    p.add_argument("--decoder-noise", type=positive(float, allow_zero=True, at_most=10),
-                   default=DEFAULTS["decoder_noise"], help="the decoder trains on latents noised "
-                   "by up to this fraction of their spread (vae.noised_latents; 0: Algorithm 7's)")
-    p.add_argument("--eval-images", type=positive(int), default=DEFAULTS["eval_images"],
-                   help="held-out images of the final PSNR / KL report")
+    add = p.add_argument
+    add("--vae-preset", choices=sorted(VAE_PRESETS), default=None,
+        help="VAE size. Default: '32' up to 32 px, '64' up to 64 px, else 'large'")
+    add("--latent-channels", type=positive(int, at_most=256), default=None,
+        help="latent channels k. Default: 8 for a --data folder, 4 for the built-in shapes")
+    add("--beta", type=positive(float, allow_zero=True), default=DEFAULTS["beta"],
+        help="KL weight beta of Algorithm 7")
+    add("--sigma", type=positive(float), default=DEFAULTS["sigma"],
+        help="decoder std sigma of Algorithm 7 (recon = ||x - x_hat||^2 / (2 sigma^2))")
+    add("--decoder-noise", type=positive(float, allow_zero=True, at_most=10),
+        default=DEFAULTS["decoder_noise"], help="the decoder trains on latents noised by up "
+        "to this fraction of their spread (vae.noised_latents; 0: Algorithm 7's)")
+    add("--eval-images", type=positive(int), default=DEFAULTS["eval_images"],
+        help="held-out images of the final PSNR / KL report")
     return p
 
 
