@@ -25,7 +25,7 @@ import hashlib
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -297,17 +297,18 @@ def ensure_vae(args, path, given, run, train_set):
         train_vae.train_automatic(args, path, resume=ckpt is not None)
     else:
         data_lib.announce(train_set)
-        today, k = train_vae.DEFAULTS, train_vae.vae_config(args).latent_channels
-        older = [] if given else [      # a finished automatic VAE: made by today's defaults?
-            f"--{n.replace('_', '-')} {ckpt['args'].get(n, 0)}, the default now {today[n]}"
-            for n in ("steps", "decoder_noise") if ckpt["args"].get(n, 0) != today[n]
-            and not (n == "steps" and (args.minutes or args.vae_steps))] + [
-            f"{c} latent channels, {k} now" for c in [ckpt["config"]["latent_channels"]] if c != k]
+    vae, ckpt = given or load_vae(path, run.device)
+    if given is None:                   # the automatic VAE: made by today's defaults?
+        today, config = train_vae.DEFAULTS, asdict(train_vae.vae_config(args))
+        older = [f"--{n.replace('_', '-')} {ckpt['args'].get(n, 0)}, the default now {today[n]}"
+                 for n in ("steps", "decoder_noise") if ckpt["args"].get(n, 0) != today[n]
+                 and not (n == "steps" and (args.minutes or args.vae_steps))]
+        older += [f"{n} {v}, {config[n]} now" for n, v in asdict(vae.config).items()
+                  if v != config[n]]
         if older:
             print(f"note: the automatic VAE {path} was made by an earlier default ("
                   f"{'; '.join(older)}); it is used as it is (delete {path.parent} for today's)",
                   file=sys.stderr)
-    vae, ckpt = given or load_vae(path, run.device)
     if ckpt["data"] != train_set.name:
         print(f"warning: the VAE {path} was trained on {ckpt['data']}, this run uses "
               f"{train_set.name}; pass --vae with a VAE of these images if samples look wrong",

@@ -119,9 +119,10 @@ VAE_PRESETS = {
     # small enough to train on a CPU in minutes.
     "32": VAEConfig(image_size=32, base_channels=64, channel_mults=(1, 1), num_res_blocks=1,
                     attn_heads=1, groups=8, patch_size=2),
-    # 64 px -> 16 x 16 x 4 (f = 4): same network, larger images.
+    # 64 px -> 8 x 8 x 4 (f = 8): the same network on 4 x 4 pixel patches, so a VAE step, the
+    # latents and the DiT cost what they cost at 32 px (RESULTS.md, "64 px through an 8x VAE").
     "64": VAEConfig(image_size=64, base_channels=64, channel_mults=(1, 1), num_res_blocks=1,
-                    attn_heads=1, groups=8, patch_size=2),
+                    attn_heads=1, groups=8, patch_size=4),
     # 256 px -> 32 x 32 x 4 (f = 8), for GPUs: close to the Stable Diffusion VAE's layout.
     "large": VAEConfig(image_size=256, base_channels=128, channel_mults=(1, 2, 4, 4),
                        num_res_blocks=2, attn_heads=1, groups=32),

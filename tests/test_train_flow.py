@@ -196,7 +196,7 @@ def test_an_automatic_vae_of_an_earlier_default_is_used_as_it_is_with_a_note(
     monkeypatch.setitem(train_vae.DEFAULTS, "decoder_noise", ckpt["args"]["decoder_noise"])
     monkeypatch.setitem(train_vae.DEFAULTS, "latent_channels", 8)       # the channels changed
     rc, out, err = cli("train_flow.py", "--out", tmp_path / "d", *flags)
-    assert rc == 0 and "(4 latent channels, 8 now)" in err, err
+    assert rc == 0 and "(latent_channels 4, 8 now)" in err, err
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["vae"]["sha1"] == \
         hashlib.sha1(before).hexdigest()
 

@@ -70,7 +70,7 @@ def test_encode_decode_forward_shapes_square_and_non_square(preset, H, W):
 
 def test_presets_latent_sizes():
     assert (VAE_PRESETS["32"].factor, VAE_PRESETS["32"].latent_size) == (4, 8)
-    assert (VAE_PRESETS["64"].factor, VAE_PRESETS["64"].latent_size) == (4, 16)
+    assert (VAE_PRESETS["64"].factor, VAE_PRESETS["64"].latent_size) == (8, 8)
     assert (VAE_PRESETS["large"].factor, VAE_PRESETS["large"].latent_size) == (8, 32)
     assert vae_preset("32", image_size=64).latent_size == 16
     assert VAE_PRESETS["32"].image_size == 32          # vae_preset returned a copy
