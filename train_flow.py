@@ -282,7 +282,8 @@ def find_vae(args, resume, device):
     factor = given[0].config.factor if given else train_vae.vae_config(args).factor
     if args.image_size % (factor * args.patch_size):
         raise UserError(f"--image-size {args.image_size} must be divisible by the VAE factor "
-                        f"{factor} x patch size {args.patch_size} = {factor * args.patch_size}")
+                        f"{factor} x patch size {args.patch_size} = {factor * args.patch_size}; "
+                        f"another size, or a --vae of another factor (train_vae.py --vae-preset)")
     return path, given
 
 

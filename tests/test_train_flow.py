@@ -98,7 +98,7 @@ def test_mistakes_are_one_line_before_any_slow_work_and_make_no_folder(cli, runs
     expect.one_line_error(cli("train_flow.py", "--data", tmp_path / "nowhere", "--out",
                               tmp_path / "f", *tiny.cpu), "folder not found")
     expect.one_line_error(cli("train_vae.py", "--image-size", 33, "--out", tmp_path / "f", *tiny.cpu),
-                          "not divisible by the downsampling factor 4")
+                          "not divisible by the downsampling factor 8")
     assert sorted(os.listdir(tmp_path)) == []                 # no folder, no automatic VAE
 
 
