@@ -21,7 +21,7 @@ projection start at zero, so a new model outputs exactly 0 and every block is th
 The cross-attention branch is not gated (as in PixArt-alpha): a zero gate times a zero output
 projection would leave both with zero gradient forever.
 
-Time-signal scale: our TimeEmb has norm 1 (entries ~ sqrt(2/k)), where DiT's raw sinusoid has
+Time-signal scale: our TimeEmb has norm 1 (entries ~ sqrt(2/time_dim)), where DiT's raw sinusoid has
 norm ~11 and feeds an MLP initialised with std 0.02, which would shrink the time signal to
 noise. The first Linear of the time MLP is initialised with std 1, so its outputs have unit
 variance for every t, and c differs materially between t = 0 and t = 1 at initialisation.
@@ -79,8 +79,8 @@ class DiTConfig:
 
 
 # The DiT family's widths / depths / heads, plus "tiny" for CPUs. "tiny" normalises each head's
-# queries and keys (QK-norm), which keeps its attention logits bounded at the CPU default's
-# higher learning rate.
+# queries and keys (QK-norm), which keeps its attention logits bounded at the default
+# learning rate 1e-3.
 PRESETS = {
     "tiny": DiTConfig(dim=256, depth=6, heads=4, prompt_dim=128, prompt_depth=2, prompt_heads=4,
                       qk_norm=True),

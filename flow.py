@@ -2,7 +2,8 @@
 
 Flow time convention (slide "Time conventions"): noise at t = 0, data at t = 1.
 The CondOT probability path used by Stable Diffusion 3 ("Flow Matching model with straight line
-schedulers") interpolates a data point z and a noise sample eps ~ p_init:
+schedulers"; CondOT: the conditional optimal-transport path) interpolates a data point z and a
+noise sample eps ~ p_init (by default N(0, I)):
 
     x_t = t * z + (1 - t) * eps,        u_t(x_t | z) = d/dt x_t = z - eps.
 
@@ -37,7 +38,7 @@ def condot_path(z, eps, t):
 
 
 def sample_t(batch, kind="uniform", device=None):
-    """Training times t in (0, 1), shape (batch,).
+    """Training times t in [0, 1), shape (batch,).
 
     "uniform": t ~ U[0, 1]. "logit_normal": t = sigmoid(n), n ~ N(0, 1) — SD3's choice, which
     spends more samples at intermediate t where the velocity is hardest to predict.

@@ -14,7 +14,7 @@ With no --vae, train_flow.py trains the automatic VAE of its data (`automatic_pa
 machine flags.
 
 Outputs under --out (default runs/vae): ckpt.pt (weights, EMA, optimizer, RNG states, settings;
-once finished the latent statistics and latents), recon.png, log.jsonl and loss.png.
+once finished the latent statistics and latents), recon.png, args.json, log.jsonl and loss.png.
 """
 import dataclasses
 import hashlib
