@@ -33,7 +33,8 @@ def tiny():
     vae_flags = ["--n-builtin", "64", "--batch-size", "8", "--log-every", "4", "--ckpt-every", "2",
                  "--eval-images", "16", "--seed", "0"] + CPU
     flow_flags = ["--n-builtin", "64", "--batch-size", "8", "--log-every", "3", "--ckpt-every", "2",
-                  "--sample-every", "4", "--sample-steps", "2", "--warmup", "1", "--lr", "1e-3"] + CPU
+                  "--sample-every", "4", "--sample-steps", "2", "--grid-prompts", "3",
+                  "--grid-images", "2", "--warmup", "1", "--lr", "1e-3"] + CPU   # grids of 3 x 2
     return SimpleNamespace(cpu=CPU, vae_steps=16, vae_flags=vae_flags, flow_steps=6,
                            flow_flags=flow_flags)
 
@@ -161,7 +162,8 @@ def flow_args(runs):
     """flow_args(out, *extra): the argv of a 1-step train_flow.py run on the session's VAE."""
     def args(out, *extra):
         return ["train_flow.py", "--vae", runs["vae"], "--out", out, "--steps", 1,
-                "--sample-steps", 1, "--n-builtin", 64, "--batch-size", 8, *CPU, *extra]
+                "--sample-steps", 1, "--grid-prompts", 2, "--grid-images", 2, "--n-builtin", 64,
+                "--batch-size", 8, *CPU, *extra]
     return args
 
 

@@ -34,8 +34,8 @@ def test_flow_run_writes_checkpoint_sample_grids_and_log_and_its_loss_falls(runs
     ckpt = torch.load(runs["flow"], weights_only=True)
     prompts = ckpt["sample_prompts"]
     grid = Image.open(d / "samples_000006.png")
-    assert grid.width == expect.grid_size(len(prompts), 8, px=64)[0]   # 32 px drawn 2x
-    assert grid.height > expect.grid_size(len(prompts), 8, px=64)[1]   # + a label per row
+    assert len(prompts) == 3 and grid.width == expect.grid_size(3, 2, px=64)[0]   # 32 px drawn 2x
+    assert grid.height > expect.grid_size(3, 2, px=64)[1]                     # + a label per row
     assert json.loads(grid.text["prompts"]) == prompts and grid.text["steps"] == "2"
     assert (d / "prompts.txt").read_text().splitlines() == prompts
     assert json.loads((d / "args.json").read_text()) == ckpt["args"]
@@ -320,7 +320,7 @@ def test_minutes_sizes_both_trainings_to_the_budget_from_timed_steps(cli, tmp_pa
         return 0.1
     monkeypatch.setattr(statistics, "median", median)
     flags = ["--n-builtin", 64, "--batch-size", 8, "--sample-every", 4, "--sample-steps", 2,
-             "--log-every", 100, *tiny.cpu]
+             "--grid-prompts", 2, "--grid-images", 2, "--log-every", 100, *tiny.cpu]
     expect.one_line_error(cli("train_flow.py", "--out", tmp_path / "f", "--minutes", 1,
                               "--steps", 5, *flags), "--minutes sizes --steps and --vae-steps")
     rc, out, err = cli("train_flow.py", "--out", tmp_path / "f", "--minutes", 0.06, *flags)
