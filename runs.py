@@ -52,8 +52,11 @@ def add_training_flags(p, defaults, out):
     add("--n-builtin", type=positive(int), default=defaults["n_builtin"],
         help="number of built-in training images (ignored with --data)")
     add("--out", default=out, help="the run folder: checkpoint, pictures, log")
+    folder = f", {defaults['folder_steps']} on a --data folder" if defaults.get("folder_steps") \
+        else ""
     add("--steps", type=positive(int, at_most=MAX_STEPS), default=defaults["steps"],
-        help="optimizer steps in all (a resumed run continues up to this)")
+        help=f"optimizer steps in all (a resumed run continues up to this). Default: "
+             f"{defaults['steps']}{folder}")
     add("--batch-size", type=positive(int, at_most=MAX_BATCH), default=defaults["batch_size"],
         help="images per optimizer step")
     add("--lr", type=positive(float), default=defaults["lr"], help="AdamW learning rate")

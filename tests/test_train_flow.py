@@ -311,6 +311,25 @@ def test_the_learning_rate_warms_up_holds_and_cools_down_to_zero_as_written():
         assert rates == pytest.approx([1 / 3, 2 / 3, 1, 1, 1, 1] + tail, abs=1e-12)
 
 
+def test_a_folder_trains_its_own_default_steps_unless_given_or_resumed():
+    """The DiT's default steps depend on the data (DEFAULTS' folder_steps on a --data folder,
+    `steps` on the shapes); a given --steps, a resumed run's stored steps and --minutes win."""
+    def settled(*argv, resume=None):
+        args, given = train_flow.parser().parse([str(a) for a in argv])
+        run = argparse.Namespace(args=args, flags_given=given, resume=resume)
+        train_flow.settle_steps(run)
+        return run.args.steps, run.derived
+    folder, shapes_steps = train_flow.DEFAULTS["folder_steps"], train_flow.DEFAULTS["steps"]
+    assert folder > shapes_steps
+    assert settled("--data", "photos") == (folder, set())
+    assert settled() == (shapes_steps, set())
+    assert settled("--data", "photos", "--steps", 7) == (7, set())
+    assert settled("--data", "photos", resume={"step": 3}) == (shapes_steps, set())  # Run restores
+    assert settled("--data", "photos", "--minutes", 5) == (folder, {"steps", "vae_steps"})
+    assert f"Default: {shapes_steps}, {folder} on a --data folder" in " ".join(
+        train_flow.parser().format_help().split())
+
+
 def test_minutes_sizes_both_trainings_to_the_budget_from_timed_steps(cli, tmp_path, tiny, expect,
                                                                     monkeypatch):
     timed = []
