@@ -322,9 +322,8 @@ def ensure_vae(args, path, given, run, train_set):
 # --steps by the data, and --minutes: a run sized to the time at hand
 
 def settle_steps(run):
-    """--steps of a new run that does not give it: DEFAULTS' on the shapes, folder_steps on a
-    --data folder; --minutes sizes --steps and --vae-steps of a new run from those; a resumed
-    run keeps its own."""
+    """A new run's default --steps by the data (folder_steps on a --data folder), which --minutes
+    sizes from; a resumed run keeps its own."""
     args, given = run.args, run.flags_given
     if args.minutes and run.resume is None and given & {"steps", "vae_steps"}:
         raise UserError("--minutes sizes --steps and --vae-steps itself; pass one or the other")
@@ -338,15 +337,15 @@ def settle_steps(run):
 
 def size_to_minutes(args, device, train_set, vae_path, given):
     """--minutes N: --steps, and --vae-steps when the automatic VAE is still to train, scaled
-    together from their DEFAULTS (here and train_vae.py's) so that training and sample grids take
-    about N minutes here (loading and encoding come on top), by `time_steps`."""
+    together from their defaults (this data's, from settle_steps, and train_vae.py's) so that
+    training and sample grids take about N minutes here (loading and encoding on top)."""
     vae_config = given[0].config if given else train_vae.vae_config(args)
     todo = given is None and not (vae_path.is_file() and
                                   load_checkpoint(vae_path, "vae", "--vae")["finished"])
     t_vae, t_dit, t_grid = time_steps(args, device, pick_amp(args.amp, device), train_set,
                                       vae_config, todo)
     # seconds = steps x (a DiT step + its share of the grids and the VAE's steps) + the last grid
-    ratio = train_vae.DEFAULTS["steps"] / args.steps   # VAE steps per DiT step, both defaults
+    ratio = train_vae.DEFAULTS["steps"] / args.steps            # VAE steps per DiT step
     per_step = t_dit + t_grid * args.sample_steps / args.sample_every + t_vae * ratio
     steps = int((args.minutes * 60 - t_grid * args.sample_steps) / per_step)
     if steps < 1:
