@@ -61,9 +61,6 @@ class FeatureExtractor:
             self.seen[key] = torch.cat(out)  # (N, D)
         return self.seen[key]       # an inference tensor: no caller can change it in place
 
-    def __repr__(self):
-        return f"FeatureExtractor({self.name!r})"
-
 
 # ---------------------------------------------------------------------------------------------
 # The standard FID Inception-v3
@@ -183,9 +180,6 @@ class TrainedFeatureNet(FeatureExtractor):
         name = f"trained-cnn-{dim}d (project-trained; not comparable to published FID)"
         super().__init__(name, net.features, batch_size, device)
         self.net, self.test_accuracy = net, test_accuracy
-
-    def features(self, images):
-        return self(images)  # (N, D)
 
     @torch.inference_mode()
     def predict(self, images):

@@ -217,8 +217,7 @@ _SIZE_THRESHOLD = (SIZE_FRACTIONS["small"] + SIZE_FRACTIONS["large"]) / 2
 
 def read_attributes(image):
     """Read the background and each object's shape, colour, size and position (left to
-    right) from the pixels of an image: uint8 numpy (H, W, 3), torch uint8 (3, H, W) or PIL
-    (a float array or tensor with values in [-1, 1] is taken to be in the model range).
+    right) from the pixels of an image: uint8 numpy (H, W, 3), torch uint8 (3, H, W) or PIL.
 
     Background: nearest palette colour to the median border pixel. Objects: 8-connected
     blobs of pixels far from the background (and above the noise level), smaller specks
@@ -245,28 +244,12 @@ def read_attributes(image):
 
 
 def _as_hwc(image):
-    """PIL image, torch (3, H, W) or numpy (H, W, 3) / (3, H, W) -> uint8 numpy (H, W, 3)."""
+    """PIL image, torch uint8 (3, H, W) or numpy uint8 (H, W, 3) -> uint8 numpy (H, W, 3)."""
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
     if isinstance(image, torch.Tensor):
-        image = image.detach().cpu()
-        if image.ndim == 3 and image.shape[0] in (1, 3):
-            image = image.permute(1, 2, 0)
-        image = image.numpy()
-    a = np.asarray(image)
-    is_float = a.dtype.kind == "f"
-    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
-        a = a.transpose(1, 2, 0)
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.shape[-1] == 1:
-        a = np.repeat(a, 3, axis=-1)
-    if a.dtype != np.uint8:  # floats in [-1, 1] are in the model range, else in [0, 255]
-        a = np.nan_to_num(a.astype(np.float64))
-        if is_float and a.size and np.abs(a).max() <= 1.0:
-            a = (a + 1) * 127.5
-        a = np.clip(a, 0, 255).round().astype(np.uint8)
-    return a
+        return image.detach().cpu().permute(1, 2, 0).numpy()
+    return np.asarray(image)
 
 
 def _connected_components(mask):

@@ -3,7 +3,8 @@
     python train_flow.py                 # built-in shapes: VAE (if needed), latents, DiT, samples
     python train_flow.py --data ~/photos --image-size 64 --vae runs/vae64/ckpt.pt
 
-Slide "Latent Diffusion Models (LDMs) - Recipe", one function per step, called in order by `main`:
+Slide "Latent Diffusion Models (LDMs) - Recipe", one function per step, called in order by `main`
+(after `settle_steps`: --steps by the data, and --minutes):
   1. Data: the images x_1..x_N (`load_data`) and the VAE that makes their latent space
      (`ensure_vae`, near the end: with no --vae, the automatic VAE of this data, trained first
      by train_vae.py).
@@ -52,7 +53,7 @@ DEFAULTS = {
     "t_dist": "logit_normal", "p_uncond": 0.1,
     # AdamW: linear warm-up, constant rate, linear cool-down to 0 over the last fifth, clipped
     # gradients, EMA (2,930 + 6,000 VAE steps: RESULTS.md); on a --data folder 3,580 DiT steps,
-    # where the DiT is still short of them (RESULTS.md, "22% more DiT steps")
+    # as 2,930 leave the DiT of real images short (RESULTS.md, "22% more DiT steps")
     "steps": 2930, "folder_steps": 3580, "batch_size": 64, "lr": 1e-3, "adam_betas": [0.9, 0.95],
     "weight_decay": 0.0, "warmup": 200, "cooldown": 0.2, "grad_clip": 1.0, "ema_decay": 0.995,
     # sample grids: grid_images EMA samples of each of grid_prompts prompts, sample_steps Euler
@@ -322,8 +323,8 @@ def ensure_vae(args, path, given, run, train_set):
 # --steps by the data, and --minutes: a run sized to the time at hand
 
 def settle_steps(run):
-    """A new run's default --steps by the data (folder_steps on a --data folder), which --minutes
-    sizes from; a resumed run keeps its own."""
+    """A new run's default --steps by the data (folder_steps on a folder), which --minutes sizes
+    from; a resumed run keeps its own. --minutes refuses --steps, --vae-steps and --resume."""
     args, given = run.args, run.flags_given
     if args.minutes and run.resume is None and given & {"steps", "vae_steps"}:
         raise UserError("--minutes sizes --steps and --vae-steps itself; pass one or the other")

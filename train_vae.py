@@ -10,8 +10,8 @@ by the encoder's mean) gives the per-channel statistics that normalise the flow 
 the checkpoint keeps them and those latents (train_flow.py need not encode them again).
 
 With no --vae, train_flow.py trains the automatic VAE of its data (`automatic_path`) by
-`train_automatic`: this command with its defaults but the flow run's data, size, seed and
-machine flags.
+`train_automatic`: this command with its defaults but the flow run's data, size, seed,
+machine flags and steps (--vae-steps, or as --minutes sized them).
 
 Outputs under --out (default runs/vae): ckpt.pt (weights, EMA, optimizer, RNG states, settings;
 once finished the latent statistics and latents), recon.png, args.json, log.jsonl and loss.png.

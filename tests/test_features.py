@@ -36,9 +36,9 @@ def test_trained_feature_net_classifies_separable_toy_set(one_thread):
     net = features.train_feature_net(train_x, train_y, test_x, test_y, steps=60, batch_size=64)
     assert net.test_accuracy is not None and net.test_accuracy > 0.9
     assert features.classifier_accuracy(net, test_x, test_y) == net.test_accuracy
-    feats = net.features(test_x[:10])
+    feats = net(test_x[:10])                                 # a FeatureExtractor
     assert feats.shape == (10, 128) and feats.dtype == torch.float32
-    assert torch.equal(net(test_x[:10]), feats)  # a FeatureExtractor
+    assert torch.equal(feats, net.net.features(test_x[:10]))   # the pooled 128-d layer
     assert net.predict(test_x[:10]).dtype == torch.long
     assert "project-trained" in net.name
 
