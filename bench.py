@@ -177,12 +177,17 @@ def settings(defaults, **more):
     return argparse.Namespace(**{**defaults, "seed": 0, "vae_preset": None, **more})
 
 
-def dit_inputs(args, device):
-    """The DiT config (--preset at --latent-size, with any --dim/--depth/--heads), random
-    (B, 4, h, w) latents, B captions as prompt tokens, and the null prompt."""
+def preset_config(args):
+    """The DiT config: --preset at --latent-size, with any --dim/--depth/--heads."""
     sizes = {k: getattr(args, k) for k in ("dim", "depth", "heads") if getattr(args, k)}
-    config = dit_preset(args.preset, input_size=args.latent_size, max_prompt_len=MAX_PROMPT_LEN,
-                        **sizes)
+    return dit_preset(args.preset, input_size=args.latent_size, max_prompt_len=MAX_PROMPT_LEN,
+                      **sizes)
+
+
+def dit_inputs(args, device):
+    """The DiT config (`preset_config`), random (B, 4, h, w) latents, B captions as prompt tokens,
+    and the null prompt."""
+    config = preset_config(args)
     z = torch.randn(args.batch, config.in_channels, config.height, config.width, device=device)
     S, W = MAX_PROMPT_LEN, config.prompt_word_bytes
     tokens = tokenize([CAPTIONS[i % len(CAPTIONS)] for i in range(args.batch)], S, W)
@@ -247,7 +252,7 @@ def bench_sample(args, device, compile_, amp):
 def bench_attention(args, device, compile_, amp, fused_kernel=False):
     """forward + backward of attention on the DiT's self-attention shape (B, H, L, Dh):
     the hand-written attention(), or F.scaled_dot_product_attention when fused_kernel."""
-    config = dit_preset(args.preset, input_size=args.latent_size)
+    config = preset_config(args)
     L = (config.height // config.patch_size) * (config.width // config.patch_size)
     shape = (args.batch, config.heads, L, config.dim // config.heads)
     q, k, v = (torch.randn(shape, device=device, requires_grad=True) for _ in range(3))
@@ -308,18 +313,12 @@ def predict_recipe(repeats, device, amp):
     train_set = load_dataset(None, flow.image_size, "train", 256, flow.seed)
     vae_config = train_vae.vae_config(flow)
     grids = len(range(flow.sample_every, flow.steps, flow.sample_every)) + 1
-    cuda = torch.cuda.is_available()
-    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None
-    try:
+    with torch.random.fork_rng():                  # the caller's random streams stay as they were
         t_vae, t_dit, t_grid = train_flow.time_steps(flow, device, amp, train_set, vae_config,
                                                      True, repeats)
         vae = VAE(vae_config).to(device)
         t_enc = median_time(lambda: encode_means(vae, train_set.images), 1, repeats,
                             synchronizer(device))
-    finally:
-        torch.set_rng_state(rng[0])
-        if cuda:
-            torch.cuda.set_rng_state_all(rng[1])
     vae_steps = train_vae.DEFAULTS["steps"]     # name: (count, calls, seconds a call)
     phases = {"VAE": (vae_steps, vae_steps, t_vae),
               "encoding": (flow.n_builtin, flow.n_builtin / 256, t_enc),

@@ -389,10 +389,9 @@ def _umask():
     return mask
 
 
-def write_json(path, obj, what="file", replace=True):
+def write_json(path, obj, what="file"):
     """obj as indented JSON, atomically."""
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()), what,
-                 replace)
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()), what)
 
 
 def check_output(path, flag, overwrite=False, inputs=()):

@@ -20,10 +20,9 @@ load_dataset, dataset_key
 
 import hashlib
 import json
-import sys
 import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,14 +53,13 @@ class ImageSet:
     name: where the images came from, e.g. "shapes-32-seed0" or the folder path;
     held_out: False for a test split that is a copy of the training images (a small folder);
     summary: how the data was read, in words (counts, unreadable files, captions, held-out
-    split, resizing), and warnings, for the scripts to print once (`announce`)."""
+    split, resizing), for the scripts to print once (`announce`)."""
     images: torch.Tensor
     captions: list
     attributes: list | None = None
     name: str = ""
     held_out: bool = True
     summary: str = ""
-    warnings: list = field(default_factory=list)
 
     def __post_init__(self):
         assert self.images.dtype == torch.uint8 and self.images.ndim == 4 and \
@@ -267,10 +265,8 @@ def _load_files(root, files, image_size, name):
 
 
 def announce(images):
-    """Print how a set was read (its summary) and, once, each of its warnings on stderr."""
+    """Print how a set was read: its summary."""
     print(images.summary, flush=True)
-    for warning in images.warnings:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
 
 
 def _read_metadata(root):

@@ -30,7 +30,7 @@ Offers: DiTConfig, PRESETS, dit_preset, modulate, DiTBlock, FinalLayer, DiT, cou
 preset_table, main
 """
 import argparse
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -73,9 +73,6 @@ class DiTConfig:
         if unknown:
             raise ValueError(f"unknown DiTConfig fields: {sorted(unknown)}")
         return cls(**d)
-
-    def to_dict(self):
-        return asdict(self)
 
 
 # The DiT family's widths / depths / heads, plus "tiny" for CPUs. "tiny" normalises each head's

@@ -220,7 +220,7 @@ def train_dit(run, latents, vae, vae_path, vae_ckpt):
     print(f"DiT-{args.preset}/{args.patch_size} ({count_parameters(model) / 1e6:.2f}M params) "
           f"on {C}x{h}x{w} latents of {len(latents.z)} images ({latents.name}), {device}, "
           f"amp {amp}, batch {args.batch_size}")
-    extra = {"config": latents.config.to_dict(), "image_size": args.image_size,
+    extra = {"config": asdict(latents.config), "image_size": args.image_size,
              "data": latents.name, "sample_prompts": latents.prompts,
              "caption_words": latents.words,
              "vae": {"path": str(Path(vae_path).resolve()), "sha1": sha1,

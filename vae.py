@@ -107,10 +107,7 @@ class VAEConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown VAEConfig keys: {unknown}")
-        d = dict(d)
-        if "channel_mults" in d:
-            d["channel_mults"] = tuple(d["channel_mults"])
-        return cls(**d)
+        return cls(**d)                                     # (__post_init__ makes tuples)
 
 
 VAE_PRESETS = {
@@ -367,13 +364,11 @@ def latent_stats(mu_batches):
     mu_batches: an iterable of (B, C, h, w) tensors, e.g. the encoder means of the training set.
     Returns float32 tensors mean (C,), std (C,), equal to those of the concatenated batches.
     """
-    count, total, total_sq = 0, None, None
+    count, total, total_sq = 0, 0.0, 0.0
     for mu in mu_batches:
         mu = mu.detach().to(torch.float64)
-        s = mu.sum(dim=(0, 2, 3))                           # (C,)
-        s2 = (mu * mu).sum(dim=(0, 2, 3))                   # (C,)
-        total = s if total is None else total + s
-        total_sq = s2 if total_sq is None else total_sq + s2
+        total = total + mu.sum(dim=(0, 2, 3))               # (C,)
+        total_sq = total_sq + (mu * mu).sum(dim=(0, 2, 3))  # (C,)
         count += mu.numel() // mu.shape[1]
     if count == 0:
         raise ValueError("latent_stats needs at least one non-empty batch")

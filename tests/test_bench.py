@@ -65,6 +65,16 @@ def test_vae_rows_time_the_bare_step_and_train_vae_step_with_the_same_flops():
     assert whole["gflop_img"] == pytest.approx(bare["gflop_img"]) and bare["gflop_img"] > 0
 
 
+def test_attention_rows_take_the_dit_size_flags():
+    tiny = bench.PRESETS["tiny"]                     # its self-attention: FLOPs ~ heads x Dh x L^2
+    rows = [bench.measure("attn-manual", bench.bench_attention, {},
+                          Namespace(batch=2, preset="tiny", latent_size=8, dim=dim, depth=None,
+                                    heads=None, untimed=0, repeats=1), CPU, False, None,
+                          {"fp32": 1.0}) for dim in (None, 2 * tiny.dim)]
+    assert rows[0]["gflop_img"] > 0 and "error" not in rows[1]
+    assert rows[1]["gflop_img"] == pytest.approx(2 * rows[0]["gflop_img"])
+
+
 def test_a_failed_row_is_reported_not_raised():
     def broken(*_, **__):
         raise RuntimeError("no compiler\nmore lines")

@@ -1,5 +1,6 @@
 """Tests for dit.py: adaLN-Zero initialisation, trainability of every weight, prompt and time
 conditioning, non-square latents, the presets, torch.compile, and the config round trip."""
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -140,9 +141,9 @@ def test_preset_table_lists_dit_widths_depths_heads_and_growing_sizes():
 
 def test_dit_config_dict_round_trip_and_unknown_field_error():
     config = dit_preset("S", input_size=16, input_width=8, qk_norm=True)
-    d = config.to_dict()
+    d = asdict(config)
     assert DiTConfig.from_dict(d) == config
-    assert DiTConfig.from_dict(PRESETS["tiny"].to_dict()) == PRESETS["tiny"]
+    assert DiTConfig.from_dict(asdict(PRESETS["tiny"])) == PRESETS["tiny"]
     with pytest.raises(ValueError, match="colour"):
         DiTConfig.from_dict({**d, "colour": 3})
     with pytest.raises(ValueError):
