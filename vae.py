@@ -31,11 +31,14 @@ for 32-64 px images on a CPU: GroupNorm + SiLU ResBlocks, stride-2 convolutions 
 nearest-neighbour x2 + conv up, and one self-attention block at the lowest resolution. With
 `patch_size` p > 1 the encoder starts on p x p pixel patches (pixel unshuffle: the p^2 pixels of
 a patch become channels, as in patchify) and the decoder ends by putting them back (pixel
-shuffle), so no convolution runs at full resolution: the small presets spend their FLOPs at the
-latent resolution and half of it, where a 32 px image costs half the FLOPs of the same
-autoencoder without patches. Images live in [-1, 1]; the decoder output is left unsquashed (no
-tanh), it is the Gaussian mean mu_theta(z) of Algorithm 7. Non-square images work as long as H
-and W are divisible by f.
+shuffle), so the small presets spend nearly all their FLOPs at the latent resolution and half of
+it (a 32 px image costs half the FLOPs of the same autoencoder without patches). After the
+shuffle nothing mixes the pixels of neighbouring patches. With `refine_channels` r > 0 (the 64 px
+preset, r = 16) the decoder's last convolution is instead a 1x1 one to r p^2 channels, and after
+the shuffle two thin 3x3 convolutions at full resolution turn each pixel's r channels into RGB,
+across patch borders (9% more FLOPs at 64 px). Images live in [-1, 1]; the decoder output is
+left unsquashed (no tanh), it is the Gaussian mean mu_theta(z) of Algorithm 7. Non-square images
+work as long as H and W are divisible by f.
 
 Offers: DEFAULT_BETA, DEFAULT_SIGMA, VAEConfig, VAE_PRESETS, vae_preset, ResBlock, AttnBlock,
 Downsample, Upsample, Encoder, Decoder, VAE, noised_latents, encode_means, latent_stats, vae_loss
@@ -74,6 +77,9 @@ class VAEConfig:
     groups: int = 8                 # GroupNorm groups; must divide every channel count
     patch_size: int = 1             # p: the encoder starts on p x p pixel patches (pixel unshuffle)
                                     # and the decoder ends on them (pixel shuffle)
+    refine_channels: int = 0        # r > 0: the decoder's last conv is 1x1 to r p^2 channels and,
+                                    # after the pixel shuffle, SiLU-conv3x3-SiLU-conv3x3 at full
+                                    # resolution makes RGB; 0: off (and checkpoints without it)
 
     def __post_init__(self):
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
@@ -86,8 +92,9 @@ class VAEConfig:
         if (self.base_channels * self.channel_mults[-1]) % self.attn_heads != 0:
             raise ValueError(f"attn_heads={self.attn_heads} does not divide "
                              f"{self.base_channels * self.channel_mults[-1]}")
-        if self.patch_size < 1:
-            raise ValueError(f"patch_size={self.patch_size} must be >= 1")
+        if self.patch_size < 1 or self.refine_channels < 0:
+            raise ValueError(f"patch_size={self.patch_size} must be >= 1 and refine_channels="
+                             f"{self.refine_channels} >= 0")
         if self.image_size % self.factor != 0:
             raise ValueError(f"image_size={self.image_size} is not divisible by f={self.factor}")
 
@@ -113,13 +120,15 @@ class VAEConfig:
 VAE_PRESETS = {
     # (train_vae.py gives a folder of images 8 latent channels instead of 4: vae_config)
     # 32 px -> 8 x 8 x 4 (f = 4): 2 x 2 pixel patches, then 64 channels at 16 x 16 and 8 x 8;
-    # small enough to train on a CPU in minutes.
+    # small enough to train on a CPU in minutes (a full-resolution end gained little at 2 x 2).
     "32": VAEConfig(image_size=32, base_channels=64, channel_mults=(1, 1), num_res_blocks=1,
                     attn_heads=1, groups=8, patch_size=2),
-    # 64 px -> 8 x 8 x 4 (f = 8): the same network on 4 x 4 pixel patches, so a VAE step, the
-    # latents and the DiT cost what they cost at 32 px (RESULTS.md, "64 px through an 8x VAE").
+    # 64 px -> 8 x 8 x 4 (f = 8): the same network on 4 x 4 pixel patches, so the latents and
+    # the DiT cost what they cost at 32 px (RESULTS.md, "64 px through an 8x VAE"); it ends on 16
+    # channels at full resolution, which keeps more detail for a step ~40% dearer on a CPU
+    # (RESULTS.md, "The full-resolution stage as the 64 px default").
     "64": VAEConfig(image_size=64, base_channels=64, channel_mults=(1, 1), num_res_blocks=1,
-                    attn_heads=1, groups=8, patch_size=4),
+                    attn_heads=1, groups=8, patch_size=4, refine_channels=16),
     # 256 px -> 32 x 32 x 4 (f = 8), for GPUs: close to the Stable Diffusion VAE's layout.
     "large": VAEConfig(image_size=256, base_channels=128, channel_mults=(1, 2, 4, 4),
                        num_res_blocks=2, attn_heads=1, groups=32),
@@ -256,15 +265,22 @@ class Decoder(nn.Module):
                 blocks.append(Upsample(ch))
         self.up = nn.Sequential(*blocks)
         self.norm_out = nn.GroupNorm(config.groups, ch, eps=1e-6)
-        self.p = config.patch_size
-        self.conv_out = nn.Conv2d(ch, config.image_channels * self.p ** 2, 3, padding=1)
+        self.p, r = config.patch_size, config.refine_channels
+        if r == 0:                      # each p x p patch's RGB from the features around it
+            self.conv_out = nn.Conv2d(ch, config.image_channels * self.p ** 2, 3, padding=1)
+            self.refine = nn.Identity()
+        else:                           # r features per pixel, mixed across patch borders
+            self.conv_out = nn.Conv2d(ch, r * self.p ** 2, 1)
+            self.refine = nn.Sequential(nn.SiLU(), nn.Conv2d(r, r, 3, padding=1), nn.SiLU(),
+                                        nn.Conv2d(r, config.image_channels, 3, padding=1))
 
     def forward(self, z):                                   # (B, k, h, w)
         h = self.conv_in(z)                                 # (B, cL, h, w)
         h = self.mid(h)
         h = self.up(h)                                      # (B, c0, h*f/p, w*f/p)
-        h = self.conv_out(F.silu(self.norm_out(h)))         # (B, 3 p^2, h*f/p, w*f/p)
-        return F.pixel_shuffle(h, self.p)                   # (B, 3, h*f, w*f)
+        h = self.conv_out(F.silu(self.norm_out(h)))         # (B, 3 p^2 or r p^2, h*f/p, w*f/p)
+        h = F.pixel_shuffle(h, self.p)                      # (B, 3 or r, h*f, w*f)
+        return self.refine(h)                               # (B, 3, h*f, w*f)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -91,8 +91,30 @@ def test_patch_stem_runs_no_convolution_at_full_resolution_and_old_configs_load(
     assert max(seen) == 16 and x_hat.shape == x.shape and mu.shape == (2, 4, 8, 8)
     old = dataclasses.asdict(VAEConfig(image_size=32, base_channels=8, channel_mults=(1, 2, 2),
                                        groups=4))
-    del old["patch_size"]                          # a checkpoint written before patches existed
+    del old["patch_size"], old["refine_channels"]  # a checkpoint written before both existed
     assert VAEConfig.from_dict(old).patch_size == 1 and VAEConfig.from_dict(old).factor == 4
+    assert VAEConfig.from_dict(old).refine_channels == 0
+
+
+@pytest.mark.parametrize("r", [0, 4])
+def test_refine_end_mixes_pixels_across_patch_borders(r):
+    """Without the full-resolution end (r = 0) the pixels of each p x p patch come from that
+    patch's position of conv_out's output alone; with it (two 3x3 convolutions after the
+    shuffle), from the 2 x 2 patches around the pixel, and no others."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(vae_preset("64"), base_channels=8, refine_channels=r)
+    decoder = VAE(config).decoder
+    feats = []
+    decoder.conv_out.register_forward_hook(lambda mod, inp, out: feats.append(out))
+    x_hat = decoder(torch.randn(1, config.latent_channels, 4, 4))          # (1, 3, 32, 32)
+    feats[0].retain_grad()
+    x_hat[0, :, 7, 7].sum().backward()      # the last pixel of patch (1, 1): p = 4
+    touched = sorted(map(tuple, feats[0].grad[0].abs().sum(0).nonzero().tolist()))  # positions
+    assert x_hat.shape == (1, 3, 32, 32)
+    if r == 0:
+        assert touched == [(1, 1)]
+    else:                  # pixels 5..9 of each axis: patches 1 and 2 (pixels 4-7 and 8-11)
+        assert touched == [(1, 1), (1, 2), (2, 1), (2, 2)]
 
 
 def test_pixel_unshuffle_stem_is_patchify_of_the_image():
