@@ -69,8 +69,8 @@ def load_checkpoint(path, kind, flag="--ckpt"):
     path = Path(path)
     if not path.is_file():
         make = {"flow": "; train one with python train_flow.py, or in a minute a smoke-test one: "
-                        "python train_flow.py --steps 20 --vae-steps 20 --n-builtin 500 "
-                        "--sample-steps 10 --out runs/smoke",
+                        "python train_flow.py --steps 10 --vae-steps 10 --n-builtin 500 "
+                        "--sample-steps 5 --out runs/smoke",
                 "vae": "; train one with python train_vae.py"}.get(kind, "")
         raise UserError(f"{flag} {path}: {'is a folder' if path.is_dir() else 'file not found'}"
                         f"{make if flag != '--resume' else ''}")

@@ -540,7 +540,8 @@ def main(argv=None):
         check_output(args.json, "--json", args.overwrite,
                      inputs + [("--vae", args.vae), ("--inception", args.inception)])
     device = pick_device(args.device)
-    try:                                # and so does a missing or wrong --inception file
+    pick_amp(args.amp, device)          # and so does an --amp this device cannot run
+    try:                                # and a missing or wrong --inception file
         inception = load_inception(args.inception, str(device))
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e))

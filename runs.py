@@ -1,7 +1,8 @@
 """A training run and its folder: what makes a long run safe to stop, resume and look at. Not
 in the lecture; a training script makes these calls:
 
-    run = Run(parser, argv, "vae", EXPERIMENT)   # flags; with --resume, the stored settings
+    run = Run(parser, argv, "vae", EXPERIMENT)   # flags; with --resume, the stored settings;
+                                                 # run.device and run.amp (autocast dtype)
     run.lock(inputs)                             # the folder is this command's (OUT/.lock)
     step = run.begin(model, ema, opt, scaler)    # 0, or the resumed state; args.json
     run.log(step, loss)                          # progress line, log.jsonl, loss.png; NaN stops
@@ -32,8 +33,8 @@ from PIL import Image, ImageDraw
 
 from checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint
 from common import (MAX_BATCH, MAX_STEPS, SIGNALS, Progress, UserError, add_machine_flags,
-                    atomic_write, fraction, pick_device, positive, seed_value, set_threads,
-                    write_json)
+                    atomic_write, fraction, pick_amp, pick_device, positive, seed_value,
+                    set_threads, write_json)
 
 # A run's own files, the only ones --overwrite deletes.
 RUN_FILES = re.compile(r"ckpt\.pt|log\.jsonl|args\.json|loss\.png|recon\.png|prompts\.txt|"
@@ -110,6 +111,7 @@ class Run:
             self.resume = load_checkpoint(self.out / "ckpt.pt", kind, "--resume")
             self._restore(parser, self.flags_given, self.resume["args"], experiment)
         self.device = pick_device(args.device)
+        self.amp = pick_amp(args.amp, self.device)      # a wrong --amp fails before the work
         line = set_threads(args.threads)
         print(line if self.device.type == "cpu" else f"device: {self.device}", flush=True)
 

@@ -35,7 +35,7 @@ import data as data_lib
 import train_vae
 from checkpoint import load_checkpoint, load_vae
 from common import (MAX_STEPS, Parser, UserError, autocast, finite, fraction, maybe_compile,
-                    median_time, pick_amp, positive, run_main, synchronizer)
+                    median_time, positive, run_main, synchronizer)
 from dit import PRESETS, DiT, count_parameters, dit_preset
 from embeddings import null_prompt, prompt_length, prompt_words, tokenize
 from flow import flow_matching_loss
@@ -81,7 +81,7 @@ def main(argv=None):
         vae_path, given = find_vae(args, run.resume, run.device)           # ... and its VAE
         run.lock([("--data", args.data), ("--vae", vae_path)])
         if args.minutes and run.resume is None:
-            size_to_minutes(args, run.device, train_set, vae_path, given)
+            size_to_minutes(args, run, train_set, vae_path, given)
         vae, vae_ckpt = ensure_vae(args, vae_path, given, run, train_set)  # (trained if need be)
         mu = encode(vae, vae_ckpt, train_set, args)                         # step 2
         latents = latent_data(mu, vae, train_set, args, run)                # step 3
@@ -209,7 +209,7 @@ def train_dit(run, latents, vae, vae_path, vae_ckpt):
     if args.steps < args.warmup:
         print(f"note: --steps {args.steps} is shorter than the learning-rate warm-up (--warmup "
               f"{args.warmup}): the rate never reaches --lr {args.lr}")
-    amp = pick_amp(args.amp, device)
+    amp = run.amp
     model, ema, opt, scaler = build(latents.config, args, device, amp)
     step = run.begin(model, ema, opt, scaler)
     if run.resume is None:
@@ -336,15 +336,14 @@ def settle_steps(run):
     run.derived = {"steps", "vae_steps"} if args.minutes else set()
 
 
-def size_to_minutes(args, device, train_set, vae_path, given):
+def size_to_minutes(args, run, train_set, vae_path, given):
     """--minutes N: --steps, and --vae-steps when the automatic VAE is still to train, scaled
     together from their defaults (this data's, from settle_steps, and train_vae.py's) so that
     training and sample grids take about N minutes here (loading and encoding on top)."""
     vae_config = given[0].config if given else train_vae.vae_config(args)
     todo = given is None and not (vae_path.is_file() and
                                   load_checkpoint(vae_path, "vae", "--vae")["finished"])
-    t_vae, t_dit, t_grid = time_steps(args, device, pick_amp(args.amp, device), train_set,
-                                      vae_config, todo)
+    t_vae, t_dit, t_grid = time_steps(args, run.device, run.amp, train_set, vae_config, todo)
     # seconds = steps x (a DiT step + its share of the grids and the VAE's steps) + the last grid
     ratio = train_vae.DEFAULTS["steps"] / args.steps            # VAE steps per DiT step
     per_step = t_dit + t_grid * args.sample_steps / args.sample_every + t_vae * ratio
@@ -392,7 +391,7 @@ def parser():
   python train_flow.py                      # the whole recipe on the built-in shapes -> runs/flow
   python train_flow.py --data ~/photos --image-size 64 --out runs/photos
   python train_flow.py --data ~/photos --minutes 60 --out runs/hour  # sized to an hour here
-  python train_flow.py --steps 20 --vae-steps 20 --n-builtin 500 --out runs/smoke   # a quick test
+  python train_flow.py --steps 10 --vae-steps 10 --n-builtin 500 --out runs/smoke   # a quick test
 """)
     add_training_flags(p, DEFAULTS, "runs/flow")
     add = p.add_argument

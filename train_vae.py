@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import data as data_lib
-from common import (Parser, UserError, autocast, maybe_compile, median_time, pick_amp, positive,
+from common import (Parser, UserError, autocast, maybe_compile, median_time, positive,
                     run_main, synchronizer)
 from kl import kl_to_standard_normal
 from metrics import psnr
@@ -68,7 +68,7 @@ def main(argv=None, resume_command=None):
                                                      args.n_builtin, args.seed)
                                for split in ("train", "test"))
         run.lock([("--data", args.data)])
-        amp = pick_amp(args.amp, device)
+        amp = run.amp
         model, ema, opt, scaler = build(config, args, device, amp)
         step = run.begin(model, ema, opt, scaler)
         for group in opt.param_groups:                 # --lr applies to a resumed run too

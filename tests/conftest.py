@@ -22,6 +22,9 @@ from unittest import mock
 import pytest
 import torch
 
+import train_flow
+import train_vae
+
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ["--device", "cpu", "--amp", "off"]
 GRID_PAD = 2
@@ -73,12 +76,15 @@ def start():
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory, tiny):
-    """The session's reference VAE (tiny.vae_steps straight) and flow run (tiny.flow_steps)."""
+    """The session's reference VAE (tiny.vae_steps straight) and flow run (tiny.flow_steps),
+    trained in this process on one thread, as `run`'s subprocesses train (the same bits)."""
     root = tmp_path_factory.mktemp("shared")
-    _run("train_vae.py", "--out", root / "vae", "--steps", tiny.vae_steps, *tiny.vae_flags)
+    args = ["--out", root / "vae", "--steps", tiny.vae_steps, *tiny.vae_flags, "--threads", 1]
+    assert train_vae.main([str(a) for a in args]) == 0
     vae = root / "vae" / "ckpt.pt"
-    _run("train_flow.py", "--vae", vae, "--out", root / "flow", "--steps", tiny.flow_steps,
-         *tiny.flow_flags)
+    args = ["--vae", vae, "--out", root / "flow", "--steps", tiny.flow_steps, *tiny.flow_flags,
+            "--threads", 1]
+    assert train_flow.main([str(a) for a in args]) == 0
     return {"root": root, "vae": vae, "vae_dir": root / "vae", "flow": root / "flow" / "ckpt.pt",
             "flow_dir": root / "flow"}
 

@@ -158,11 +158,13 @@ def test_recipe_times_each_phase_and_multiplies_by_the_default_runs_calls(monkey
     assert "20000 images" in text and f"{recipe['minutes']:.1f} min" in text.splitlines()[-1]
 
 
-def test_cli_dit_tiny_prints_one_json_object_with_positive_throughput(run):
-    proc = run("bench.py", "--what", "dit", "--preset", "tiny", "--batch-size", "4",
-               "--latent-size", "4", "--repeats", "2", "--untimed", "1", "--device", "cpu",
-               "--amp", "off", "--json", timeout=120)
-    report = json.loads(proc.stdout)
+def test_cli_dit_tiny_prints_one_json_object_with_positive_throughput(cli, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rc, out, err = cli("bench.py", "--what", "dit", "--preset", "tiny", "--batch-size", "4",
+                       "--latent-size", "4", "--repeats", "2", "--untimed", "1", "--device", "cpu",
+                       "--amp", "off", "--json")
+    assert rc == 0, err
+    report = json.loads(out)
     assert report["device_type"] == "cpu" and report["peaks"]["fp32"] > 0
     assert report["threads"] == 1 and "1 (OMP_NUM_THREADS)" in report["threads_line"]
     train, step = report["rows"]             # the bare step, and train_flow.train_step itself

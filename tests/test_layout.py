@@ -4,6 +4,7 @@ module, so each can be copied alone; scripts stand on top; every "Offers:" index
 docstring names exactly what the module defines."""
 
 import ast
+import json
 import os
 import re
 import subprocess
@@ -65,13 +66,21 @@ def test_scripts_stand_on_top():
         assert not training or name in ("train_flow", "bench"), f"{name}.py imports {training}"
 
 
-@pytest.mark.parametrize("name", STANDALONE)
-def test_standalone_files_load_no_other_project_module(name):
-    code = (f"import sys, {name}; print(sorted(m for m in sys.modules "
-            f"if m in {sorted(MODULES)!r} and m != {name!r}))")
+def test_standalone_files_load_no_other_project_module():
+    """Each in turn in one fresh interpreter, the project's modules forgotten in between."""
+    code = (f"import importlib, json, sys, torch\n"
+            f"project, loads = {sorted(MODULES)!r}, {{}}\n"
+            f"for name in {STANDALONE!r}:\n"
+            f"    importlib.import_module(name)\n"
+            f"    loads[name] = sorted(m for m in project if m in sys.modules and m != name)\n"
+            f"    for m in project:\n"
+            f"        sys.modules.pop(m, None)\n"
+            f"print(json.dumps(loads))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    assert out == "[]", f"import {name} also loads {out}"
+                         check=True).stdout
+    loads = json.loads(out)
+    assert list(loads) == STANDALONE
+    assert not any(loads.values()), f"these also load other project modules: {loads}"
 
 
 def _offers(path):

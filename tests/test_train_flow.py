@@ -8,13 +8,13 @@ import json
 import os
 import re
 import signal
-import statistics
 
 import pytest
 import torch
 from PIL import Image
 
 import checkpoint
+import common
 import data as data_lib
 import runs as runs_lib
 import sample
@@ -61,10 +61,11 @@ def _fixed_noise_loss(ckpt, state, mu):
         return sum(flow_matching_loss(model, z, tokens, null, 0.0).item() for _ in range(3)) / 3
 
 
-def test_flow_resumed_after_half_the_steps_equals_the_straight_run(runs, tmp_path, expect, tiny, run):
-    out = tmp_path / "flow"
-    run("train_flow.py", "--vae", runs["vae"], "--out", out, *tiny.flow_flags,
-        "--steps", tiny.flow_steps // 2)
+def test_flow_resumed_after_half_the_steps_equals_the_straight_run(cli, runs, tmp_path, expect, tiny,
+                                                                   run):
+    out = tmp_path / "flow"        # the first half in this process, on one thread as `run`'s
+    assert cli("train_flow.py", "--vae", runs["vae"], "--out", out, *tiny.flow_flags, "--steps",
+               tiny.flow_steps // 2, "--threads", 1)[0] == 0
     proc = run("train_flow.py", "--resume", "--out", out, "--steps", tiny.flow_steps)
     assert f"resumed {out / 'ckpt.pt'} at step {tiny.flow_steps // 2}" in proc.stdout
     assert f"resuming with changed settings: --steps {tiny.flow_steps} (was 3)" in proc.stdout
@@ -176,7 +177,8 @@ def test_the_automatic_vae_lives_beside_out_is_finished_if_stopped_and_never_del
 
 def test_an_automatic_vae_of_an_earlier_default_is_used_as_it_is_with_a_note(
         cli, runs, tmp_path, tiny, monkeypatch):
-    flags = ["--steps", 1, "--n-builtin", 64, "--batch-size", 8, "--sample-steps", 1, *tiny.cpu]
+    flags = ["--steps", 1, "--n-builtin", 64, "--batch-size", 8, "--sample-steps", 1,
+             "--grid-prompts", 1, "--grid-images", 1, *tiny.cpu]
     vae = tmp_path / "vae-shapes-32px-seed0-n64" / "ckpt.pt"
     ckpt = torch.load(runs["vae"], weights_only=True)              # finished, tiny.vae_steps
     checkpoint.save_checkpoint(vae, ckpt)
@@ -334,28 +336,29 @@ def test_minutes_sizes_both_trainings_to_the_budget_from_timed_steps(cli, tmp_pa
                                                                     monkeypatch):
     timed = []
 
-    def median(times):                       # each phase's step runs 5 times and "takes" 0.1 s
-        timed.append(len(times))
+    def median_time(fn, repeats=3, **_):     # each phase's step "takes" 0.1 s (bench.py's recipe
+        timed.append(repeats)                # test runs them for real)
         return 0.1
-    monkeypatch.setattr(statistics, "median", median)
+    monkeypatch.setattr(common, "median_time", median_time)
+    monkeypatch.setattr(train_vae, "median_time", median_time)
     flags = ["--n-builtin", 64, "--batch-size", 8, "--sample-every", 4, "--sample-steps", 2,
              "--grid-prompts", 2, "--grid-images", 2, "--log-every", 100, *tiny.cpu]
     expect.one_line_error(cli("train_flow.py", "--out", tmp_path / "f", "--minutes", 1,
                               "--steps", 5, *flags), "--minutes sizes --steps and --vae-steps")
-    rc, out, err = cli("train_flow.py", "--out", tmp_path / "f", "--minutes", 0.06, *flags)
+    rc, out, err = cli("train_flow.py", "--out", tmp_path / "f", "--minutes", 0.03, *flags)
     assert rc == 0 and timed == [3, 3, 3], err          # a VAE step, a DiT step, a grid step
-    # 3.6 s = 9.58 steps x (0.1 + 0.1 x 2 / 4 grid steps + 0.1 x 6000 / 2930 VAE) + a grid
+    # 1.8 s = 4.51 steps x (0.1 + 0.1 x 2 / 4 grid steps + 0.1 x 6000 / 2930 VAE) + a grid
     steps = json.loads((tmp_path / "f" / "args.json").read_text())["steps"]
-    assert steps == 9 and "--minutes 0.06: 9 DiT steps (0.100 s each) and 18 VAE steps" in out
-    vae = torch.load(tmp_path / "vae-shapes-32px-seed0-n64-0.06min" / "ckpt.pt", weights_only=True)
-    assert vae["step"] == 18 and vae["finished"]
+    assert steps == 4 and "--minutes 0.03: 4 DiT steps (0.100 s each) and 8 VAE steps" in out
+    vae = torch.load(tmp_path / "vae-shapes-32px-seed0-n64-0.03min" / "ckpt.pt", weights_only=True)
+    assert vae["step"] == 8 and vae["finished"]
     # a resumed run keeps its sized steps and finds its VAE; --minutes there is refused
-    rc, out, err = cli("train_flow.py", "--out", tmp_path / "f", "--resume", "--steps", 16, *flags)
-    assert rc == 0 and torch.load(tmp_path / "f" / "ckpt.pt", weights_only=True)["step"] == 16, err
+    rc, out, err = cli("train_flow.py", "--out", tmp_path / "f", "--resume", "--steps", 6, *flags)
+    assert rc == 0 and torch.load(tmp_path / "f" / "ckpt.pt", weights_only=True)["step"] == 6, err
     expect.one_line_error(cli("train_flow.py", "--out", tmp_path / "f", "--resume", "--minutes",
                               1, *flags), "--minutes sizes a new run")
     # with the VAE there, the whole budget goes to the DiT; a budget below one step is refused
-    rc, out, err = cli("train_flow.py", "--out", tmp_path / "g", "--minutes", 0.06, *flags)
-    assert rc == 0 and "--minutes 0.06: 22 DiT steps (0.100 s each), from" in out, err
+    rc, out, err = cli("train_flow.py", "--out", tmp_path / "g", "--minutes", 0.03, *flags)
+    assert rc == 0 and "--minutes 0.03: 10 DiT steps (0.100 s each), from" in out, err
     expect.one_line_error(cli("train_flow.py", "--out", tmp_path / "h", "--minutes", 0.001,
                               *flags), "--minutes 0.001 is too short here")
