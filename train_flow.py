@@ -6,8 +6,8 @@
 Slide "Latent Diffusion Models (LDMs) - Recipe", one function per step, called in order by `main`
 (after `settle_steps`: --steps by the data, and --minutes):
   1. Data: the images x_1..x_N (`load_data`) and the VAE that makes their latent space
-     (`ensure_vae`, near the end: with no --vae, the automatic VAE of this data, trained first
-     by train_vae.py).
+     (`find_vae`, checked before the images load; `ensure_vae`, near the end: with no --vae, the
+     automatic VAE of this data, trained first by train_vae.py).
   2. Encoding: every image becomes a latent, the VAE encoder's *mean* (`encode`; train_vae.py
      stored those of its own training images in the VAE's checkpoint, with their statistics).
   3. Latent data: z_1..z_N, normalised per channel by those statistics, with their prompts
@@ -77,9 +77,9 @@ def main(argv=None):
             print(f"{args.out} is already at step {run.resume['step']} of {args.steps}; nothing "
                   f"to do (a larger --steps trains on)")
             return 0
-        train_set = load_data(args)                                        # step 1: the data
-        vae_path, given = find_vae(args, run.resume, run.device)           # ... and its VAE
+        vae_path, given = find_vae(args, run.resume, run.device)           # step 1: the VAE,
         run.lock([("--data", args.data), ("--vae", vae_path)])
+        train_set = load_data(args)                                        # ... and the data
         if args.minutes and run.resume is None:
             size_to_minutes(args, run, train_set, vae_path, given)
         vae, vae_ckpt = ensure_vae(args, vae_path, given, run, train_set)  # (trained if need be)
@@ -94,12 +94,10 @@ def main(argv=None):
 
 def load_data(args):
     """The training images x_1..x_N with their captions (data.py)."""
-    train_set = data_lib.load_dataset(args.data, args.image_size, "train", args.n_builtin,
-                                      args.seed)
-    if args.hold_out_pairs and train_set.attributes is None:
+    if args.hold_out_pairs and args.data is not None:
         raise UserError("--hold-out-pairs needs the built-in shapes, whose captions name colour "
                         "and shape; drop --data or --hold-out-pairs")
-    return train_set
+    return data_lib.load_dataset(args.data, args.image_size, "train", args.n_builtin, args.seed)
 
 
 def encode(vae, vae_ckpt, train_set, args):

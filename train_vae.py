@@ -64,10 +64,10 @@ def main(argv=None, resume_command=None):
             return 0
         torch.manual_seed(args.seed)
         config = vae_config(args)
+        run.lock([("--data", args.data)])
         train_set, test_set = (data_lib.load_dataset(args.data, args.image_size, split,
                                                      args.n_builtin, args.seed)
                                for split in ("train", "test"))
-        run.lock([("--data", args.data)])
         amp = run.amp
         model, ema, opt, scaler = build(config, args, device, amp)
         step = run.begin(model, ema, opt, scaler)

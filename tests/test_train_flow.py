@@ -90,7 +90,10 @@ def test_flow_on_a_folder_of_images_reads_them_once_and_names_the_unreadable(run
 
 
 def test_mistakes_are_one_line_before_any_slow_work_and_make_no_folder(cli, runs, tmp_path, expect,
-                                                                      tiny, flow_args):
+                                                                      tiny, flow_args, monkeypatch):
+    def slow_work(*args, **kwargs):
+        raise AssertionError("the built-in images were drawn before the flags were checked")
+    monkeypatch.setattr(data_lib, "build_shapes", slow_work)
     rc, out, err = cli(*flow_args(tmp_path / "f", "--image-size", 40, "--patch-size", 4))
     expect.one_line_error((rc, out, err), "divisible by the VAE factor 4 x patch size 4 = 16")
     args = flow_args(tmp_path / "f")
