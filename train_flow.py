@@ -4,10 +4,11 @@
     python train_flow.py --data ~/photos --image-size 64 --vae runs/vae64/ckpt.pt
 
 Slide "Latent Diffusion Models (LDMs) - Recipe", one function per step, called in order by `main`
-(after `settle_steps`: --steps by the data, and --minutes):
-  1. Data: the images x_1..x_N (`load_data`) and the VAE that makes their latent space
-     (`find_vae`, checked before the images load; `ensure_vae`, near the end: with no --vae, the
-     automatic VAE of this data, trained first by train_vae.py).
+(after `settle_steps`: --steps by the data):
+  1. Data: the VAE that makes the latent space (`find_vae`, its checks before the images load;
+     `ensure_vae`: with no --vae, the automatic VAE of this data, trained first by train_vae.py)
+     and the images x_1..x_N (`load_data`); --minutes sizes the run in between
+     (`size_to_minutes`).
   2. Encoding: every image becomes a latent, the VAE encoder's *mean* (`encode`; train_vae.py
      stored those of its own training images in the VAE's checkpoint, with their statistics).
   3. Latent data: z_1..z_N, normalised per channel by those statistics, with their prompts
@@ -63,7 +64,7 @@ DEFAULTS = {
     "log_every": 50, "ckpt_every": 500,
 }
 # Settings whose change makes another experiment: --resume refuses them without --allow-changes
-# (another VAE file is compared by its bytes, in `train_dit`).
+# (another VAE file is compared by its bytes, in `find_vae`).
 EXPERIMENT = {"data", "n_builtin", "seed", "image_size", "preset", "patch_size", "vae_steps",
               "hold_out_pairs"}
 
@@ -77,11 +78,12 @@ def main(argv=None):
             print(f"{args.out} is already at step {run.resume['step']} of {args.steps}; nothing "
                   f"to do (a larger --steps trains on)")
             return 0
-        vae_path, given = find_vae(args, run.resume, run.device)           # step 1: the VAE,
+        # step 1: which VAE (`given`: --vae's (VAE, checkpoint), else None), then the data
+        vae_path, given = find_vae(args, run.resume, run.device)
         run.lock([("--data", args.data), ("--vae", vae_path)])
-        train_set = load_data(args)                                        # ... and the data
-        if args.minutes and run.resume is None:
-            size_to_minutes(args, run, train_set, vae_path, given)
+        train_set = load_data(args)
+        if args.minutes and run.resume is None:   # before the automatic VAE's steps are fixed
+            size_to_minutes(run, train_set, vae_path, given)
         vae, vae_ckpt = ensure_vae(args, vae_path, given, run, train_set)  # (trained if need be)
         mu = encode(vae, vae_ckpt, train_set, args)                         # step 2
         latents = latent_data(mu, vae, train_set, args, run)                # step 3
@@ -140,13 +142,13 @@ def latent_data(mu, vae, train_set, args, run):
               f"training images show a held-out colour x shape pair "
               f"({', '.join(' '.join(p) for p in HELD_OUT_PAIRS)}); the DiT never sees them")
         mu, captions = mu[keep], [captions[i] for i in keep]
-    config = dit_config(args, vae.config, train_set.captions)
+    config = dit_config(args, vae.config, train_set.captions)   # all captions: held-out ones fit
     longest = prompt_length(train_set.captions, config.prompt_word_bytes)[1]
     print(f"prompts: the model reads up to {config.max_prompt_len - 1} words of a prompt (the "
           f"longest caption has {longest - 1}); longer prompts are cut")
     distinct = list(dict.fromkeys(captions))      # a folder is sorted by name: show its range
-    prompts = distinct[::max(1, len(distinct) // args.grid_prompts) if args.data else 1][
-        :args.grid_prompts] or [""]
+    stride = max(1, len(distinct) // args.grid_prompts) if args.data else 1
+    prompts = distinct[::stride][:args.grid_prompts] or [""]
     return LatentData(z=vae.normalize_latents(mu.to(run.device)),
                       tokens=tokenize(captions, config.max_prompt_len,
                                       config.prompt_word_bytes).to(run.device),
@@ -171,7 +173,7 @@ def build(config, args, device, amp):
     model = DiT(config).to(device)
     ema = EMA(model, args.ema_decay)
     opt = adamw(model.parameters(), args.lr, tuple(args.adam_betas), args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)  # bf16 needs none
     return model, ema, opt, scaler
 
 
@@ -198,20 +200,15 @@ def train_step(net, model, ema, opt, scaler, z, tokens, null, step, args, amp):
 
 def train_dit(run, latents, vae, vae_path, vae_ckpt):
     """Train (or resume) the DiT on the latents, with sample grids on the way."""
-    args, device, out = run.args, run.device, run.out
+    args, device, amp, out = run.args, run.device, run.amp, run.out
     sha1 = hashlib.sha1(Path(vae_path).read_bytes()).hexdigest()
-    if run.resume is not None and run.resume["vae"]["sha1"] != sha1 and not args.allow_changes:
-        raise UserError(f"--resume: the run was trained with another VAE "
-                        f"({run.resume['vae']['path']}); pass that one with --vae (or "
-                        f"--allow-changes to go on with this one)")
     if args.steps < args.warmup:
         print(f"note: --steps {args.steps} is shorter than the learning-rate warm-up (--warmup "
               f"{args.warmup}): the rate never reaches --lr {args.lr}")
-    amp = run.amp
     model, ema, opt, scaler = build(latents.config, args, device, amp)
     step = run.begin(model, ema, opt, scaler)
-    if run.resume is None:
-        torch.manual_seed(args.seed)                       # the data order and noise
+    if run.resume is None:             # the data order and noise (a resumed run's: restored)
+        torch.manual_seed(args.seed)
     for group in opt.param_groups:                         # --adam-betas applies when resumed too
         group["betas"] = tuple(args.adam_betas)
     C, h, w = latents.z.shape[1:]
@@ -271,13 +268,18 @@ def sample_grid(path, model, vae, prompts, args, amp):
 def find_vae(args, resume, device):
     """(path, (VAE, checkpoint) or None): --vae, loaded here, or the automatic VAE of this data
     beside --out (say runs/vae-shapes-32px-seed0-n20000/ckpt.pt), loaded or trained later by
-    `ensure_vae` (not when resuming: a run goes on with its own VAE). Before any slow work, the
-    image size must divide into its latents and those into patches."""
+    `ensure_vae` (not when resuming: a run goes on with its own VAE, the same bytes). Before any
+    slow work, the image size must divide into its latents and those into patches."""
     path = Path(args.vae) if args.vae is not None else train_vae.automatic_path(args)
     if not path.is_file() and (args.vae is not None or resume is not None):
         what = "is a folder; pass its ckpt.pt" if path.is_dir() else "file not found"
         raise UserError(f"--vae {path}: {what}; pass the VAE the run was trained with (or a copy)"
                         f", train one with train_vae.py, or omit --vae for the automatic one")
+    if (resume is not None and not args.allow_changes
+            and hashlib.sha1(path.read_bytes()).hexdigest() != resume["vae"]["sha1"]):
+        raise UserError(f"--resume: the run was trained with another VAE "
+                        f"({resume['vae']['path']}); pass that one with --vae (or "
+                        f"--allow-changes to go on with this one)")
     given = load_vae(path, device) if args.vae is not None else None
     factor = given[0].config.factor if given else train_vae.vae_config(args).factor
     if args.image_size % (factor * args.patch_size):
@@ -334,10 +336,11 @@ def settle_steps(run):
     run.derived = {"steps", "vae_steps"} if args.minutes else set()
 
 
-def size_to_minutes(args, run, train_set, vae_path, given):
+def size_to_minutes(run, train_set, vae_path, given):
     """--minutes N: --steps, and --vae-steps when the automatic VAE is still to train, scaled
     together from their defaults (this data's, from settle_steps, and train_vae.py's) so that
     training and sample grids take about N minutes here (loading and encoding on top)."""
+    args = run.args
     vae_config = given[0].config if given else train_vae.vae_config(args)
     todo = given is None and not (vae_path.is_file() and
                                   load_checkpoint(vae_path, "vae", "--vae")["finished"])

@@ -89,11 +89,14 @@ def test_flow_on_a_folder_of_images_reads_them_once_and_names_the_unreadable(run
     assert "encoded 4 images" in proc.stdout and (tmp_path / "flow" / "samples_000001.png").is_file()
 
 
+def _no_images(*args, **kwargs):
+    """Stands in for data.build_shapes where a mistake must be found before any image is drawn."""
+    raise AssertionError("the built-in images were drawn before the flags were checked")
+
+
 def test_mistakes_are_one_line_before_any_slow_work_and_make_no_folder(cli, runs, tmp_path, expect,
                                                                       tiny, flow_args, monkeypatch):
-    def slow_work(*args, **kwargs):
-        raise AssertionError("the built-in images were drawn before the flags were checked")
-    monkeypatch.setattr(data_lib, "build_shapes", slow_work)
+    monkeypatch.setattr(data_lib, "build_shapes", _no_images)
     rc, out, err = cli(*flow_args(tmp_path / "f", "--image-size", 40, "--patch-size", 4))
     expect.one_line_error((rc, out, err), "divisible by the VAE factor 4 x patch size 4 = 16")
     args = flow_args(tmp_path / "f")
@@ -133,6 +136,12 @@ def test_resume_restores_the_settings_refuses_another_experiment_and_works_from_
     (tmp_path / "moved").rename(tmp_path / "gone")
     expect.one_line_error(cli("train_flow.py", "--out", out, "--resume", "--steps", 3),
                           "file not found; pass the VAE the run was trained with (or a copy)")
+    ckpt = torch.load(tmp_path / "gone" / "ckpt.pt", weights_only=True)
+    ckpt["elapsed"] += 1.0                          # another VAE file: refused before the images
+    checkpoint.save_checkpoint(tmp_path / "other.pt", ckpt)
+    monkeypatch.setattr(data_lib, "build_shapes", _no_images)
+    expect.one_line_error(cli("train_flow.py", "--out", out, "--resume", "--steps", 3, "--vae",
+                              tmp_path / "other.pt"), "the run was trained with another VAE")
 
 
 def test_a_finished_run_is_kept_and_ctrl_c_during_its_last_grid_still_finishes_it(
