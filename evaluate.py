@@ -540,7 +540,9 @@ def main(argv=None):
         check_output(args.json, "--json", args.overwrite,
                      inputs + [("--vae", args.vae), ("--inception", args.inception)])
     device = pick_device(args.device)
-    pick_amp(args.amp, device)          # and so does an --amp this device cannot run
+    pick_amp(args.amp, device)          # and so does an --amp this device cannot run,
+    for path in paths[1:]:              # a later --ckpt that is missing or damaged (each loads
+        load_models(args, path, "cpu")  # again in its turn), ...
     try:                                # and a missing or wrong --inception file
         inception = load_inception(args.inception, str(device))
     except (FileNotFoundError, ValueError) as e:

@@ -136,8 +136,9 @@ def main(argv=None):
     device = pick_device(args.device)
     amp = pick_amp(args.amp, device)
     out, text = Path(args.out), Path(args.out).with_suffix(".prompts.txt")
-    if out.suffix.lower() not in Image.registered_extensions():
-        raise UserError(f"--out {out}: not an image file name; use e.g. samples.png")
+    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:   # .psd: read only
+        raise UserError(f"--out {out}: not an image file name Pillow can write; use e.g. "
+                        f"samples.png")
     for path in (out, text):
         check_output(path, "--out", args.overwrite, [("--ckpt", args.ckpt), ("--vae", args.vae)])
     model, vae, ckpt = load_flow(args.ckpt, device, args.vae)

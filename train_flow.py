@@ -281,6 +281,8 @@ def find_vae(args, resume, device):
                         f"({resume['vae']['path']}); pass that one with --vae (or "
                         f"--allow-changes to go on with this one)")
     given = load_vae(path, device) if args.vae is not None else None
+    if given is None and path.is_file():          # a damaged automatic VAE: refused here too
+        load_checkpoint(path, "vae", "--vae")
     factor = given[0].config.factor if given else train_vae.vae_config(args).factor
     if args.image_size % (factor * args.patch_size):
         raise UserError(f"--image-size {args.image_size} must be divisible by the VAE factor "

@@ -38,6 +38,15 @@ def _evaluate(tmp_path, *argv):
 # the whole command
 
 
+def test_a_missing_second_checkpoint_is_one_line_before_the_first_is_evaluated(
+        cli, runs, tmp_path, expect, monkeypatch):
+    def no_images(*args, **kwargs):
+        raise AssertionError("the first checkpoint's evaluation began")
+    monkeypatch.setattr(data_lib, "load_dataset", no_images)
+    expect.one_line_error(cli("evaluate.py", "--ckpt", runs["flow"], tmp_path / "gone.pt"),
+                          "file not found")
+
+
 def test_two_trainings_give_full_results_and_a_summary_of_median_and_range(runs, tmp_path, capsys):
     r = _evaluate(tmp_path, "--ckpt", runs["flow"], runs["flow"], "--n", 16, "--cfg", 1, 4,
                   "--sample-steps", 2)

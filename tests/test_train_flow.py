@@ -215,6 +215,17 @@ def test_an_automatic_vae_of_an_earlier_default_is_used_as_it_is_with_a_note(
         hashlib.sha1(before).hexdigest()
 
 
+def test_a_damaged_automatic_vae_is_one_line_before_the_images_are_drawn(cli, tmp_path, expect,
+                                                                       tiny, monkeypatch):
+    vae = tmp_path / "vae-shapes-32px-seed0-n16" / "ckpt.pt"
+    vae.parent.mkdir()
+    vae.write_bytes(b"not a checkpoint")
+    monkeypatch.setattr(data_lib, "build_shapes", _no_images)
+    expect.one_line_error(cli("train_flow.py", "--out", tmp_path / "flow", "--n-builtin", 16,
+                              *tiny.cpu), f"--vae {vae}: not a checkpoint")
+    assert vae.read_bytes() == b"not a checkpoint"
+
+
 def test_the_lock_is_taken_before_the_automatic_vae_is_trained(cli, tmp_path, expect, tiny):
     out = tmp_path / "flow"
     out.mkdir()
