@@ -173,7 +173,7 @@ def build(config, args, device, amp):
     model = DiT(config).to(device)
     ema = EMA(model, args.ema_decay)
     opt = adamw(model.parameters(), args.lr, tuple(args.adam_betas), args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)  # bf16 needs none
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)  # fp16 only
     return model, ema, opt, scaler
 
 
