@@ -536,9 +536,8 @@ def main(argv=None):
     if args.n < MIN_N:
         raise UserError(f"--n {args.n}: the metrics need at least {MIN_N} images per set")
     if args.json is not None:           # an output that cannot be written fails before the work
-        inputs = [("--ckpt", c) for c in paths if c is not None]
-        check_output(args.json, "--json", args.overwrite,
-                     inputs + [("--vae", args.vae), ("--inception", args.inception)])
+        check_output(args.json, "--json", args.overwrite, [("--ckpt", c) for c in paths] +
+                     [("--vae", args.vae), ("--inception", args.inception)])   # None: skipped
     device = pick_device(args.device)
     pick_amp(args.amp, device)          # and so does an --amp this device cannot run,
     for path in paths[1:]:              # a later --ckpt that is missing or damaged (each loads

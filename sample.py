@@ -137,8 +137,7 @@ def main(argv=None):
     amp = pick_amp(args.amp, device)
     out, text = Path(args.out), Path(args.out).with_suffix(".prompts.txt")
     if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:   # .psd: read only
-        raise UserError(f"--out {out}: not an image file name Pillow can write; use e.g. "
-                        f"samples.png")
+        raise UserError(f"--out {out}: not an image file name Pillow writes; use e.g. samples.png")
     for path in (out, text):
         check_output(path, "--out", args.overwrite, [("--ckpt", args.ckpt), ("--vae", args.vae)])
     model, vae, ckpt = load_flow(args.ckpt, device, args.vae)
