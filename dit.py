@@ -75,10 +75,13 @@ class DiTConfig:
         return cls(**d)
 
 
-# The DiT family's widths / depths / heads, plus "tiny" for CPUs. "tiny" normalises each head's
-# queries and keys (QK-norm), which keeps its attention logits bounded at the default
-# learning rate 1e-3.
+# The DiT family's widths / depths / heads, plus "tiny" for CPUs and "micro", a smoke-test size
+# that runs every step of the recipe in seconds (it draws poorly). "tiny" and "micro" normalise
+# each head's queries and keys (QK-norm), which keeps their attention logits bounded at the
+# default learning rate 1e-3.
 PRESETS = {
+    "micro": DiTConfig(dim=64, depth=2, heads=2, prompt_dim=64, prompt_depth=1, prompt_heads=2,
+                       qk_norm=True),
     "tiny": DiTConfig(dim=256, depth=6, heads=4, prompt_dim=128, prompt_depth=2, prompt_heads=4,
                       qk_norm=True),
     "S": DiTConfig(dim=384, depth=12, heads=6, prompt_dim=384, prompt_depth=2, prompt_heads=6),

@@ -37,7 +37,7 @@ def tiny():
                  "--eval-images", "16", "--seed", "0"] + CPU
     flow_flags = ["--n-builtin", "64", "--batch-size", "8", "--log-every", "3", "--ckpt-every", "2",
                   "--sample-every", "4", "--sample-steps", "2", "--grid-prompts", "3",
-                  "--grid-images", "2", "--warmup", "1", "--lr", "1e-3"] + CPU   # grids of 3 x 2
+                  "--grid-images", "2", "--warmup", "1", "--lr", "1e-3", "--preset", "micro"] + CPU
     return SimpleNamespace(cpu=CPU, vae_steps=16, vae_flags=vae_flags, flow_steps=6,
                            flow_flags=flow_flags)
 
@@ -169,7 +169,7 @@ def flow_args(runs):
     def args(out, *extra):
         return ["train_flow.py", "--vae", runs["vae"], "--out", out, "--steps", 1,
                 "--sample-steps", 1, "--grid-prompts", 2, "--grid-images", 2, "--n-builtin", 64,
-                "--batch-size", 8, *CPU, *extra]
+                "--batch-size", 8, "--preset", "micro", *CPU, *extra]
     return args
 
 

@@ -126,7 +126,7 @@ def test_non_square_latents_give_output_of_input_shape():
 
 def test_preset_table_lists_dit_widths_depths_heads_and_growing_sizes():
     rows = preset_table()
-    assert [r[0] for r in rows] == ["tiny", "S", "B", "L", "XL"]
+    assert [r[0] for r in rows] == ["micro", "tiny", "S", "B", "L", "XL"]
     dims = {name: (dim, depth, heads) for name, dim, depth, heads, _ in rows}
     assert dims["S"] == (384, 12, 6)
     assert dims["B"] == (768, 12, 12)
@@ -134,9 +134,9 @@ def test_preset_table_lists_dit_widths_depths_heads_and_growing_sizes():
     assert dims["XL"] == (1152, 28, 16)
     counts = [r[4] for r in rows]
     assert all(n > 0 for n in counts)
-    assert counts == sorted(counts) and len(set(counts)) == 5
+    assert counts == sorted(counts) and len(set(counts)) == 6
     small = DiT(dit_preset("tiny", input_size=32))
-    assert counts[0] == sum(p.numel() for p in small.parameters())
+    assert counts[1] == sum(p.numel() for p in small.parameters())
 
 
 def test_dit_config_dict_round_trip_and_unknown_field_error():

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["bench-dit-tiny", "bench-recipe", "vae", "train-tiny", "eval-tiny"]   # the toy's, in order
+STEPS = ["bench-dit-micro", "bench-recipe", "vae", "train-micro", "eval-micro"]   # the toy's, in order
 
 
 def _check(out, *flags, python=sys.executable):
@@ -47,23 +47,23 @@ def test_toy_check_runs_every_step_and_each_result_parses(tmp_path):
     assert all(status == "ok" for status, _, _ in steps.values()), steps
     assert sum(secs for _, secs, _ in steps.values()) <= seconds + 1
 
-    bench = _result(out, steps["bench-dit-tiny"][2])     # the row that sizes the training
+    bench = _result(out, steps["bench-dit-micro"][2])     # the row that sizes the training
     step_row = next(r for r in bench["rows"] if r["what"] == "dit-step")
     assert step_row["img_s"] > 0 and step_row["batch"] == 8 and "error" not in step_row
     recipe = _result(out, steps["bench-recipe"][2])["recipe"]
     assert recipe["minutes"] > 0 and set(recipe["phases"]) >= {"VAE", "DiT"}
     assert "held-out PSNR" in _result(out, steps["vae"][2])
 
-    what = steps["train-tiny"][2]
+    what = steps["train-micro"][2]
     log = _result(out, what)                             # the run's log.jsonl, copied back
     planned = int(what.split("(")[1].split()[0])         # "(N steps = ...)"
     assert 1 <= planned <= 8 and log[-1]["step"] == planned
     assert f"reached step {planned} at" in what
-    assert (out / "results" / "train-tiny.png").is_file()          # its last sample grid
-    ev = _result(out, steps["eval-tiny"][2])
+    assert (out / "results" / "train-micro.png").is_file()          # its last sample grid
+    ev = _result(out, steps["eval-micro"][2])
     row = ev["settings"][0]
     assert (row["cfg"], ev["n"]) == (4.0, 8) and math.isfinite(row["fd"])
-    assert (out / "runs" / "tiny" / "ckpt.pt").is_file()
+    assert (out / "runs" / "micro" / "ckpt.pt").is_file()
     # checkpoints stay in the run folders; only small files come back
     assert not list((out / "results").glob("*.pt"))
     assert sum(p.stat().st_size for p in (out / "results").iterdir()) < 1_000_000
@@ -77,15 +77,15 @@ def test_a_short_budget_skips_what_does_not_fit_and_keeps_what_it_measured(tmp_p
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert list(steps) == STEPS                            # every step has its line
     assert seconds < budget + 15 + 10                       # the guard (+ TERM grace, start-up)
-    first, secs, what = steps["bench-dit-tiny"]
+    first, secs, what = steps["bench-dit-micro"]
     assert first in ("ok", "cut") and secs <= budget + 15
     if first == "ok":                                       # what it measured came back
         assert _result(out, what)["rows"][0]["img_s"] > 0
     for name in ("bench-recipe", "vae"):
         status, secs, what = steps[name]
         assert (status, secs) == ("skipped", 0) and what.startswith("needs ~") and "s left" in what
-    assert steps["train-tiny"] == ("skipped", 0, "no VAE")
-    assert steps["eval-tiny"] == ("skipped", 0, "no checkpoint")
+    assert steps["train-micro"] == ("skipped", 0, "no VAE")
+    assert steps["eval-micro"] == ("skipped", 0, "no checkpoint")
     assert not (out / "runs" / "vae").exists()
     assert "# done in" in (out / "results" / "summary.txt").read_text()
 
@@ -99,12 +99,12 @@ def test_a_failed_step_is_recorded_the_check_goes_on_and_exits_1(tmp_path):
     proc, seconds, steps = _check(out, "--budget", "9", python=fake)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert list(steps) == STEPS and seconds < 9 + 10
-    for name in ("bench-dit-tiny", "bench-recipe"):
+    for name in ("bench-dit-micro", "bench-recipe"):
         status, _, what = steps[name]
         assert status == "failed (exit 3)" and what.endswith(f"see results/{name}.log")
         assert (out / "results" / f"{name}.log").read_text() == "broken\n"
     assert steps["vae"][0] == "cut" and 7 <= steps["vae"][1] <= 10   # stopped by its time limit
-    assert steps["train-tiny"] == ("skipped", 0, "no VAE")
+    assert steps["train-micro"] == ("skipped", 0, "no VAE")
 
 
 def test_usage_errors_exit_2_before_any_work(tmp_path):

@@ -128,7 +128,7 @@ WITHOUT_POSIX = (f"import os, runpy, sys\n"
 
 def test_every_module_imports_and_the_smoke_run_works_without_posix_only_calls(tmp_path):
     """As on Windows: no fcntl, resource, ..., nor os.fchmod, os.sysconf, ... The smoke test of
-    README (tiny) trains, resumes and samples."""
+    README (at toy sizes: DiT-micro) trains, resumes and samples."""
     out = tmp_path / "smoke"
     code = WITHOUT_POSIX + (
         f"for name in {sorted(MODULES)!r}:\n"
@@ -140,7 +140,7 @@ def test_every_module_imports_and_the_smoke_run_works_without_posix_only_calls(t
         f"    except SystemExit as e:\n"
         f"        assert not e.code, (script, e.code)\n"
         f"tiny = ['--n-builtin', '32', '--batch-size', '8', '--sample-steps', '1', '--device', 'cpu',"
-        f" '--grid-prompts', '1', '--grid-images', '2']\n"
+        f" '--grid-prompts', '1', '--grid-images', '2', '--preset', 'micro']\n"
         f"run('train_flow.py', '--steps', '2', '--vae-steps', '2', '--out', {str(out)!r}, *tiny)\n"
         f"run('train_flow.py', '--resume', '--steps', '3', '--out', {str(out)!r})\n"
         f"run('sample.py', '--ckpt', {str(out / 'ckpt.pt')!r}, '--n', '1', '--sample-steps', '1',"

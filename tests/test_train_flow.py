@@ -82,7 +82,7 @@ def test_flow_on_a_folder_of_images_reads_them_once_and_names_the_unreadable(run
         base.convert(mode).save(data / f"{mode}.png")
     (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     proc = run("train_flow.py", "--vae", runs["vae"], "--data", data, "--out", tmp_path / "flow",
-               "--steps", 1, "--batch-size", 4, "--sample-steps", 1, *tiny.cpu)
+               "--steps", 1, "--batch-size", 4, "--sample-steps", 1, "--preset", "micro", *tiny.cpu)
     assert proc.stdout.count("1 unreadable files skipped: broken.png") == 1
     assert "unreadable" not in proc.stderr and "Traceback" not in proc.stderr
     assert "was trained on shapes-32-seed0" in proc.stderr     # the shared VAE is not this data's
@@ -167,7 +167,8 @@ def test_a_finished_run_is_kept_and_ctrl_c_during_its_last_grid_still_finishes_i
 
 def test_the_automatic_vae_lives_beside_out_is_finished_if_stopped_and_never_deleted(
         cli, runs, tmp_path, expect, tiny, monkeypatch):
-    flags = ["--steps", 1, "--n-builtin", 64, "--batch-size", 8, "--sample-steps", 1, *tiny.cpu]
+    flags = ["--steps", 1, "--n-builtin", 64, "--batch-size", 8, "--sample-steps", 1, "--preset",
+             "micro", *tiny.cpu]
     vae = tmp_path / "runs" / "vae-shapes-32px-seed0-n64-4steps" / "ckpt.pt"
     ckpt = torch.load(runs["vae"], weights_only=True)              # as a stopped run left it
     ckpt.update(step=2, finished=False, args={**ckpt["args"], "steps": 4})
@@ -190,7 +191,7 @@ def test_the_automatic_vae_lives_beside_out_is_finished_if_stopped_and_never_del
 def test_an_automatic_vae_of_an_earlier_default_is_used_as_it_is_with_a_note(
         cli, runs, tmp_path, tiny, monkeypatch):
     flags = ["--steps", 1, "--n-builtin", 64, "--batch-size", 8, "--sample-steps", 1,
-             "--grid-prompts", 1, "--grid-images", 1, *tiny.cpu]
+             "--grid-prompts", 1, "--grid-images", 1, "--preset", "micro", *tiny.cpu]
     vae = tmp_path / "vae-shapes-32px-seed0-n64" / "ckpt.pt"
     ckpt = torch.load(runs["vae"], weights_only=True)              # finished, tiny.vae_steps
     checkpoint.save_checkpoint(vae, ckpt)
@@ -365,7 +366,8 @@ def test_minutes_sizes_both_trainings_to_the_budget_from_timed_steps(cli, tmp_pa
     monkeypatch.setattr(common, "median_time", median_time)
     monkeypatch.setattr(train_vae, "median_time", median_time)
     flags = ["--n-builtin", 64, "--batch-size", 8, "--sample-every", 4, "--sample-steps", 2,
-             "--grid-prompts", 2, "--grid-images", 2, "--log-every", 100, *tiny.cpu]
+             "--grid-prompts", 2, "--grid-images", 2, "--log-every", 100, "--preset", "micro",
+             *tiny.cpu]
     expect.one_line_error(cli("train_flow.py", "--out", tmp_path / "f", "--minutes", 1,
                               "--steps", 5, *flags), "--minutes sizes --steps and --vae-steps")
     rc, out, err = cli("train_flow.py", "--out", tmp_path / "f", "--minutes", 0.03, *flags)
