@@ -76,7 +76,7 @@ class DiTConfig:
 
 
 # The DiT family's widths / depths / heads, plus "tiny" for CPUs and "micro", a smoke-test size
-# that runs every step of the recipe in seconds (it draws poorly). "tiny" and "micro" normalise
+# that runs every step of the recipe in seconds (not one to train for pictures). Both normalise
 # each head's queries and keys (QK-norm), which keeps their attention logits bounded at the
 # default learning rate 1e-3.
 PRESETS = {
