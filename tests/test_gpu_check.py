@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["bench-dit-micro", "bench-recipe", "vae", "train-micro", "eval-micro"]   # the toy's, in order
+STEPS = ["bench-dit-micro", "bench-recipe", "vae", "train-micro", "eval-micro"]   # the toy's
 
 
 def _check(out, *flags, python=sys.executable):
