@@ -1,9 +1,11 @@
 """The Diffusion Transformer u_theta(x | y) in latent space (Lecture 04, Section 7).
 
 Slide "Diffusion Transformer Overview":
-    t~  = TimeEmb(t) in R^k,  x~_0 = PatchEmb(x) in R^{N x k},  y~ = PromptEmb(y) in R^{S x k}
-    x~_{i+1} = DiTBlock(x~_i, t~, y~)
-    u = Unpatchify(x~_N W~) in R^{C x H x W}
+    t~  = TimeEmb(t),  x~_0 = PatchEmb(x) in R^{N x k},  y~ = PromptEmb(y) in R^{S x k_y}
+    x~_{i+1} = DiTBlock(x~_i, t~, y~)        (i = 0, ..., D - 1: D = depth blocks)
+    u = Unpatchify(x~_D W~) in R^{C x H x W}
+(The slide counts blocks with N too; here N is the number of tokens, as in PatchEmb. The widths
+differ: time_dim for TimeEmb, mapped to the token width k by an MLP, and prompt_dim k_y.)
 Slide "DiTBlock Overview": image via self-attention, text via cross-attention, time via
 adaptive LayerNorm; all inputs are combined by summing them up (residual connections).
 

@@ -7,14 +7,14 @@ The slide's prefactor c = 1/sqrt(d) gives norm 1/sqrt(2), not 1: the d/2 cos-sin
 contribute cos^2 + sin^2 = 1, so the squared norm is c^2 * d/2. We use c = sqrt(2/d), the value
 that makes the norm exactly 1.
 Default frequencies: flow time lives in [0, 1], so the frequencies must make the vector move on
-that interval. DiT's sinusoid (periods up to 10000, made for integer timesteps 0..999) barely
-moves there (README, "Where the code departs from the slides"). We use w_min = 0.1 and
-w_max = 100, periods 10 down to 0.01: the slowest channel still turns on [0, 1] and the fastest
-resolves steps of 0.01.
+that interval. DiT's sinusoid (cos(omega t), omega from 1 down to 1/10000, made for integer
+timesteps 0..999) barely moves there (README, "Where the code departs from the slides"). We use
+w_min = 0.1 and w_max = 100, periods 10 down to 0.01: the slowest channel still turns on [0, 1]
+and the fastest resolves steps of 0.01.
 
-Slide "Patchify": x in R^{C x H x W} -> x~ in R^{L x k}, L = (H/p)(W/p) patches of k = p*p*C
-numbers each, in row-major order (token k is the patch at (row, col) = divmod(k, W/p)).
-`PatchEmbedding` is Patchify + a Linear + a fixed 2-D sin-cos position embedding.
+Slide "Patchify": x in R^{C x H x W} -> (H/p)(W/p) patches of p*p*C numbers each, in row-major
+order (patch j is the one at (row, col) = divmod(j, W/p)). `PatchEmbedding` is Patchify + a
+Linear to the token width k + a fixed 2-D sin-cos position embedding: x~ in R^{N x k}.
 
 Slide "Encoding Language Prompt": PromptEmbed(y) in R^{S x k}. The slide uses a pretrained
 CLIP/T5 encoder; none can be downloaded here, so `PromptEmbedding` is learned from scratch with
@@ -26,7 +26,7 @@ same token wherever it stands (but for its position), so what the model learns o
 never seen in training still gets a vector from the n-grams it shares with words that were. A
 short word costs one token: the longest built-in caption is 15 tokens. `PromptEmbedding`
 returns the token sequence, its key-padding mask, and a pooled vector (mean over real tokens)
-that the DiT adds to the time embedding.
+that the DiT, through a Linear, adds to MLP(TimeEmb(t)) to make its condition c.
 Every prompt starts with a BOS token, so the empty prompt "" (the null condition of
 classifier-free guidance, `null_prompt`) still has one real token and no attention row is fully
 masked.
@@ -111,7 +111,8 @@ def unpatchify(tokens, p, height, width):
 
 def sincos_2d(dim, h, w):
     """Fixed 2-D sin-cos position embedding (h*w, dim): half the channels encode the row,
-    half the column, each with the 1-D transformer sinusoid (periods up to 10000)."""
+    half the column, each with the 1-D transformer sinusoid (cos(omega x), omega down to
+    1/10000: wavelengths up to 2 pi 10000)."""
     if dim % 4 != 0:
         raise ValueError(f"position embedding dim must be a multiple of 4, got {dim}")
     # A fixed table, always computed on the CPU (also inside a `torch.device("meta")` block, where

@@ -249,7 +249,8 @@ class Run:
                 model.load_state_dict(resume["model"])
                 ema.model.load_state_dict(resume["ema"])
                 opt.load_state_dict(resume["optimizer"])
-                scaler.load_state_dict(resume["scaler"])
+                if resume["scaler"]:       # {}: saved without fp16; --amp fp16 starts afresh
+                    scaler.load_state_dict(resume["scaler"])
                 torch.set_rng_state(resume["rng"]["torch"])
             except Exception as e:
                 raise UserError(f"--resume {out / 'ckpt.pt'}: it does not fit this model "

@@ -39,7 +39,7 @@ DEFAULTS = {
     # Algorithm 7's constants (only lambda = 2 sigma^2 beta = 5e-3 matters; vae.py says why), and
     # the decoder's input noise, a fraction of the latents' spread (vae.noised_latents; 0: none)
     "beta": DEFAULT_BETA, "sigma": DEFAULT_SIGMA, "decoder_noise": 0.2,
-    # latent channels k, None: by the data (8 for a folder, whose detail they keep; 4 for the
+    # latent channels C, None: by the data (8 for a folder, whose detail they keep; 4 for the
     # shapes, which the DiT draws worse from 8: RESULTS.md, "Latent channels by the data")
     "latent_channels": None,
     # AdamW at a constant rate, clipped gradients, weights averaged (runs.EMA warms the decay up:
@@ -223,7 +223,7 @@ def parser():
     add("--vae-preset", choices=sorted(VAE_PRESETS), default=None,
         help="VAE size. Default: '32' up to 32 px, '64' up to 64 px, else 'large'")
     add("--latent-channels", type=positive(int, at_most=256), default=None,
-        help="latent channels k. Default: 8 for a --data folder, 4 for the built-in shapes")
+        help="latent channels C of z. Default: 8 for a --data folder, 4 for the built-in shapes")
     add("--beta", type=positive(float, allow_zero=True), default=DEFAULTS["beta"],
         help="KL weight beta of Algorithm 7")
     add("--sigma", type=positive(float), default=DEFAULTS["sigma"],

@@ -1,10 +1,11 @@
 """The beta-VAE that builds the latent space (Lecture 04, Section 6).
 
 Slide "Latent Spaces are constructed via autoencoders": an encoder maps an image x (3, H, W)
-to a much smaller latent z (k channels, H/f, W/f) and a decoder maps z back. Slide "The Problem
-of Standard Autoencoders": a plain reconstruction loss says nothing about the distribution of
-the latents, so Algorithm 7 ("beta-VAE Training Procedure") makes the encoder output a Gaussian
-q(z | x) = N(mu_phi(x), diag(sigma_phi^2(x))) and adds a KL pull towards the prior N(0, I):
+to a much smaller latent z (C channels, H/f, W/f: k = C (H/f)(W/f) numbers, the lecture's latent
+dimension) and a decoder maps z back. Slide "The Problem of Standard Autoencoders": a plain
+reconstruction loss says nothing about the distribution of the latents, so Algorithm 7
+("beta-VAE Training Procedure") makes the encoder output a Gaussian q(z | x) =
+N(mu_phi(x), diag(sigma_phi^2(x))) and adds a KL pull towards the prior N(0, I):
 
     2: mu_i, log sigma_i^2  <- encoder(x_i)
     3: eps_i ~ N(0, I_k)
@@ -69,7 +70,7 @@ class VAEConfig:
     """Everything needed to rebuild a VAE; saved in its checkpoint as `dataclasses.asdict`."""
     image_size: int = 32            # nominal training size (the model runs at any size % f == 0)
     image_channels: int = 3
-    latent_channels: int = 4        # k channels of z
+    latent_channels: int = 4        # C channels of z
     base_channels: int = 32
     channel_mults: tuple = (1, 2, 2)  # one entry per resolution level; f = 2 ** (levels - 1)
     num_res_blocks: int = 1         # ResBlocks per level, in encoder and decoder alike
@@ -408,8 +409,9 @@ def vae_loss(x, x_hat, mu, logvar, beta=DEFAULT_BETA, sigma=DEFAULT_SIGMA):
 
         2 sigma^2 * total = 1/B sum_i ||x_i - x_hat_i||^2 + lambda * kl,
 
-    a sum-of-squared-errors reconstruction traded against lambda nats of KL. (sigma alone only
-    rescales the gradient, i.e. the effective learning rate.) The defaults (sigma = 0.1 in the
+    a sum-of-squared-errors reconstruction traded against lambda nats of KL. (At a fixed lambda,
+    sigma only scales the loss: AdamW's steps hardly change with it, but the gradient's norm does,
+    so the smaller sigma, the harder --grad-clip binds.) The defaults (sigma = 0.1 in the
     [-1, 1] units of the images, beta = 0.25, so lambda = 5e-3) weigh the KL about as much as
     the remaining reconstruction error: the images stay sharp, while the latents become smoother
     and easier for the flow model to learn than with a weaker KL (README, "The beta-VAE's

@@ -3,6 +3,7 @@ input), the stored settings of a resumed run checked like the command line's, th
 plot, and the averaged weights."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -118,6 +119,19 @@ def test_a_setting_newer_than_the_run_takes_todays_default_and_says_so(runs, tmp
     monkeypatch.undo()
     open_run(runs["vae_dir"], "--resume")                      # a run that stored every setting
     assert "newer" not in capsys.readouterr().err
+
+
+def test_a_run_saved_without_fp16_resumes_under_fp16_with_a_fresh_loss_scale(runs, tmp_path):
+    out = tmp_path / "vae"                   # a float32 run: its disabled GradScaler stored {}
+    shutil.copytree(runs["vae_dir"], out)
+    with open_run(out, "--resume") as run:
+        run.lock()
+        model, ema, opt, _ = train_vae.build(train_vae.vae_config(run.args), run.args,
+                                             run.device, None)
+        scaler = torch.amp.GradScaler("cpu", enabled=True)         # as --amp fp16 makes it
+        assert run.resume["scaler"] == {}
+        assert run.begin(model, ema, opt, scaler) == run.resume["step"]
+        assert scaler.get_scale() == 2.0 ** 16                     # GradScaler's initial scale
 
 
 def test_plot_loss_draws_the_logged_curve(tmp_path):
