@@ -14,11 +14,12 @@ of the scripts, `dataset_key` names the data for cache keys, and the grid helper
 sample and reconstruction pictures.
 
 Offers: DataError, ImageSet, to_model_range, from_model_range, images_to_grid, grid_scale,
-save_grid, build_shapes, IMAGE_EXTENSIONS, load_folder, announce, N_TEST_BUILTIN, TEST_SEED_OFFSET,
-load_dataset, dataset_key
+image_format, save_grid, build_shapes, IMAGE_EXTENSIONS, load_folder, announce, N_TEST_BUILTIN,
+TEST_SEED_OFFSET, load_dataset, dataset_key
 """
 
 import hashlib
+import io
 import json
 import warnings
 import zlib
@@ -111,6 +112,16 @@ def grid_scale(image_size):
     return max(1, 64 // image_size)
 
 
+def image_format(path):
+    """The Pillow format that writes an RGB picture to `path`, by its extension; else None."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    try:                                # .psd: read only; .xbm, .blp: no RGB picture
+        Image.new("RGB", (8, 8)).save(io.BytesIO(), format=fmt)
+    except Exception:
+        return None
+    return fmt
+
+
 def save_grid(path, images, nrow=8, row_labels=None, col_labels=None, scale=1, info=None,
               replace=True):
     """Write a grid of images (nrow per row) to `path`, its format from the extension, atomically
@@ -125,7 +136,7 @@ def save_grid(path, images, nrow=8, row_labels=None, col_labels=None, scale=1, i
     grid = images_to_grid(images, nrow)
     if row_labels is not None or col_labels is not None:
         grid = _label_grid(grid, images.shape[-2], row_labels, col_labels)
-    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    fmt = image_format(path) or "PNG"
     text = PngInfo()
     for key, value in (info or {}).items():
         text.add_text(key, value if isinstance(value, str) else json.dumps(value))

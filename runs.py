@@ -26,6 +26,7 @@ import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -255,8 +256,8 @@ class Run:
             except Exception as e:
                 raise UserError(f"--resume {out / 'ckpt.pt'}: it does not fit this model "
                                 f"({type(e).__name__}: {str(e)[:80]}); start a new run")
-            if "cuda" in resume["rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+            if "cuda" in resume["rng"] and torch.cuda.is_available():   # as many GPUs as fit
+                torch.cuda.set_rng_state_all(resume["rng"]["cuda"][:torch.cuda.device_count()])
             step, elapsed = resume["step"], resume["elapsed"]
             if (out / "log.jsonl").exists():   # drop what followed the save
                 entries, bad = _read_log(out / "log.jsonl")
@@ -266,6 +267,10 @@ class Run:
                 atomic_write(out / "log.jsonl", lambda f: f.write("".join(
                     json.dumps(e) + "\n" for e in entries if e.get("step", 0) <= step).encode()))
             print(f"resumed {out / 'ckpt.pt'} at step {step}")
+        for group in opt.param_groups:        # the flags, not the stored optimizer, set these
+            group.update(lr=self.args.lr, weight_decay=self.args.weight_decay)
+            if "adam_betas" in vars(self.args):
+                group["betas"] = tuple(self.args.adam_betas)
         write_json(out / "args.json", self.settings(), "settings")
         self.progress = Progress("step", self.args.steps, step, self.args.batch_size,
                                  every=math.inf, elapsed0=elapsed)
@@ -342,10 +347,12 @@ class Run:
             f.write((json.dumps(entry) + "\n").encode())
 
     def stop_if_asked(self, step, extra, command):
-        """After a signal: save, name the command that resumes, exit with 130 or 143."""
+        """After a signal: save (extra None: saved already), name the command that resumes, exit
+        with 130 or 143."""
         if self.signum is None:
             return
-        self.save(step, extra)
+        if extra is not None:
+            self.save(step, extra)
         print(f"saved {self.out / 'ckpt.pt'} at step {step}; resume with: {command}",
               file=sys.stderr)
         code = 128 + self.signum
@@ -355,9 +362,12 @@ class Run:
 
 
 def _live_owner(lock):
-    """The pid a lock file names when that process runs, else None (gone, or no pid)."""
+    """The pid a lock file names when that process runs, else None (gone, or no pid); "?" for a
+    lock still empty a moment after it was made (its command writes the pid just after)."""
     try:
         text = lock.read_text().strip()
+        if not text and time.time() - lock.stat().st_mtime < 10:
+            return "?"
     except OSError:
         return None
     pid = int(text) if text.isdigit() and 0 < int(text) < 2 ** 31 else None

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from checkpoint import load_flow
-from data import from_model_range, grid_scale, save_grid
+from data import from_model_range, grid_scale, image_format, save_grid
 from common import (MAX_BATCH, MAX_STEPS, Parser, Progress, UserError, add_machine_flags,
                     atomic_write, autocast, check_output, finite, maybe_compile, pick_amp,
                     pick_device, positive, run_main, seed_value)
@@ -136,7 +136,7 @@ def main(argv=None):
     device = pick_device(args.device)
     amp = pick_amp(args.amp, device)
     out, text = Path(args.out), Path(args.out).with_suffix(".prompts.txt")
-    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:   # .psd: read only
+    if image_format(out) is None:              # .psd: Pillow reads it only; .xbm: no RGB
         raise UserError(f"--out {out}: not an image file name Pillow writes; use e.g. samples.png")
     for path in (out, text):
         check_output(path, "--out", args.overwrite, [("--ckpt", args.ckpt), ("--vae", args.vae)])

@@ -209,8 +209,6 @@ def train_dit(run, latents, vae, vae_path, vae_ckpt):
     step = run.begin(model, ema, opt, scaler)
     if run.resume is None:             # the data order and noise (a resumed run's: restored)
         torch.manual_seed(args.seed)
-    for group in opt.param_groups:                         # --adam-betas applies when resumed too
-        group["betas"] = tuple(args.adam_betas)
     C, h, w = latents.z.shape[1:]
     print(f"DiT-{args.preset}/{args.patch_size} ({count_parameters(model) / 1e6:.2f}M params) "
           f"on {C}x{h}x{w} latents of {len(latents.z)} images ({latents.name}), {device}, "
@@ -239,7 +237,7 @@ def train_dit(run, latents, vae, vae_path, vae_ckpt):
             run.save(step, extra)
         if step % args.sample_every == 0 and step < args.steps:
             grid()
-    if not run.stopped:
+    if step == args.steps:
         grid()                        # before the last save, so a finished run has its grid
     run.stop_if_asked(step, extra, f"python train_flow.py --resume --out {args.out}")
     run.save(step, extra)

@@ -71,8 +71,6 @@ def main(argv=None, resume_command=None):
         amp = run.amp
         model, ema, opt, scaler = build(config, args, device, amp)
         step = run.begin(model, ema, opt, scaler)
-        for group in opt.param_groups:                 # --lr applies to a resumed run too
-            group["lr"] = args.lr
         data_lib.announce(train_set)
         print(f"VAE {config.image_size}px -> {config.latent_channels}x{config.latent_size}x"
               f"{config.latent_size} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
@@ -89,8 +87,8 @@ def main(argv=None, resume_command=None):
             run.log(step, terms, ("loss", "recon", "kl"))
             if step % args.ckpt_every == 0 and step < args.steps:
                 run.save(step, extra)
-        run.stop_if_asked(step, extra, resume_command or
-                          f"python train_vae.py --resume --out {args.out}")
+        command = resume_command or f"python train_vae.py --resume --out {args.out}"
+        run.stop_if_asked(step, extra, command)
 
         # Recipe step 2's statistics, from the EMA encoder's means of every training image
         latents = encode_means(ema.model, train_set.images)
@@ -103,6 +101,7 @@ def main(argv=None, resume_command=None):
         key = data_lib.dataset_key(args.data, args.image_size, args.n_builtin, args.seed)
         run.save(step, {**extra, "latents": latents, "data_key": key}, finished=True)
         report_heldout(ema.model, test_set, run)
+        run.stop_if_asked(step, None, command)     # a signal since the loop: all saved, stop
     return 0
 
 
@@ -192,12 +191,15 @@ def automatic_path(args):
 
 def train_automatic(args, path, resume):
     """This command, with its defaults but the data, size, seed, --vae-steps and machine flags of
-    train_flow.py's flags `args`, trains (or with `resume` finishes) the automatic VAE at `path`."""
-    flags = {"--out": path.parent, "--image-size": args.image_size, "--seed": args.seed,
-             "--n-builtin": args.n_builtin, "--device": args.device, "--amp": args.amp,
-             "--data": args.data, "--steps": args.vae_steps, "--threads": args.threads}
+    train_flow.py's flags `args`, trains the automatic VAE at `path`; with `resume` it finishes
+    one with its stored data settings (the seed of a folder's VAE is that of the run that began
+    it). A run stopped there before its first checkpoint is started over (--overwrite)."""
+    data = {} if resume else {"--image-size": args.image_size, "--seed": args.seed,
+                              "--n-builtin": args.n_builtin, "--data": args.data}
+    flags = {"--out": path.parent, **data, "--device": args.device, "--amp": args.amp,
+             "--steps": args.vae_steps, "--threads": args.threads}
     argv = [str(a) for k, v in flags.items() if v is not None for a in (k, v)]
-    argv += ["--resume"] if resume else []
+    argv += ["--resume"] if resume else ["--overwrite"]
     argv += [] if args.compile is None else ["--compile" if args.compile else "--no-compile"]
     main(argv, resume_command="the same python train_flow.py command (it finishes the VAE first)")
 

@@ -61,10 +61,14 @@ def test_the_lock_refuses_a_live_command_and_takes_over_a_dead_ones(tmp_path, ca
     (out / ".lock").write_text(str(os.getppid()))                  # a live process
     with pytest.raises(common.UserError, match=f"in use by another command \\(pid {os.getppid()}\\)"):
         open_run(out).lock()
+    (out / ".lock").write_text("")               # made a moment ago, its pid not yet written
+    with pytest.raises(common.UserError, match="in use by another command \\(pid \\?\\)"):
+        open_run(out).lock()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
-    for stale in (dead, "not a pid", str(2 ** 40)):
+    for stale in (dead, "not a pid", str(2 ** 40), ""):
         (out / ".lock").write_text(stale)
+        os.utime(out / ".lock", (0, 0))                # ("": left empty long ago)
         run = open_run(out)
         run.lock()
         assert (out / ".lock").read_text() == str(os.getpid())
@@ -121,10 +125,11 @@ def test_a_setting_newer_than_the_run_takes_todays_default_and_says_so(runs, tmp
     assert "newer" not in capsys.readouterr().err
 
 
-def test_a_run_saved_without_fp16_resumes_under_fp16_with_a_fresh_loss_scale(runs, tmp_path):
+def test_a_resumed_run_takes_the_optimizer_flags_given_and_a_fresh_fp16_loss_scale(runs,
+                                                                                  tmp_path):
     out = tmp_path / "vae"                   # a float32 run: its disabled GradScaler stored {}
     shutil.copytree(runs["vae_dir"], out)
-    with open_run(out, "--resume") as run:
+    with open_run(out, "--resume", "--weight-decay", 0.1, "--lr", 5e-4) as run:
         run.lock()
         model, ema, opt, _ = train_vae.build(train_vae.vae_config(run.args), run.args,
                                              run.device, None)
@@ -132,6 +137,24 @@ def test_a_run_saved_without_fp16_resumes_under_fp16_with_a_fresh_loss_scale(run
         assert run.resume["scaler"] == {}
         assert run.begin(model, ema, opt, scaler) == run.resume["step"]
         assert scaler.get_scale() == 2.0 ** 16                     # GradScaler's initial scale
+        assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(5e-4, 0.1)]
+
+
+def test_a_run_saved_with_more_gpus_resumes_their_random_states_on_fewer(runs, tmp_path,
+                                                                         monkeypatch):
+    out = tmp_path / "vae"
+    shutil.copytree(runs["vae_dir"], out)
+    restored = []
+    with open_run(out, "--resume") as run:
+        run.lock()
+        run.resume["rng"]["cuda"] = [torch.zeros(8, dtype=torch.uint8)] * 2   # two GPUs then
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)           # one now
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+        model, ema, opt, scaler = train_vae.build(train_vae.vae_config(run.args), run.args,
+                                                  torch.device("cpu"), None)
+        run.begin(model, ema, opt, scaler)
+    assert len(restored) == 1
 
 
 def test_plot_loss_draws_the_logged_curve(tmp_path):

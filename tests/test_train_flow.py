@@ -144,7 +144,7 @@ def test_resume_restores_the_settings_refuses_another_experiment_and_works_from_
                               tmp_path / "other.pt"), "the run was trained with another VAE")
 
 
-def test_a_finished_run_is_kept_and_ctrl_c_during_its_last_grid_still_finishes_it(
+def test_a_finished_run_is_kept_and_ctrl_c_in_its_last_step_or_grid_still_finishes_it(
         cli, runs, tmp_path, expect, flow_args, monkeypatch):
     out = tmp_path / "flow"
     real_generate = sample.generate
@@ -163,6 +163,14 @@ def test_a_finished_run_is_kept_and_ctrl_c_during_its_last_grid_still_finishes_i
     rc, stdout, err = cli("train_flow.py", "--out", out, "--resume")
     assert rc == 0 and "is already at step 1 of 1; nothing to do" in stdout, err
     assert (out / "ckpt.pt").read_bytes() == ckpt
+    real_log = runs_lib.Run.log
+
+    def log(self, step, *a, **k):                           # Ctrl-C in the last step itself
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_log(self, step, *a, **k)
+    monkeypatch.setattr(runs_lib.Run, "log", log)
+    rc, _, err = cli(*flow_args(tmp_path / "last", "--grid-prompts", 1, "--grid-images", 1))
+    assert rc == 130 and (tmp_path / "last" / "samples_000001.png").is_file(), err
 
 
 def test_the_automatic_vae_lives_beside_out_is_finished_if_stopped_and_never_deleted(
@@ -247,6 +255,58 @@ def test_ctrl_c_in_the_automatic_vae_names_the_train_flow_command(cli, tmp_path,
     rc, out, err = cli("train_flow.py", "--out", tmp_path / "flow", "--steps", 1, "--vae-steps",
                        5, "--n-builtin", 16, "--batch-size", 8, *tiny.cpu)
     assert rc == 130 and "resume with: the same python train_flow.py command" in err, err
+
+
+def test_ctrl_c_as_the_automatic_vae_finishes_stops_before_the_dit(cli, tmp_path, monkeypatch,
+                                                                   tiny):
+    real_report = train_vae.report_heldout
+
+    def report(*a, **k):                       # after the VAE's last step: its final phase
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_report(*a, **k)
+    monkeypatch.setattr(train_vae, "report_heldout", report)
+    rc, out, err = cli("train_flow.py", "--out", tmp_path / "flow", "--steps", 1, "--vae-steps",
+                       2, "--n-builtin", 16, "--batch-size", 8, "--preset", "micro", *tiny.cpu)
+    assert rc == 130 and "resume with: the same python train_flow.py command" in err, err
+    vae = tmp_path / "vae-shapes-32px-seed0-n16-2steps" / "ckpt.pt"
+    assert checkpoint.load_checkpoint(vae, "vae")["finished"]
+    assert "DiT-micro" not in out and not (tmp_path / "flow").exists()
+
+
+def test_an_automatic_vae_begun_by_another_seed_is_finished_or_if_unsaved_started_over(
+        cli, tmp_path, monkeypatch, tiny):
+    data = tmp_path / "imgs"                   # a folder's VAE: one per folder and size
+    data.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 30, 30)).save(data / f"{i}.png")
+    flags = ["--data", data, "--steps", 1, "--batch-size", 4, "--sample-steps", 1,
+             "--grid-prompts", 1, "--grid-images", 1, "--preset", "micro", *tiny.cpu]
+    real_log = runs_lib.Run.log
+
+    def log(self, step, *a, **k):              # Ctrl-C at the VAE's step 2: saved there
+        if self.kind == "vae" and step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_log(self, step, *a, **k)
+    monkeypatch.setattr(runs_lib.Run, "log", log)
+    assert cli("train_flow.py", "--out", tmp_path / "a", "--seed", 1, "--vae-steps", 4,
+               *flags)[0] == 130
+    monkeypatch.undo()
+    rc, out, err = cli("train_flow.py", "--out", tmp_path / "b", "--vae-steps", 4, *flags)
+    assert rc == 0 and "finishing the unfinished automatic VAE" in out, err
+    vae = next(tmp_path.glob("vae-imgs-*-4steps")) / "ckpt.pt"
+    ckpt = checkpoint.load_checkpoint(vae, "vae")
+    assert ckpt["finished"] and ckpt["step"] == 4 and ckpt["args"]["seed"] == 1
+
+    def killed(*a, **k):                       # killed as it would write its first checkpoint
+        raise KeyboardInterrupt
+    monkeypatch.setattr("runs.save_checkpoint", killed)
+    assert cli("train_flow.py", "--out", tmp_path / "c", "--seed", 1, "--vae-steps", 2,
+               *flags)[0] == 130
+    monkeypatch.undo()
+    rc, out, err = cli("train_flow.py", "--out", tmp_path / "d", "--vae-steps", 2, *flags)
+    assert rc == 0 and "--seed 0 (was 1)" in err, err        # started over, saying so
+    vae = next(tmp_path.glob("vae-imgs-*-2steps")) / "ckpt.pt"
+    assert checkpoint.load_checkpoint(vae, "vae")["args"]["seed"] == 0
 
 
 def test_a_short_run_says_it_never_leaves_the_warm_up(cli, tmp_path, runs, flow_args, expect):
