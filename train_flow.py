@@ -45,7 +45,7 @@ from sample import generate, guided_field, write_prompts
 from shapes import HELD_OUT_PAIRS, held_out_objects
 from vae import encode_means
 
-# The recipe's numbers, all in one place (every flag's default), the same on every device.
+# The recipe's numbers in one place (the flags' defaults; --seed's is 0), the same on every device.
 DEFAULTS = {
     "image_size": 32, "n_builtin": 20000, "hold_out_pairs": False,
     # the DiT (dit.PRESETS) on p x p latent patches

@@ -33,7 +33,7 @@ from runs import EMA, Run, adamw, add_training_flags
 from vae import (DEFAULT_BETA, DEFAULT_SIGMA, VAE, VAE_PRESETS, encode_means, latent_stats,
                  vae_loss, vae_preset)
 
-# The recipe's numbers, all in one place (every flag's default), the same on every device.
+# The recipe's numbers in one place (the flags' defaults; --seed's is 0), the same on every device.
 DEFAULTS = {
     "image_size": 32, "n_builtin": 20000,
     # Algorithm 7's constants (only lambda = 2 sigma^2 beta = 5e-3 matters; vae.py says why), and
