@@ -13,11 +13,11 @@ For every (cfg, steps) it samples n images prompted with n held-out captions and
 prompt accuracy (for a --hold-out-pairs run also split into the prompts it saw in training and
 the colour x shape pairs it never saw: does it compose?) and the distribution metrics beside
 two references, the same in every row: the real-vs-real floor (floor_*: real set B against real
-set A) and the VAE ceiling (ceiling_*: B decoded from its encoder means, against A: what a
-perfect generator of this VAE's latents would score). A row reads floor <= ceiling <= fd: the
-first gap is the VAE's, the second the flow's. copy_share says whether the samples are copies of
-training images, compared in the VAE's latent space with all of them (about 0.05 when they
-generalise, 1 for copies; a warning above COPY_WARN).
+set A) and the VAE ceiling (ceiling_*: B decoded from its encoder means, against A). A row
+usually reads floor <= ceiling <= fd (first gap the VAE's, second the flow's), but they bound
+nothing: the samples have A's captions and B its own, so samples true to their captions can
+score under both (the shapes' do). copy_share: are the samples copies of training images
+(latent space, all of them; about 0.05 when they generalise, 1 for copies; warned above COPY_WARN)?
 Then the VAE section, all as tables and as JSON. In reading order:
     load_models, real_sets               what is evaluated: the models, the two real sets
     prompt_task                          what prompt accuracy can mean for a dataset
@@ -97,8 +97,8 @@ def real_sets(data, test, n, image_size, seed, train=None):
     Built-in: A = the first n test images, B = n fresh images of stream seed + FLOOR_SEED_OFFSET.
     Folder: the test split (or, when it has fewer than 2n images, every image) shuffled with a
     fixed seed (files are sorted by class folder) and cut into two halves.
-    With `train` (--held-out-captions): A = the whole test split (at most n), B = as many
-    training images (a fixed-seed draw), so the samples are prompted with held-out captions only."""
+    With `train` (--held-out-captions): A = the test split (at most n), B = as many training
+    images (fixed-seed draw; the VAE trained on them: the ceiling is then optimistic)."""
     if train is not None:
         if n > min(len(test), len(train)):
             _warn(f"--n {n}: --held-out-captions has {len(test)} held-out and {len(train)} "
@@ -387,8 +387,8 @@ def copy_warning(rows):
 
 
 def summarize(runs):
-    """Median, min and max over several trainings (one checkpoint each) of every number of
-    each (cfg, steps) row and of the VAE section: the spread says how much one training moves."""
+    """Median, min and max over trainings (a checkpoint each) of every number of the rows and the
+    VAE section; each is measured on its own real sets (shapes: and feature network) too."""
     def spread(values):
         values = sorted(v for v in values if isinstance(v, (int, float)))
         return {"median": statistics.median(values), "min": values[0], "max": values[-1]} \
