@@ -367,13 +367,14 @@ def load_dataset(data, image_size, split="train", n_builtin=20000, seed=0):
     Built-in: train = images 0..n_builtin-1 of stream `seed`; test = N_TEST_BUILTIN images
     of stream seed + TEST_SEED_OFFSET (never the same images); all = train then test.
     Folder: a file is in test when crc32(its relative path) % 20 == 0 (~5%), else in train.
-    A folder with fewer than 20 images, or whose hash split leaves one side empty, uses
-    every image for both train and test (then test is a copy of train, not held out)."""
+    A folder with fewer than 20 images, or whose hash split leaves one side empty (or no held-out
+    file readable), uses its training images as test too (then test is not held out)."""
     if split not in ("train", "test", "all"):
         raise DataError(f"split {split!r}: must be 'train', 'test' or 'all'")
     if data is None:
         return _load_builtin(image_size, split, n_builtin, seed)
     root, files = _image_files(data)
+    every = files
     test = {f for f in files if zlib.crc32(_name_bytes(f.relative_to(root).as_posix())) % 20 == 0}
     held_out, notes = True, []
     if split != "all" and len(files) >= 20 and 0 < len(test) < len(files):
@@ -386,7 +387,17 @@ def load_dataset(data, image_size, split="train", n_builtin=20000, seed=0):
                f"the file-name hash put {'all' if test else 'none'} of its {len(files)} images "
                f"in the held-out split")
         notes = [f"{why}: none held out, evaluation reuses training images"]
-    images = _load_files(root, files, image_size, name=str(data))
+    try:
+        images = _load_files(root, files, image_size, name=str(data))
+    except DataError:                   # no held-out file readable: as if none were held out
+        if not (split == "test" and held_out):
+            raise
+        names = [_name_bytes(f.relative_to(root).as_posix()).decode("utf-8", "replace")
+                 for f in files[:5]]
+        notes = [f"none of the {len(files)} held-out image files could be read "
+                 f"({', '.join(names)}): evaluation reuses training images"]
+        held_out, files = False, [f for f in every if f not in test]
+        images = _load_files(root, files, image_size, name=str(data))
     images.held_out = held_out
     what = {"train": "training split", "test": "held-out split", "all": "every image"}[split]
     items = notes + images.summary.splitlines()

@@ -222,6 +222,20 @@ def test_folder_split_is_disjoint_deterministic_and_a_small_folder_reuses_it_all
     assert train.held_out and not test.held_out
 
 
+def test_a_folder_whose_held_out_files_are_all_unreadable_evaluates_on_training_images(tmp_path):
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(40):
+        name = f"img_{i:03d}.png"
+        if zlib.crc32(name.encode()) % 20 == 0:             # held out: a truncated file
+            (root / name).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+        else:
+            _save(Image.new("L", (8, 8), i), root / name)
+    train, test = load_dataset(str(root), 8, "train"), load_dataset(str(root), 8, "test")
+    assert torch.equal(train.images, test.images) and not test.held_out
+    assert "held-out image files could be read (img_" in test.summary
+
+
 def test_dataset_key_is_stable_and_changes_with_the_data(tmp_path):
     assert dataset_key(None, 32, 100, 0) == dataset_key(None, 32, 100, 0)
     assert len({dataset_key(None, 32, 100, 0), dataset_key(None, 64, 100, 0),
