@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common import UserError, atomic_write
+from common import UserError, atomic_write, quoted
 from dit import DiT, DiTConfig
 from vae import VAE, VAEConfig
 
@@ -190,7 +190,7 @@ def load_vae(path, device, flag="--vae"):
     if ckpt["finished"] is not True:
         raise UserError(f"{flag} {path}: this VAE is unfinished (step {ckpt['step']}, no latent "
                         f"statistics yet); finish it with python train_vae.py --resume --out "
-                        f"{Path(path).parent}")
+                        f"{quoted(Path(path).parent)}")
     return _build(VAE, VAEConfig, ckpt["config"], ckpt["ema"], flag, path).to(device), ckpt
 
 

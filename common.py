@@ -8,15 +8,16 @@
 - Device and precision: `pick_device`, `pick_amp`, `autocast`, `maybe_compile`, `set_threads`,
   `is_oom`; `median_time` (with `synchronizer`) times a step, for bench.py and --minutes.
 - Files: `atomic_write` (temporary file, fsync, rename: a crash never leaves a torn file),
-  `write_json`, and `check_output` (no command replaces a file it did not make unless told to,
-  nor ever one of its inputs).
+  `write_json`, `check_output` (no command replaces a file it did not make unless told to, nor
+  ever one of its inputs), and `quoted` (a path as one word of a command the scripts print).
 - `Progress`: the progress line of long work (training loops, encoding, sampling).
 
 Imports no project module, and nothing POSIX-only: it runs on Windows, macOS and Linux.
 
 Offers: UserError, run_main, Parser, add_machine_flags, MAX_STEPS, MAX_BATCH, MAX_COUNT, positive,
 finite, fraction, seed_value, pick_device, cpu_has_native_bf16, pick_amp, autocast, maybe_compile,
-median_time, synchronizer, is_oom, set_threads, atomic_write, write_json, check_output, Progress
+median_time, synchronizer, is_oom, set_threads, atomic_write, quoted, write_json, check_output,
+Progress
 """
 import argparse
 import errno
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -387,6 +389,14 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def quoted(path):
+    """`path` as one word of a printed command, quoted where a shell needs it (a space, ...)."""
+    text = str(path)
+    if os.name == "nt":                      # cmd.exe and PowerShell both take "..."
+        return f'"{text}"' if re.search(r"[\s&|<>^;]", text) else text
+    return shlex.quote(text)
 
 
 def write_json(path, obj, what="file"):

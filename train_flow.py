@@ -36,7 +36,7 @@ import data as data_lib
 import train_vae
 from checkpoint import load_checkpoint, load_vae
 from common import (MAX_STEPS, Parser, UserError, autocast, finite, fraction, maybe_compile,
-                    median_time, positive, run_main, synchronizer)
+                    median_time, positive, quoted, run_main, synchronizer)
 from dit import PRESETS, DiT, count_parameters, dit_preset
 from embeddings import null_prompt, prompt_length, prompt_words, tokenize
 from flow import flow_matching_loss
@@ -239,11 +239,11 @@ def train_dit(run, latents, vae, vae_path, vae_ckpt):
             grid()
     if step == args.steps:
         grid()                        # before the last save, so a finished run has its grid
-    run.stop_if_asked(step, extra, f"python train_flow.py --resume --out {args.out}")
+    run.stop_if_asked(step, extra, f"python train_flow.py --resume --out {quoted(args.out)}")
     run.save(step, extra)
     ckpt = out / "ckpt.pt"
     print(f"done: {step} steps; wrote {ckpt} and {out / f'samples_{step:06d}.png'}\nsample more "
-          f"with: python sample.py --ckpt {ckpt} --prompt \"...\"")
+          f"with: python sample.py --ckpt {quoted(ckpt)} --prompt \"...\"")
 
 
 def sample_grid(path, model, vae, prompts, args, amp):

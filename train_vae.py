@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import data as data_lib
-from common import (Parser, UserError, autocast, maybe_compile, median_time, positive,
+from common import (Parser, UserError, autocast, maybe_compile, median_time, positive, quoted,
                     run_main, synchronizer)
 from kl import kl_to_standard_normal
 from metrics import psnr
@@ -87,7 +87,7 @@ def main(argv=None, resume_command=None):
             run.log(step, terms, ("loss", "recon", "kl"))
             if step % args.ckpt_every == 0 and step < args.steps:
                 run.save(step, extra)
-        command = resume_command or f"python train_vae.py --resume --out {args.out}"
+        command = resume_command or f"python train_vae.py --resume --out {quoted(args.out)}"
         run.stop_if_asked(step, extra, command)
 
         # Recipe step 2's statistics, from the EMA encoder's means of every training image

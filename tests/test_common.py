@@ -4,6 +4,7 @@ and the progress line."""
 import argparse
 import errno
 import os
+import shlex
 import signal
 
 import pytest
@@ -155,6 +156,14 @@ def test_check_output_refuses_an_existing_file_unless_overwrite_and_an_input_alw
             common.check_output(tmp_path / "." / "ckpt.pt", "--export", overwrite, [("--ckpt", ckpt)])
     with pytest.raises(common.UserError, match="is a folder"):
         common.check_output(tmp_path, "--out")
+
+
+def test_a_quoted_path_reads_back_as_one_word_of_a_command(monkeypatch):
+    for path in ("runs/flow", "my runs/flow 2", "it's", "$HOME/x", "a;b"):
+        assert shlex.split(f"python x.py --out {common.quoted(path)}")[-1] == path
+    monkeypatch.setattr(common.os, "name", "nt")                 # cmd.exe and PowerShell
+    assert common.quoted("my runs\\flow") == '"my runs\\flow"'
+    assert common.quoted("runs\\flow") == "runs\\flow"
 
 
 def test_progress_leaves_paused_work_out_of_the_rate_and_prints_when_forced(capsys, monkeypatch):

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shlex
 import signal
 import time
 
@@ -142,13 +143,14 @@ def test_sigterm_saves_an_unfinished_checkpoint_and_a_bare_resume_continues(
         cli, tmp_path, expect, tiny, start):
     """A real signal to a real process (Ctrl-C's SIGINT, the same handler, stops the first writer
     of the lock test below)."""
-    out = tmp_path / "vae"
+    out = tmp_path / "my vae"                   # the printed command quotes it
     proc = start("train_vae.py", "--out", out, *tiny.vae_flags, "--steps", 1000, "--log-every", 1)
     expect.wait_for_step(proc, 2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
-    assert f"resume with: python train_vae.py --resume --out {out}" in err
+    command = err.split("resume with: ")[1].splitlines()[0]
+    assert shlex.split(command) == ["python", "train_vae.py", "--resume", "--out", str(out)]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     step = ckpt["step"]
     assert step >= 2 and ckpt["finished"] is False
