@@ -192,7 +192,7 @@ class Run:
                                     f"reads as {flag} ({path}); choose another --out")
             differ = [f"--{k.replace('_', '-')} {now.get(k)} (was {stored.get(k)})"
                       for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)]
-            why = "--overwrite" if args.overwrite else "starting again a run stopped early"
+            why = "--overwrite" if "ckpt.pt" in found else "starting again a run stopped early"
             print(f"note: {why}: the files {', '.join(found)} in {out} are deleted when "
                   f"training starts{'; settings that differ: ' if differ else ''}"
                   f"{', '.join(differ)}", file=sys.stderr)

@@ -304,7 +304,7 @@ def test_an_automatic_vae_begun_by_another_seed_is_finished_or_if_unsaved_starte
                *flags)[0] == 130
     monkeypatch.undo()
     rc, out, err = cli("train_flow.py", "--out", tmp_path / "d", "--vae-steps", 2, *flags)
-    assert rc == 0 and "--seed 0 (was 1)" in err, err        # started over, saying so
+    assert rc == 0 and "starting again a run stopped early" in err and "--seed 0 (was 1)" in err
     vae = next(tmp_path.glob("vae-imgs-*-2steps")) / "ckpt.pt"
     assert checkpoint.load_checkpoint(vae, "vae")["args"]["seed"] == 0
 
