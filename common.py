@@ -392,10 +392,11 @@ def _umask():
 
 
 def quoted(path):
-    """`path` as one word of a printed command, quoted where a shell needs it (a space, ...)."""
+    """`path` as one word of a printed command, quoted where a shell needs it (a space, ...).
+    On Windows in "...", which cmd.exe and PowerShell both read (a $, ` or % stays special)."""
     text = str(path)
-    if os.name == "nt":                      # cmd.exe and PowerShell both take "..."
-        return f'"{text}"' if re.search(r"[\s&|<>^;]", text) else text
+    if os.name == "nt":
+        return f'"{text}"' if re.search(r"[^\w\-./\\:]", text) else text
     return shlex.quote(text)
 
 

@@ -394,8 +394,9 @@ def load_dataset(data, image_size, split="train", n_builtin=20000, seed=0):
             raise
         names = [_name_bytes(f.relative_to(root).as_posix()).decode("utf-8", "replace")
                  for f in files[:5]]
+        more = f" and {len(files) - 5} more" if files[5:] else ""
         notes = [f"none of the {len(files)} held-out image files could be read "
-                 f"({', '.join(names)}): evaluation reuses training images"]
+                 f"({', '.join(names)}{more}): evaluation reuses training images"]
         held_out, files = False, [f for f in every if f not in test]
         images = _load_files(root, files, image_size, name=str(data))
     images.held_out = held_out

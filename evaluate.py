@@ -24,9 +24,8 @@ Then the VAE section, all as tables and as JSON. In reading order:
     prompt_accuracy, composition_accuracy, prompt_scores
                                          its score; seen prompts vs held-out colour x shape pairs
     pick_features                        Inception, else a CNN trained here (features.py)
-    evaluate_checkpoint                  one checkpoint: evaluate_vae_section, references (floor,
-                                         ceiling: reconstruct), evaluate_settings (flat_means,
-                                         copy_warning)
+    evaluate_checkpoint                  one checkpoint: evaluate_vae_section, references,
+                                         reconstruct, evaluate_settings (flat_means, copy_warning)
     summarize                            several trainings (--ckpt a b c): median, min, max
     format_table, report, summary_report the tables
     parser, main                         the command line
@@ -248,6 +247,8 @@ def evaluate_checkpoint(args, ckpt, inception, device):
     model, vae, source = load_models(args, ckpt, device)
     train, test = (data_lib.load_dataset(source.data, source.image_size, split, source.n_builtin,
                                          source.seed) for split in ("train", "test"))
+    if not test.held_out and args.held_out_captions:
+        raise UserError(f"--held-out-captions: {source.data} holds no image out; drop the flag")
     task = prompt_task(source.data, train)
     features, classifier = pick_features(inception, train, test, task, args, device)
     own = getattr(features, "test_accuracy", None)
@@ -255,8 +256,7 @@ def evaluate_checkpoint(args, ckpt, inception, device):
           f"{'' if own is None else f' (its own held-out accuracy {own:.3f})'}; prompt accuracy: "
           f"{task.note} ({time.perf_counter() - t0:.1f}s elapsed)", flush=True)
     if not test.held_out:
-        _warn(f"{source.data} has under 20 images, so none are held out: the VAE section "
-              f"measures images the VAE was trained on")
+        _warn(f"{source.data} holds no image out: the VAE section measures its training images")
     real_a, real_b = real_sets(source.data, test, args.n, source.image_size, source.seed,
                                train if args.held_out_captions else None)
     real_feats = features(real_a.images)                                     # (n, D)
@@ -298,7 +298,7 @@ def evaluate_vae_section(vae, images, features, batch_size=250, attrs=None, imag
     psnrs, ssims, kls, mus, recons = [], [], [], [], []
     for batch in images.split(batch_size):
         x = data_lib.to_model_range(batch.to(device))                  # (b, 3, H, W) in [-1, 1]
-        mu, logvar = vae.encode(x)                                     # (b, k, h, w) each
+        mu, logvar = vae.encode(x)                                     # (b, C, h, w) each
         x_hat = vae.decode(mu).float().clamp(-1, 1)
         psnrs.append(psnr((x + 1) / 2, (x_hat + 1) / 2).cpu())
         ssims.append(ssim((x + 1) / 2, (x_hat + 1) / 2).cpu())
@@ -340,7 +340,7 @@ def references(vae, real_feats, real_b, features, batch_size=250, seed=0):
 
 
 def flat_means(vae, images, batch_size=250):
-    """The encoder means of uint8 images, flat (N, k*h*w): where copy_share compares samples with
+    """The encoder means of uint8 images, flat (N, C*h*w): where copy_share compares samples with
     the reconstructions of every training image (a sample that reproduces a training latent
     decodes to that image's reconstruction, not to the image; no feature network runs, so all
     the training images count, however many)."""

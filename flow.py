@@ -15,11 +15,11 @@ The conditional flow matching loss regresses the network onto that target,
 
     L(theta) = E_{t, z, eps} || u_theta(x_t, t, y) - (z - eps) ||^2,
 
-computed as the mean over the D entries of the latent (L / D: the same minimiser, a loss that
-does not grow with the latent's size). Its minimiser is the marginal vector field u_t(x | y).
-To make classifier-free guidance possible, each sample's prompt y is replaced by the empty
-prompt (the null condition) with probability p_uncond, so the same network also learns
-u_t(x | empty).
+computed as the mean over the d numbers of the latent (L / d, d as in the slide's I_d: the
+same minimiser, a loss that does not grow with the latent's size). Its minimiser is the marginal
+vector field u_t(x | y). To make classifier-free guidance possible, each sample's prompt y is
+replaced by the empty prompt (the null condition) with probability p_uncond, so the same network
+also learns u_t(x | empty).
 
 `eps` may be any sample of p_init, not only a Gaussian (slide "Bridging arbitrary
 distributions"); it defaults to N(0, I).
@@ -44,7 +44,7 @@ def condot_path(z, eps, t):
 
 
 def sample_t(batch, kind="uniform", device=None):
-    """Training times t in [0, 1], shape (batch,).
+    """Training times t in [0, 1), shape (batch,).
 
     "uniform": t ~ U[0, 1]. "logit_normal": t = sigmoid(n), n ~ N(0, 1) — SD3's choice, which
     spends more samples at intermediate t where the velocity is hardest to predict.
@@ -67,7 +67,7 @@ def drop_prompts(cond, null_cond, p_uncond):
 
 
 def flow_matching_loss(model, z, cond, null_cond, p_uncond=0.1, t_kind="uniform"):
-    """Conditional flow matching loss L / D: the mean over batch and latent entries of
+    """Conditional flow matching loss L / d: the mean over batch and latent entries of
     (model(x_t, t, y) - (z - eps))^2.
 
     model(x_t (B, C, h, w), t (B,), cond (B, ...)) -> u (B, C, h, w); each sample's cond is

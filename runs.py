@@ -239,8 +239,9 @@ class Run:
     # Training: begin, log, save
 
     def begin(self, model, ema, opt, scaler):
-        """Start training: delete the replaced run's files, restore a resumed state, write
-        args.json, catch Ctrl-C and SIGTERM. Returns the step to continue from (0: a new run)."""
+        """Start training: delete the replaced run's files, restore a resumed state, set the
+        optimizer's lr, weight decay (and AdamW betas) from the flags, write args.json, catch Ctrl-C
+        and SIGTERM. Returns the step to continue from (0: a new run)."""
         out, resume, step, elapsed = self.out, self.resume, 0, 0.0
         self.state = (model, ema, opt, scaler)
         for name in self.replaced:
@@ -366,7 +367,7 @@ def _live_owner(lock):
     lock still empty a moment after it was made (its command writes the pid just after)."""
     try:
         text = lock.read_text().strip()
-        if not text and time.time() - lock.stat().st_mtime < 10:
+        if not text and abs(time.time() - lock.stat().st_mtime) < 10:
             return "?"
     except OSError:
         return None

@@ -101,7 +101,7 @@ def main(argv=None, resume_command=None):
         key = data_lib.dataset_key(args.data, args.image_size, args.n_builtin, args.seed)
         run.save(step, {**extra, "latents": latents, "data_key": key}, finished=True)
         report_heldout(ema.model, test_set, run)
-        run.stop_if_asked(step, None, command)     # a signal since the loop: all saved, stop
+        run.stop_if_asked(step, None, resume_command or "nothing, it is finished")  # all saved
     return 0
 
 
@@ -141,7 +141,7 @@ def report_heldout(vae, test_set, run, batch_size=64):
     psnrs, kls, pairs = [], [], None
     for batch in images.split(batch_size):
         x = data_lib.to_model_range(batch.to(device))                 # (b, 3, H, W) in [-1, 1]
-        mu, logvar = vae.encode(x)                                    # (b, k, h, w) each
+        mu, logvar = vae.encode(x)                                    # (b, C, h, w) each
         x_hat = vae.decode(mu).float().clamp(-1, 1)
         psnrs.append(psnr((x + 1) / 2, (x_hat + 1) / 2).cpu())
         kls.append((kl_to_standard_normal(mu, logvar) / mu[0].numel()).cpu())
@@ -150,7 +150,7 @@ def report_heldout(vae, test_set, run, batch_size=64):
                        scale=data_lib.grid_scale(run.args.image_size))
     psnr_db, kl = float(torch.cat(psnrs).mean()), float(torch.cat(kls).mean())
     mean, std = ([round(v, 3) for v in s.tolist()] for s in (vae.latent_mean, vae.latent_std))
-    where = "held-out" if test_set.held_out else "training-image (under 20 images: none held out)"
+    where = "held-out" if test_set.held_out else "training-image (none held out)"
     print(f"{where} PSNR {psnr_db:.2f} dB | KL {kl:.3f} nats/dim | latent mean {mean} std {std}")
     print(f"wrote {run.out / 'ckpt.pt'}, {run.out / 'recon.png'}, {run.out / 'log.jsonl'}")
     run.record({"step": run.args.steps, "heldout_psnr": psnr_db, "kl_nats_per_dim": kl,

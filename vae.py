@@ -249,7 +249,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """z (B, k, h, w) -> x_hat (B, 3, h*f, w*f): the mean mu_theta(z), no output squashing."""
+    """z (B, C, h, w) -> x_hat (B, 3, h*f, w*f): the mean mu_theta(z), no output squashing."""
 
     def __init__(self, config):
         super().__init__()
@@ -275,7 +275,7 @@ class Decoder(nn.Module):
             self.refine = nn.Sequential(nn.SiLU(), nn.Conv2d(r, r, 3, padding=1), nn.SiLU(),
                                         nn.Conv2d(r, config.image_channels, 3, padding=1))
 
-    def forward(self, z):                                   # (B, k, h, w)
+    def forward(self, z):                                   # (B, C, h, w)
         h = self.conv_in(z)                                 # (B, cL, h, w)
         h = self.mid(h)
         h = self.up(h)                                      # (B, c0, h*f/p, w*f/p)
@@ -302,7 +302,7 @@ class VAE(nn.Module):
         self.register_buffer("latent_std", torch.ones(k))
 
     def encode(self, x):
-        """x (B, 3, H, W) in [-1, 1] -> mu, logvar, each (B, k, H/f, W/f); logvar in [-30, 20]."""
+        """x (B, 3, H, W) in [-1, 1] -> mu, logvar, each (B, C, H/f, W/f); logvar in [-30, 20]."""
         mu, logvar = self.encoder(x).chunk(2, dim=1)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
@@ -312,11 +312,11 @@ class VAE(nn.Module):
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
     def decode(self, z):
-        """z (B, k, h, w) -> x_hat (B, 3, h*f, w*f)."""
+        """z (B, C, h, w) -> x_hat (B, 3, h*f, w*f)."""
         return self.decoder(z)
 
     def forward(self, x, decoder_noise=0.0):
-        """Algorithm 7, lines 2-5: returns x_hat (B, 3, H, W), mu and logvar (B, k, H/f, W/f).
+        """Algorithm 7, lines 2-5: returns x_hat (B, 3, H, W), mu and logvar (B, C, H/f, W/f).
         With decoder_noise s > 0 (training) the decoder reads `noised_latents(z, mu, s)`."""
         mu, logvar = self.encode(x)
         z = self.reparameterize(mu, logvar)
@@ -328,7 +328,7 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def set_latent_stats(self, mean, std):
-        """Store per-channel stats (k,) of the encoder means; they travel in the state_dict."""
+        """Store per-channel stats (C,) of the encoder means; they travel in the state_dict."""
         mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
         std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
         k = self.config.latent_channels
@@ -340,7 +340,7 @@ class VAE(nn.Module):
         self.latent_std.copy_(std)
 
     def normalize_latents(self, z):
-        """(z - mean) / std per channel, z (B, k, h, w): what the flow model sees."""
+        """(z - mean) / std per channel, z (B, C, h, w): what the flow model sees."""
         mean = self.latent_mean.to(z.dtype).view(1, -1, 1, 1)
         std = self.latent_std.to(z.dtype).view(1, -1, 1, 1)
         return (z - mean) / std
@@ -353,7 +353,7 @@ class VAE(nn.Module):
 
 
 def noised_latents(z, mu, scale):
-    """z (B, k, h, w) + u * std_c(mu) * n, u ~ U(0, scale) per image, n ~ N(0, I), std_c the
+    """z (B, C, h, w) + u * std_c(mu) * n, u ~ U(0, scale) per image, n ~ N(0, I), std_c the
     batch's spread of the means per channel: a departure from Algorithm 7 that trains the
     decoder on latents a little off the encoder's, as the flow model's samples are, so that it
     forgives their errors. Relative to the latents' own spread, so the encoder cannot outgrow it
@@ -365,7 +365,7 @@ def noised_latents(z, mu, scale):
 @torch.no_grad()
 def encode_means(vae, images, batch_size=256):
     """Recipe step 2, "for VAE simply take the mean prediction": mu_phi(x) of uint8 images
-    (N, 3, H, W), encoded in batches on the VAE's device; float32 (N, k, H/f, W/f) on the CPU."""
+    (N, 3, H, W), encoded in batches on the VAE's device; float32 (N, C, H/f, W/f) on the CPU."""
     device = next(vae.parameters()).device
     out = []
     for batch in images.split(batch_size):

@@ -163,7 +163,7 @@ def test_a_quoted_path_reads_back_as_one_word_of_a_command(monkeypatch):
         assert shlex.split(f"python x.py --out {common.quoted(path)}")[-1] == path
     monkeypatch.setattr(common.os, "name", "nt")                 # cmd.exe and PowerShell
     assert common.quoted("my runs\\flow") == '"my runs\\flow"'
-    assert common.quoted("runs\\flow") == "runs\\flow"
+    assert common.quoted("runs\\flow") == "runs\\flow" and common.quoted("it's") == '"it\'s"'
 
 
 def test_progress_leaves_paused_work_out_of_the_rate_and_prints_when_forced(capsys, monkeypatch):

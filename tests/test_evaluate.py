@@ -201,11 +201,14 @@ def test_class_folder_reports_class_accuracy_beside_its_classifier_accuracy(runs
 
 def test_unlabelled_folder_skips_prompt_accuracy_and_says_so(runs, tmp_path, capsys):
     _write_folder(tmp_path / "plain", {"": (128, 128, 128)}, per_class=12)  # n capped to 6
+    with pytest.raises(ev.UserError, match="--held-out-captions: .* holds no image out"):
+        ev.main(["--ckpt", str(runs["flow"]), "--data", str(tmp_path / "plain"),
+                 "--held-out-captions"])
     r = _evaluate(tmp_path, "--ckpt", runs["flow"], "--data", tmp_path / "plain", "--n", 8,
                   "--cfg", 1, "--sample-steps", 1)
     captured = capsys.readouterr()
     assert "prompt accuracy skipped" in captured.out
-    assert "using n = 6" in captured.err and "none are held out" in captured.err
+    assert "using n = 6" in captured.err and "holds no image out" in captured.err
     assert r["n"] == 6 and not any(k.endswith("_acc") for k in r["settings"][0])
     assert r["vae_held_out"] is False
 
