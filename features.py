@@ -115,7 +115,8 @@ def load_inception(path=None, device="cpu", batch_size=50):
             x = x.expand(-1, 3, -1, -1)  # grey -> RGB
         x = _resize_tf_bilinear(x, INCEPTION_SIZE)  # resize then scale == scale then resize
         x = x / 128.0 - 1.0  # [0, 255] -> [-1, 0.9921875]
-        return net(x)
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # FID's float32 convs,
+            return net(x)                                                 # on a GPU too
 
     inception = FeatureExtractor(f"inception-v3-2048d ({os.path.basename(path)}, FID)", fn,
                                  batch_size, device)

