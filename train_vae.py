@@ -57,7 +57,7 @@ def main(argv=None, resume_command=None):
     """The command: Algorithm 7 on the data, then the latent statistics. `resume_command`: what
     Ctrl-C tells the user to run (train_flow.py names its own)."""
     with Run(parser(), argv, "vae", EXPERIMENT) as run:
-        args, device = run.args, run.device
+        args, device, amp = run.args, run.device, run.amp
         if run.resume is not None and run.resume["finished"] and run.resume["step"] >= args.steps:
             print(f"{args.out} is finished at step {run.resume['step']}; nothing to do (a "
                   f"larger --steps trains on)")
@@ -68,7 +68,6 @@ def main(argv=None, resume_command=None):
         train_set, test_set = (data_lib.load_dataset(args.data, args.image_size, split,
                                                      args.n_builtin, args.seed)
                                for split in ("train", "test"))
-        amp = run.amp
         model, ema, opt, scaler = build(config, args, device, amp)
         step = run.begin(model, ema, opt, scaler)
         data_lib.announce(train_set)
@@ -190,10 +189,9 @@ def automatic_path(args):
 
 
 def train_automatic(args, path, resume):
-    """This command, with its defaults but the data, size, seed, --vae-steps and machine flags of
-    train_flow.py's flags `args`, trains the automatic VAE at `path`; with `resume` it finishes
-    one with its stored data settings (the seed of a folder's VAE is that of the run that began
-    it). A run stopped there before its first checkpoint is started over (--overwrite)."""
+    """Train (`resume`: finish, on its stored data settings) the automatic VAE at `path` by this
+    command with train_flow.py's data, size, seed, --vae-steps and machine flags `args`; a run
+    stopped there before its first checkpoint is started over (--overwrite)."""
     data = {} if resume else {"--image-size": args.image_size, "--seed": args.seed,
                               "--n-builtin": args.n_builtin, "--data": args.data}
     flags = {"--out": path.parent, **data, "--device": args.device, "--amp": args.amp,
