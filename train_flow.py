@@ -4,11 +4,11 @@
     python train_flow.py --data ~/photos --image-size 64 --vae runs/vae64/ckpt.pt
 
 Slide "Latent Diffusion Models (LDMs) - Recipe", one function per step, called in order by `main`
-(after `settle_steps`: --steps by the data):
-  1. Data: the VAE that makes the latent space (`find_vae`, its checks before the images load;
-     `ensure_vae`: with no --vae, the automatic VAE of this data, trained first by train_vae.py)
-     and the images x_1..x_N (`load_data`); --minutes sizes the run in between
-     (`size_to_minutes`).
+(after plan.settle_steps: --steps by the data):
+  1. Data: the VAE that makes the latent space (plan.find_vae, its checks before the images load;
+     plan.ensure_vae: with no --vae, the automatic VAE of this data, trained first by
+     train_vae.py) and the images x_1..x_N (`load_data`); --minutes sizes the run in between
+     (plan.size_to_minutes, from the seconds per step `time_steps` measures).
   2. Encoding: every image becomes a latent, the VAE encoder's *mean* (`encode`; train_vae.py
      stored those of its own training images in the VAE's checkpoint, with their statistics).
   3. Latent data: z_1..z_N, normalised per channel by those statistics, with their prompts
@@ -33,8 +33,7 @@ from pathlib import Path
 import torch
 
 import data as data_lib
-import train_vae
-from checkpoint import load_checkpoint, load_vae
+import plan
 from common import (MAX_STEPS, Parser, UserError, autocast, finite, fraction, maybe_compile,
                     median_time, positive, quoted, run_main, synchronizer)
 from dit import PRESETS, DiT, count_parameters, dit_preset
@@ -64,7 +63,7 @@ DEFAULTS = {
     "log_every": 50, "ckpt_every": 500,
 }
 # Settings whose change makes another experiment: --resume refuses them without --allow-changes
-# (another VAE file is compared by its bytes, in `find_vae`).
+# (another VAE file is compared by its bytes, in plan.find_vae).
 EXPERIMENT = {"data", "n_builtin", "seed", "image_size", "preset", "patch_size", "vae_steps",
               "hold_out_pairs"}
 
@@ -73,21 +72,21 @@ def main(argv=None):
     """The recipe, step by step."""
     with Run(parser(), argv, "flow", EXPERIMENT) as run:
         args = run.args
-        settle_steps(run)
+        plan.settle_steps(run, DEFAULTS["folder_steps"])
         if run.resume is not None and run.resume["step"] >= args.steps:
             print(f"{args.out} is already at step {run.resume['step']} of {args.steps}; nothing "
                   f"to do (a larger --steps trains on)")
             return 0
         # step 1: which VAE (`given`: --vae's (VAE, checkpoint), else None), then the data
-        vae_path, given = find_vae(args, run.resume, run.device)
+        vae_path, given = plan.find_vae(args, run.resume, run.device)
         run.lock([("--data", args.data), ("--vae", vae_path)])
         train_set = load_data(args)
         if args.minutes and run.resume is None:   # before the automatic VAE's steps are fixed
-            size_to_minutes(run, train_set, vae_path, given)
-        vae, vae_ckpt = ensure_vae(args, vae_path, given, run, train_set)  # (trained if need be)
-        mu = encode(vae, vae_ckpt, train_set, args)                         # step 2
-        latents = latent_data(mu, vae, train_set, args, run)                # step 3
-        train_dit(run, latents, vae, vae_path, vae_ckpt)                    # steps 4 and 5
+            plan.size_to_minutes(run, train_set, vae_path, given, time_steps)
+        vae, vae_ckpt = plan.ensure_vae(args, vae_path, given, run, train_set)  # trained first?
+        mu = encode(vae, vae_ckpt, train_set, args)                             # step 2
+        latents = latent_data(mu, vae, train_set, args, run)                    # step 3
+        train_dit(run, latents, vae, vae_path, vae_ckpt)                        # steps 4 and 5
     return 0
 
 
@@ -261,104 +260,7 @@ def sample_grid(path, model, vae, prompts, args, amp):
 
 
 # ---------------------------------------------------------------------------------------------
-# Step 1's VAE: --vae, or the automatic VAE of this data
-
-def find_vae(args, resume, device):
-    """(path, (VAE, checkpoint) or None): --vae, loaded here, or the automatic VAE of this data
-    beside --out (say runs/vae-shapes-32px-seed0-n20000/ckpt.pt), loaded or trained later by
-    `ensure_vae` (not when resuming: a run goes on with its own VAE, the same bytes). Before any
-    slow work, the image size must divide into its latents and those into patches."""
-    path = Path(args.vae) if args.vae is not None else train_vae.automatic_path(args)
-    if not path.is_file() and (args.vae is not None or resume is not None):
-        what = "is a folder; pass its ckpt.pt" if path.is_dir() else "file not found"
-        raise UserError(f"--vae {path}: {what}; pass the VAE the run was trained with (or a copy)"
-                        f", train one with train_vae.py, or omit --vae for the automatic one")
-    if (resume is not None and not args.allow_changes
-            and hashlib.sha1(path.read_bytes()).hexdigest() != resume["vae"]["sha1"]):
-        raise UserError(f"--resume: the run was trained with another VAE "
-                        f"({resume['vae']['path']}); pass that one with --vae (or "
-                        f"--allow-changes to go on with this one)")
-    given = load_vae(path, device) if args.vae is not None else None
-    if given is None and path.is_file():          # a damaged automatic VAE: refused here too
-        load_checkpoint(path, "vae", "--vae")
-    factor = given[0].config.factor if given else train_vae.vae_config(args).factor
-    if args.image_size % (factor * args.patch_size):
-        raise UserError(f"--image-size {args.image_size} must be divisible by the VAE factor "
-                        f"{factor} x patch size {args.patch_size} = {factor * args.patch_size}; "
-                        f"another size, or a --vae of another factor (train_vae.py --vae-preset)")
-    return path, given
-
-
-def ensure_vae(args, path, given, run, train_set):
-    """The EMA VAE and its checkpoint: `given` (--vae, loaded by find_vae), or the automatic one,
-    trained first by train_vae.py (or finished, if a run stopped while training it)."""
-    ckpt = load_checkpoint(path, "vae", "--vae") if given is None and path.is_file() else None
-    if given is None and (ckpt is None or not ckpt["finished"]):
-        print(f"{'finishing the unfinished' if ckpt else 'no --vae given: training the'} "
-              f"automatic VAE of this data first ({path.parent}; the recipe: latent space "
-              f"first, then the flow model)")
-        train_vae.train_automatic(args, path, resume=ckpt is not None)
-    else:
-        data_lib.announce(train_set)
-    vae, ckpt = given or load_vae(path, run.device)
-    if given is None:                   # the automatic VAE: made by today's defaults?
-        today, config = train_vae.DEFAULTS, asdict(train_vae.vae_config(args))
-        older = [f"--{n.replace('_', '-')} {ckpt['args'].get(n, 0)}, the default now {today[n]}"
-                 for n in ("steps", "decoder_noise") if ckpt["args"].get(n, 0) != today[n]
-                 and not (n == "steps" and (args.minutes or args.vae_steps))]
-        older += [f"{n} {v}, {config[n]} now" for n, v in asdict(vae.config).items()
-                  if v != config[n]]
-        if older:
-            print(f"note: the automatic VAE {path} was made by an earlier default ("
-                  f"{'; '.join(older)}); it is used as it is (delete {path.parent} for today's)",
-                  file=sys.stderr)
-    if ckpt["data"] != train_set.name:
-        print(f"warning: the VAE {path} was trained on {ckpt['data']}, this run uses "
-              f"{train_set.name}; pass --vae with a VAE of these images if samples look wrong",
-              file=sys.stderr)
-    return vae, ckpt
-
-
-# ---------------------------------------------------------------------------------------------
-# --steps by the data, and --minutes: a run sized to the time at hand
-
-def settle_steps(run):
-    """A new run's default --steps by the data (folder_steps on a folder), which --minutes sizes
-    from; a resumed run keeps its own. --minutes refuses --steps, --vae-steps and --resume."""
-    args, given = run.args, run.flags_given
-    if args.minutes and run.resume is None and given & {"steps", "vae_steps"}:
-        raise UserError("--minutes sizes --steps and --vae-steps itself; pass one or the other")
-    if run.resume is not None and "minutes" in given:
-        raise UserError("--minutes sizes a new run; --resume goes on to the run's --steps (pass "
-                        "a larger --steps to train on)")
-    if run.resume is None and args.data and "steps" not in given:
-        args.steps = DEFAULTS["folder_steps"]
-    run.derived = {"steps", "vae_steps"} if args.minutes else set()
-
-
-def size_to_minutes(run, train_set, vae_path, given):
-    """--minutes N: --steps, and --vae-steps when the automatic VAE is still to train, scaled
-    together from their defaults (this data's, from settle_steps, and train_vae.py's) so that
-    training and sample grids take about N minutes here (loading and encoding on top)."""
-    args = run.args
-    vae_config = given[0].config if given else train_vae.vae_config(args)
-    todo = given is None and not (vae_path.is_file() and
-                                  load_checkpoint(vae_path, "vae", "--vae")["finished"])
-    t_vae, t_dit, t_grid = time_steps(args, run.device, run.amp, train_set, vae_config, todo)
-    # seconds = steps x (a DiT step + its share of the grids and the VAE's steps) + the last grid
-    ratio = train_vae.DEFAULTS["steps"] / args.steps            # VAE steps per DiT step
-    per_step = t_dit + t_grid * args.sample_steps / args.sample_every + t_vae * ratio
-    steps = int((args.minutes * 60 - t_grid * args.sample_steps) / per_step)
-    if steps < 1:
-        raise UserError(f"--minutes {args.minutes:g} is too short here: one step and a sample "
-                        f"grid take {(per_step + t_grid * args.sample_steps) / 60:.2g} minutes")
-    args.steps = min(steps, MAX_STEPS)
-    if t_vae:
-        args.vae_steps = min(max(1, round(args.steps * ratio)), MAX_STEPS)
-    print(f"--minutes {args.minutes:g}: {args.steps} DiT steps ({t_dit:.3f} s each)"
-          + (f" and {args.vae_steps} VAE steps ({t_vae:.3f} s each)" if t_vae else "")
-          + ", from steps timed here")
-
+# --minutes: seconds per step of this run, timed at the start (plan.size_to_minutes)
 
 def time_steps(args, device, amp, train_set, vae_config, vae_todo, repeats=3):
     """Seconds of (a VAE step, a DiT step, an Euler step of a sample grid), timed eagerly on fresh
@@ -366,8 +268,8 @@ def time_steps(args, device, amp, train_set, vae_config, vae_todo, repeats=3):
     `vae_todo` a default VAE training step (else 0). What --minutes sizes a run by, and what
     bench.py --what recipe predicts the default run with."""
     sync = synchronizer(device)
-    t_vae = train_vae.default_step_seconds(vae_config, train_set.images, device, amp,
-                                           repeats) if vae_todo else 0.0
+    t_vae = plan.vae_step_seconds(vae_config, train_set.images, device, amp,
+                                  repeats) if vae_todo else 0.0
     config = dit_config(args, vae_config, train_set.captions)
     model, ema, opt, scaler = build(config, args, device, amp)
     B, G = args.batch_size, args.grid_prompts * args.grid_images

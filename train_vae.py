@@ -9,24 +9,20 @@ in `train_step`, the body of the loop in `main`. At the end, recipe step 2 (ever
 by the encoder's mean) gives the per-channel statistics that normalise the flow model's latents;
 the checkpoint keeps them and those latents (train_flow.py need not encode them again).
 
-With no --vae, train_flow.py trains the automatic VAE of its data (`automatic_path`) by
-`train_automatic`: this command with its defaults but the flow run's data, size, seed,
-machine flags and steps (--vae-steps, or as --minutes sized them).
+With no --vae, train_flow.py trains the automatic VAE of its data by this command (plan.py): its
+defaults with the flow run's data, size, seed, machine flags and steps (--vae-steps, or as
+--minutes sized them).
 
 Outputs under --out (default runs/vae): ckpt.pt (weights, EMA, optimizer, RNG states, settings;
 once finished the latent statistics and latents), recon.png, args.json, log.jsonl and loss.png.
 """
 import dataclasses
-import hashlib
-import re
 import sys
-from pathlib import Path
 
 import torch
 
 import data as data_lib
-from common import (Parser, UserError, autocast, maybe_compile, median_time, positive, quoted,
-                    run_main, synchronizer)
+from common import Parser, UserError, autocast, maybe_compile, positive, quoted, run_main
 from kl import kl_to_standard_normal
 from metrics import psnr
 from runs import EMA, Run, adamw, add_training_flags
@@ -167,48 +163,6 @@ def vae_config(args):
     k = (getattr(args, "latent_channels", DEFAULTS["latent_channels"])
          or (8 if getattr(args, "data", None) else 4))
     return dataclasses.replace(vae_preset(name, image_size=size), latent_channels=k)
-
-
-# ---------------------------------------------------------------------------------------------
-# The automatic VAE: what train_flow.py trains first when it is given no --vae
-
-def automatic_path(args):
-    """Where the automatic VAE of train_flow.py's flags `args` lives: one per dataset, image size
-    (and --vae-steps or --minutes), beside --out (say runs/vae-shapes-32px-seed0-n20000/ckpt.pt)."""
-    if args.data is None:
-        tag = f"shapes-{args.image_size}px-seed{args.seed}-n{args.n_builtin}"
-    else:
-        digest = hashlib.sha1(args.data.encode()).hexdigest()[:8]
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(args.data).name)
-        tag = f"{name}-{digest}-{args.image_size}px"
-    if args.minutes:                              # (its steps are sized after this is named)
-        tag += f"-{args.minutes:g}min"
-    elif args.vae_steps is not None:
-        tag += f"-{args.vae_steps}steps"
-    return Path(args.out).absolute().parent / f"vae-{tag}" / "ckpt.pt"
-
-
-def train_automatic(args, path, resume):
-    """Train (`resume`: finish, on its stored data settings) the automatic VAE at `path` by this
-    command with train_flow.py's data, size, seed, --vae-steps and machine flags `args`; a run
-    stopped there before its first checkpoint is started over (--overwrite)."""
-    data = {} if resume else {"--image-size": args.image_size, "--seed": args.seed,
-                              "--n-builtin": args.n_builtin, "--data": args.data}
-    flags = {"--out": path.parent, **data, "--device": args.device, "--amp": args.amp,
-             "--steps": args.vae_steps, "--threads": args.threads}
-    argv = [str(a) for k, v in flags.items() if v is not None for a in (k, v)]
-    argv += ["--resume"] if resume else ["--overwrite"]
-    argv += [] if args.compile is None else ["--compile" if args.compile else "--no-compile"]
-    main(argv, resume_command="the same python train_flow.py command (it finishes the VAE first)")
-
-
-def default_step_seconds(config, images, device, amp, repeats=3):
-    """Seconds of an eager default training step of a fresh VAE of `config` (for --minutes)."""
-    args = parser().parse_args([])
-    model, ema, opt, scaler = build(config, args, device, amp)
-    x = images[torch.randint(len(images), (args.batch_size,))].to(device)
-    return median_time(lambda: train_step(model, model, ema, opt, scaler, x, 0, args, amp),
-                       repeats=repeats, sync=synchronizer(device))
 
 
 def parser():

@@ -16,6 +16,7 @@ from PIL import Image
 import checkpoint
 import common
 import data as data_lib
+import plan
 import runs as runs_lib
 import sample
 import shapes
@@ -403,7 +404,7 @@ def test_a_folder_trains_its_own_default_steps_unless_given_or_resumed():
     def settled(*argv, resume=None):
         args, given = train_flow.parser().parse([str(a) for a in argv])
         run = argparse.Namespace(args=args, flags_given=given, resume=resume)
-        train_flow.settle_steps(run)
+        plan.settle_steps(run, train_flow.DEFAULTS["folder_steps"])
         return run.args.steps, run.derived
     folder, shapes_steps = train_flow.DEFAULTS["folder_steps"], train_flow.DEFAULTS["steps"]
     assert folder > shapes_steps
@@ -424,7 +425,7 @@ def test_minutes_sizes_both_trainings_to_the_budget_from_timed_steps(cli, tmp_pa
         timed.append(repeats)                # test runs them for real)
         return 0.1
     monkeypatch.setattr(common, "median_time", median_time)
-    monkeypatch.setattr(train_vae, "median_time", median_time)
+    monkeypatch.setattr(plan, "median_time", median_time)
     flags = ["--n-builtin", 64, "--batch-size", 8, "--sample-every", 4, "--sample-steps", 2,
              "--grid-prompts", 2, "--grid-images", 2, "--log-every", 100, "--preset", "micro",
              *tiny.cpu]
