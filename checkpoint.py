@@ -142,11 +142,9 @@ def _config_problem(cls, config):
             ok = type(value) is int and (0 if field.default == 0 else 1) <= value <= top
         elif field.type is float:
             ok = type(value) in (int, float) and 0 < value <= top
-        elif field.type is tuple:
+        else:                                 # tuple
             ok = isinstance(value, (list, tuple)) and 1 <= len(value) <= 8 and \
                 all(type(v) is int and 1 <= v <= 64 for v in value)
-        else:
-            ok = True
         if not ok:
             return f"{key} = {value!r:.40}"
     return ""

@@ -1,16 +1,8 @@
 """Plumbing every script needs; nothing here is in the lecture.
 
-- `UserError` and `run_main`: a mistake the user can fix (or a full disk) is one line on stderr
-  and exit status 2, never a traceback; `Parser` does the same for flags and shows every flag's
-  default in --help; `add_machine_flags` (--device, --amp, --compile); the flag types
-  `positive`, `finite`, `fraction`, `seed_value` refuse nan, inf and absurd sizes as the command
-  line is read.
-- Device and precision: `pick_device`, `pick_amp`, `autocast`, `maybe_compile`, `set_threads`,
-  `is_oom`; `median_time` (with `synchronizer`) times a step, for bench.py and --minutes.
-- Files: `atomic_write` (temporary file, fsync, rename: a crash never leaves a torn file),
-  `write_json`, `check_output` (no command replaces a file it did not make unless told to, nor
-  ever one of its inputs), and `quoted` (a path as one word of a command the scripts print).
-- `Progress`: the progress line of long work (training loops, encoding, sampling).
+A mistake the user can fix (a flag, a path, a full disk) is one line on stderr and exit status
+2, never a traceback (`UserError`, `run_main`, `Parser`, the flag types); the device and precision;
+files written atomically and never over one the command did not make; the progress line.
 
 Imports no project module, and nothing POSIX-only: it runs on Windows, macOS and Linux.
 
@@ -32,7 +24,6 @@ import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -156,7 +147,7 @@ def finite(text):
 
 def fraction(text):
     """argparse type: a float in [0, 1) (an EMA decay, a dropout probability)."""
-    value = positive(float, allow_zero=True, at_most=None)(text)
+    value = positive(float, allow_zero=True)(text)
     if value >= 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
@@ -319,9 +310,6 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)     # the signals a run saves on (runs
 @contextmanager
 def _signals_deferred():
     """SIGINT and SIGTERM wait until the block is done, then reach their handlers as usual."""
-    if threading.current_thread() is not threading.main_thread():
-        yield                                         # signals reach the main thread only
-        return
     pending = []
     old = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in SIGNALS}
     try:

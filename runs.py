@@ -9,12 +9,8 @@ in the lecture; a training script makes these calls:
     run.save(step, extra)                        # ckpt.pt, atomically
     run.stop_if_asked(step, extra, command)      # after Ctrl-C or SIGTERM: save, say how to resume
 
-The promises behind them: one run per folder (`.lock`, created exclusively, holds its pid; the
-lock of a process that is gone is taken over); a folder that holds a run is refused unless
---resume or --overwrite, which deletes only the run's own files, named first, never an input;
---resume takes the stored settings as defaults (checked as the command line's are), lists the
-flags that differ and refuses one that makes another experiment unless --allow-changes; a NaN
-or a diverging loss stops before anything is saved over the last good checkpoint.
+The promises behind them are README's "What happens when things go wrong"; each method's
+docstring says which it keeps.
 
 Offers: add_training_flags, Run, EMA, adamw, plot_loss
 """
@@ -180,8 +176,8 @@ class Run:
             except (OSError, ValueError, TypeError):
                 stored = {}
             now = self.settings()
-            stopped_early = "ckpt.pt" not in found and all(
-                stored.get(k) == now.get(k) for k in (set(stored) | set(now)) - self.derived)
+            keys = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+            stopped_early = "ckpt.pt" not in found and not set(keys) - self.derived
             if not (args.overwrite or stopped_early):
                 raise UserError(f"--out {out} already holds a run ({', '.join(found[:6])}); "
                                 f"{'continue it with --resume, ' if 'ckpt.pt' in found else ''}"
@@ -190,8 +186,7 @@ class Run:
                 if path and any(os.path.realpath(out / n) == os.path.realpath(path) for n in found):
                     raise UserError(f"--out {out}: starting over would delete a file this command "
                                     f"reads as {flag} ({path}); choose another --out")
-            differ = [f"--{k.replace('_', '-')} {now.get(k)} (was {stored.get(k)})"
-                      for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)]
+            differ = [f"--{k.replace('_', '-')} {now.get(k)} (was {stored.get(k)})" for k in keys]
             why = "--overwrite" if "ckpt.pt" in found else "starting again a run stopped early"
             print(f"note: {why}: the files {', '.join(found)} in {out} are deleted when "
                   f"training starts{'; settings that differ: ' if differ else ''}"
