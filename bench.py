@@ -16,7 +16,7 @@ median of --repeats timed steps (CUDA is synchronised before every clock reading
                per step) under torch.inference_mode, images/s
     attention  the hand-written attention() vs the fused F.scaled_dot_product_attention on the
                DiT's self-attention shape (B, H, L, Dh), forward + backward
-    recipe     the default `python train_flow.py`, phase by phase: train_flow.time_steps (what
+    recipe     the default `python train_flow.py`, phase by phase: train_flow.step_seconds (what
                --minutes sizes by: a VAE step, a DiT step and an Euler step of a sample grid at
                the run's sizes, eager under --amp, two untimed calls and the median of --repeats)
                on 256 built-in images, and vae.encode_means of those, times the calls the run
@@ -306,7 +306,7 @@ def measure(what, build, kwargs, args, device, compile_, amp, peaks):
 
 
 def predict_recipe(repeats, device, amp):
-    """The default `python train_flow.py` here (the docstring's `recipe`): train_flow.time_steps
+    """The default `python train_flow.py` here (the docstring's `recipe`): train_flow.step_seconds
     (what --minutes sizes by) at the default run's sizes, on 256 built-in images, and
     vae.encode_means of those: {"phases": {name: {count, call_s, minutes}}, "minutes", "amp"}."""
     flow = settings(train_flow.DEFAULTS)
@@ -314,7 +314,7 @@ def predict_recipe(repeats, device, amp):
     vae_config = train_vae.vae_config(flow)
     grids = len(range(flow.sample_every, flow.steps, flow.sample_every)) + 1
     with torch.random.fork_rng():                  # the caller's random streams stay as they were
-        t_vae, t_dit, t_grid = train_flow.time_steps(flow, device, amp, train_set, vae_config,
+        t_vae, t_dit, t_grid = train_flow.step_seconds(flow, device, amp, train_set, vae_config,
                                                      True, repeats)
         vae = VAE(vae_config).to(device)
         t_enc = median_time(lambda: encode_means(vae, train_set.images), 1, repeats,

@@ -22,6 +22,7 @@ import shlex
 import shutil
 import signal
 import statistics
+import threading
 import sys
 import tempfile
 import time
@@ -310,6 +311,9 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)     # the signals a run saves on (runs
 @contextmanager
 def _signals_deferred():
     """SIGINT and SIGTERM wait until the block is done, then reach their handlers as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield                                         # signals reach the main thread only
+        return
     pending = []
     old = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in SIGNALS}
     try:

@@ -2,16 +2,17 @@
 
 Slide "Latent Diffusion Models (LDMs) - Recipe", step 1: the latent space comes first. With --vae
 a run uses that VAE. Without, it uses the *automatic VAE* of its data: train_vae.py with its
-defaults on the run's data, size and seed, one per dataset beside --out (`automatic_path`),
+defaults on the run's data, size and seed, one per dataset, size and step budget beside --out
+(`automatic_path`),
 trained first by the same command (`train_automatic`). `find_vae` settles the file and checks it
 before the images load; `ensure_vae` loads it, training or finishing the automatic one first.
 
 How many steps: `settle_steps` gives a new run its default --steps by the data; `size_to_minutes`
 turns --minutes N into --steps and --vae-steps from seconds per step timed at the start
-(train_flow.time_steps, whose VAE step is `vae_step_seconds`).
+(train_flow.step_seconds, whose VAE step is `vae_step_seconds`).
 
-It is train_flow.py's planning in a file of its own, so that the script reads as the recipe; only
-train_flow.py imports it.
+It is train_flow.py's planning in a file of its own, so that the script reads as the recipe; of
+the project's files only train_flow.py imports it (tests/test_layout.py checks).
 
 Offers: find_vae, ensure_vae, automatic_path, train_automatic, settle_steps, size_to_minutes,
 vae_step_seconds
@@ -126,27 +127,27 @@ def train_automatic(args, path, resume):
 def settle_steps(run, folder_steps):
     """A new run's default --steps by the data (`folder_steps` on a folder), which --minutes sizes
     from; a resumed run keeps its own. --minutes refuses --steps, --vae-steps and --resume."""
-    args, given = run.args, run.flags_given
-    if args.minutes and run.resume is None and given & {"steps", "vae_steps"}:
+    args, flags = run.args, run.flags_given
+    if args.minutes and run.resume is None and flags & {"steps", "vae_steps"}:
         raise UserError("--minutes sizes --steps and --vae-steps itself; pass one or the other")
-    if run.resume is not None and "minutes" in given:
+    if run.resume is not None and "minutes" in flags:
         raise UserError("--minutes sizes a new run; --resume goes on to the run's --steps (pass "
                         "a larger --steps to train on)")
-    if run.resume is None and args.data and "steps" not in given:
+    if run.resume is None and args.data and "steps" not in flags:
         args.steps = folder_steps
     run.derived = {"steps", "vae_steps"} if args.minutes else set()
 
 
-def size_to_minutes(run, train_set, vae_path, given, time_steps):
+def size_to_minutes(run, train_set, vae_path, given, step_seconds):
     """--minutes N: --steps, and --vae-steps when the automatic VAE is still to train, scaled
     together from their defaults (this data's, from settle_steps, and train_vae.py's) so that
     training and sample grids take about N minutes here (loading and encoding on top), from the
-    seconds `time_steps` (train_flow.time_steps) measures."""
+    seconds `step_seconds` (train_flow.step_seconds) measures."""
     args = run.args
     vae_config = given[0].config if given else train_vae.vae_config(args)
     todo = given is None and not (vae_path.is_file() and
                                   load_checkpoint(vae_path, "vae", "--vae")["finished"])
-    t_vae, t_dit, t_grid = time_steps(args, run.device, run.amp, train_set, vae_config, todo)
+    t_vae, t_dit, t_grid = step_seconds(args, run.device, run.amp, train_set, vae_config, todo)
     # seconds = steps x (a DiT step + its share of the grids and the VAE's steps) + the last grid
     ratio = train_vae.DEFAULTS["steps"] / args.steps            # VAE steps per DiT step
     per_step = t_dit + t_grid * args.sample_steps / args.sample_every + t_vae * ratio

@@ -9,8 +9,8 @@ in the lecture; a training script makes these calls:
     run.save(step, extra)                        # ckpt.pt, atomically
     run.stop_if_asked(step, extra, command)      # after Ctrl-C or SIGTERM: save, say how to resume
 
-The promises behind them are README's "What happens when things go wrong"; each method's
-docstring says which it keeps.
+The promises behind them are README's "What happens when things go wrong" (and, for NaN, its
+"Troubleshooting"); each method's docstring says which it keeps.
 
 Offers: add_training_flags, Run, EMA, adamw, plot_loss
 """

@@ -8,7 +8,7 @@ Slide "Latent Diffusion Models (LDMs) - Recipe", one function per step, called i
   1. Data: the VAE that makes the latent space (plan.find_vae, its checks before the images load;
      plan.ensure_vae: with no --vae, the automatic VAE of this data, trained first by
      train_vae.py) and the images x_1..x_N (`load_data`); --minutes sizes the run in between
-     (plan.size_to_minutes, from the seconds per step `time_steps` measures).
+     (plan.size_to_minutes, from the seconds per step `step_seconds` measures).
   2. Encoding: every image becomes a latent, the VAE encoder's *mean* (`encode`; train_vae.py
      stored those of its own training images in the VAE's checkpoint, with their statistics).
   3. Latent data: z_1..z_N, normalised per channel by those statistics, with their prompts
@@ -72,7 +72,7 @@ def main(argv=None):
     """The recipe, step by step."""
     with Run(parser(), argv, "flow", EXPERIMENT) as run:
         args = run.args
-        plan.settle_steps(run, DEFAULTS["folder_steps"])
+        plan.settle_steps(run, DEFAULTS["folder_steps"])      # --steps by the data; --minutes
         if run.resume is not None and run.resume["step"] >= args.steps:
             print(f"{args.out} is already at step {run.resume['step']} of {args.steps}; nothing "
                   f"to do (a larger --steps trains on)")
@@ -81,9 +81,9 @@ def main(argv=None):
         vae_path, given = plan.find_vae(args, run.resume, run.device)
         run.lock([("--data", args.data), ("--vae", vae_path)])
         train_set = load_data(args)
-        if args.minutes and run.resume is None:   # before the automatic VAE's steps are fixed
-            plan.size_to_minutes(run, train_set, vae_path, given, time_steps)
-        vae, vae_ckpt = plan.ensure_vae(args, vae_path, given, run, train_set)  # trained first?
+        if args.minutes and run.resume is None:   # sized by this file's step_seconds (below)
+            plan.size_to_minutes(run, train_set, vae_path, given, step_seconds)
+        vae, vae_ckpt = plan.ensure_vae(args, vae_path, given, run, train_set)  # or trains it
         mu = encode(vae, vae_ckpt, train_set, args)                             # step 2
         latents = latent_data(mu, vae, train_set, args, run)                    # step 3
         train_dit(run, latents, vae, vae_path, vae_ckpt)                        # steps 4 and 5
@@ -260,9 +260,10 @@ def sample_grid(path, model, vae, prompts, args, amp):
 
 
 # ---------------------------------------------------------------------------------------------
-# --minutes: seconds per step of this run, timed at the start (plan.size_to_minutes)
+# --minutes: seconds per step of this run, timed at the start (passed to plan.size_to_minutes,
+# as plan.py cannot import this file)
 
-def time_steps(args, device, amp, train_set, vae_config, vae_todo, repeats=3):
+def step_seconds(args, device, amp, train_set, vae_config, vae_todo, repeats=3):
     """Seconds of (a VAE step, a DiT step, an Euler step of a sample grid), timed eagerly on fresh
     models at this run's sizes: the DiT's training step, the grid's guided forward, and when
     `vae_todo` a default VAE training step (else 0). What --minutes sizes a run by, and what

@@ -51,7 +51,7 @@ EXPERIMENT = {"data", "n_builtin", "seed", "image_size", "vae_preset", "latent_c
 
 def main(argv=None, resume_command=None):
     """The command: Algorithm 7 on the data, then the latent statistics. `resume_command`: what
-    Ctrl-C tells the user to run (train_flow.py names its own)."""
+    Ctrl-C tells the user to run (plan.train_automatic passes train_flow.py's)."""
     with Run(parser(), argv, "vae", EXPERIMENT) as run:
         args, device, amp = run.args, run.device, run.amp
         if run.resume is not None and run.resume["finished"] and run.resume["step"] >= args.steps:

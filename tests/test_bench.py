@@ -138,7 +138,7 @@ def test_recipe_times_each_phase_and_multiplies_by_the_default_runs_calls(monkey
         fn()                                 # the real calls run once: the API is the scripts'
         timed.append((warmup, repeats))
         return 0.5
-    for module in (bench, train_flow, plan):   # the steps: train_flow.time_steps
+    for module in (bench, train_flow, plan):   # the steps: train_flow.step_seconds
         monkeypatch.setattr(module, "median_time", fake_median_time)
     torch.manual_seed(123)
     before = torch.get_rng_state()
