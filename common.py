@@ -22,9 +22,9 @@ import shlex
 import shutil
 import signal
 import statistics
-import threading
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
