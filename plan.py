@@ -73,9 +73,10 @@ def ensure_vae(args, path, given, run, train_set):
         data_lib.announce(train_set)
     vae, ckpt = given or load_vae(path, run.device)
     if given is None:                   # the automatic VAE: made by today's defaults?
-        today, config = train_vae.DEFAULTS, asdict(train_vae.vae_config(args))
+        today = {**train_vae.DEFAULTS, "beta": train_vae.vae_beta(args)}
+        config = asdict(train_vae.vae_config(args))
         older = [f"--{n.replace('_', '-')} {ckpt['args'].get(n, 0)}, the default now {today[n]}"
-                 for n in ("steps", "decoder_noise") if ckpt["args"].get(n, 0) != today[n]
+                 for n in ("steps", "decoder_noise", "beta") if ckpt["args"].get(n, 0) != today[n]
                  and not (n == "steps" and (args.minutes or args.vae_steps))]
         older += [f"{n} {v}, {config[n]} now" for n, v in asdict(vae.config).items()
                   if v != config[n]]

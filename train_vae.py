@@ -32,9 +32,10 @@ from vae import (DEFAULT_BETA, DEFAULT_SIGMA, VAE, VAE_PRESETS, encode_means, la
 # The recipe's numbers in one place (the flags' defaults; --seed's is 0), the same on every device.
 DEFAULTS = {
     "image_size": 32, "n_builtin": 20000,
-    # Algorithm 7's constants (only lambda = 2 sigma^2 beta = 5e-3 matters; vae.py says why), and
-    # the decoder's input noise, a fraction of the latents' spread (vae.noised_latents; 0: none)
-    "beta": DEFAULT_BETA, "sigma": DEFAULT_SIGMA, "decoder_noise": 0.2,
+    # Algorithm 7's constants (only lambda = 2 sigma^2 beta matters; vae.py says why): beta None
+    # is by the data (`vae_beta`), and the decoder's input noise, a fraction of the latents'
+    # spread (vae.noised_latents; 0: none)
+    "beta": None, "sigma": DEFAULT_SIGMA, "decoder_noise": 0.2,
     # latent channels C, None: by the data (8 for a folder, whose detail they keep; 4 for the
     # shapes, which the DiT draws worse from 8: RESULTS.md, "Latent channels by the data")
     "latent_channels": None,
@@ -59,7 +60,7 @@ def main(argv=None, resume_command=None):
                   f"larger --steps trains on)")
             return 0
         torch.manual_seed(args.seed)
-        config = vae_config(args)
+        config, args.beta = vae_config(args), vae_beta(args)     # stored as trained
         run.lock([("--data", args.data)])
         train_set, test_set = (data_lib.load_dataset(args.data, args.image_size, split,
                                                      args.n_builtin, args.seed)
@@ -116,7 +117,7 @@ def train_step(net, model, ema, opt, scaler, images, step, args, amp):
     x = data_lib.to_model_range(images)                       # 1: a mini-batch in [-1, 1]
     with autocast(images.device, amp):
         x_hat, mu, logvar = net(x, args.decoder_noise)         # 2-5 (and vae.noised_latents)
-    total, recon, kl = vae_loss(x, x_hat, mu, logvar, args.beta, args.sigma)   # 6-8
+    total, recon, kl = vae_loss(x, x_hat, mu, logvar, vae_beta(args), args.sigma)   # 6-8
     scaler.scale(total).backward()
     scaler.unscale_(opt)                                       # 9: the gradient update
     torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -165,6 +166,14 @@ def vae_config(args):
     return dataclasses.replace(vae_preset(name, image_size=size), latent_channels=k)
 
 
+def vae_beta(args):
+    """--beta, else by the data: 1.0 for a folder (half the KL, and samples a little better at
+    32 and 64 px: RESULTS.md, "A stronger KL weight for a folder"), 0.25 (vae.DEFAULT_BETA) for
+    the built-in shapes."""
+    beta = getattr(args, "beta", None)
+    return beta if beta is not None else 1.0 if getattr(args, "data", None) else DEFAULT_BETA
+
+
 def parser():
     p = Parser("Train the beta-VAE of Algorithm 7 (Lecture 04) and its latent statistics.",
                """examples:
@@ -179,7 +188,8 @@ def parser():
     add("--latent-channels", type=positive(int, at_most=256), default=None,
         help="latent channels C of z. Default: 8 for a --data folder, 4 for the built-in shapes")
     add("--beta", type=positive(float, allow_zero=True), default=DEFAULTS["beta"],
-        help="KL weight beta of Algorithm 7")
+        help="KL weight beta of Algorithm 7. Default: 1.0 for a --data folder, 0.25 for the "
+             "built-in shapes")
     add("--sigma", type=positive(float), default=DEFAULTS["sigma"],
         help="decoder std sigma of Algorithm 7 (recon = ||x - x_hat||^2 / (2 sigma^2))")
     add("--decoder-noise", type=positive(float, allow_zero=True, at_most=10),

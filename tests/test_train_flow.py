@@ -218,6 +218,11 @@ def test_an_automatic_vae_of_an_earlier_default_is_used_as_it_is_with_a_note(
     assert rc == 0 and f"(--decoder-noise {ckpt['args']['decoder_noise']}, the default now 0.3)" \
         in err, err
     monkeypatch.setitem(train_vae.DEFAULTS, "decoder_noise", ckpt["args"]["decoder_noise"])
+    vae_beta = train_vae.vae_beta
+    monkeypatch.setattr(train_vae, "vae_beta", lambda args: 1.0)         # beta's default moved
+    rc, out, err = cli("train_flow.py", "--out", tmp_path / "e", *flags)
+    assert rc == 0 and f"(--beta {ckpt['args']['beta']}, the default now 1.0)" in err, err
+    monkeypatch.setattr(train_vae, "vae_beta", vae_beta)
     monkeypatch.setitem(train_vae.DEFAULTS, "latent_channels", 8)       # the channels changed
     rc, out, err = cli("train_flow.py", "--out", tmp_path / "d", *flags)
     assert rc == 0 and "(latent_channels 4, 8 now)" in err, err

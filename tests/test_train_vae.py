@@ -201,16 +201,20 @@ def test_a_folder_of_under_20_images_says_its_psnr_is_on_training_images(cli, tm
     assert rc == 0, err
     assert "training-image (none held out) PSNR" in out
     assert "held-out PSNR" not in out
-    # a folder of images gets 8 latent channels (the built-in shapes 4, as `runs` shows)
-    assert checkpoint.load_checkpoint(tmp_path / "v" / "ckpt.pt", "vae")["latents"].shape[1] == 8
+    # a folder of images gets 8 latent channels and beta 1.0 (the built-in shapes 4 and 0.25),
+    # and the run stores the beta it trained with, not "by the data"
+    ckpt = checkpoint.load_checkpoint(tmp_path / "v" / "ckpt.pt", "vae")
+    assert ckpt["latents"].shape[1] == 8 and ckpt["args"]["beta"] == 1.0
+    assert "beta 1.0" in out
 
 
-def test_latent_channels_follow_the_data_unless_given(tmp_path):
-    def k(*argv):
-        return train_vae.vae_config(train_vae.parser().parse([str(a) for a in argv])[0]) \
-            .latent_channels
-    assert [k(), k("--data", tmp_path), k("--data", tmp_path, "--latent-channels", 4),
-            k("--latent-channels", 16)] == [4, 8, 4, 16]
+def test_latent_channels_and_beta_follow_the_data_unless_given(tmp_path):
+    def k_beta(*argv):
+        args = train_vae.parser().parse([str(a) for a in argv])[0]
+        return train_vae.vae_config(args).latent_channels, train_vae.vae_beta(args)
+    assert [k_beta(), k_beta("--data", tmp_path),
+            k_beta("--data", tmp_path, "--latent-channels", 4, "--beta", 0.25),
+            k_beta("--latent-channels", 16, "--beta", 0)] == [(4, 0.25), (8, 1.0), (4, 0.25), (16, 0)]
 
 
 def test_a_finished_run_is_not_overwritten_and_resume_says_it_is_done(cli, runs, tmp_path, expect,
