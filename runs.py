@@ -204,12 +204,11 @@ class Run:
                 return
             except FileExistsError:
                 pid = _live_owner(lock)
+                if pid is None:                            # its process is gone: a stale lock
+                    pid = _remove_stale(lock)
                 if pid is not None:
                     raise UserError(f"--out {out} is in use by another command (pid {pid}); wait "
                                     f"for it to finish, or remove {lock} if none runs")
-                lock.unlink(missing_ok=True)               # its process is gone: a stale lock
-                print(f"note: removed the stale lock of a process that is gone ({lock})",
-                      file=sys.stderr)
         raise UserError(f"--out {out}: could not take its lock {lock}")
 
     def close(self):
@@ -384,6 +383,26 @@ def _live_owner(lock):
         pass                                 # alive, someone else's
     return pid
 
+
+def _remove_stale(lock):
+    """Remove a lock whose process is gone: None (try again), or the pid of the live command
+    ("?" while unknown) that took it over first. Two commands that both saw it stale would each
+    delete it, the second deleting the first's fresh lock; so it is moved aside and read again
+    there, where no other command can change it under us."""
+    aside = lock.with_name(f"{lock.name}.{os.getpid()}")
+    try:
+        os.replace(lock, aside)
+    except FileNotFoundError:
+        return None                          # another command removed it: try again
+    except PermissionError:
+        return "?"                           # Windows: its maker or a reader has it open
+    pid = _live_owner(aside)
+    if pid is not None:                      # that command's lock, not the dead one: put it back
+        os.replace(aside, lock)
+    else:
+        aside.unlink()
+        print(f"note: removed the stale lock of a process that is gone ({lock})", file=sys.stderr)
+    return pid
 
 # ---------------------------------------------------------------------------------------------
 # log.jsonl and loss.png

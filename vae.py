@@ -411,9 +411,10 @@ def vae_loss(x, x_hat, mu, logvar, beta=DEFAULT_BETA, sigma=DEFAULT_SIGMA):
 
     a sum-of-squared-errors reconstruction traded against lambda nats of KL. (At a fixed lambda,
     sigma only scales the loss: AdamW's steps hardly change with it, but the gradient's norm does,
-    so the smaller sigma, the harder --grad-clip binds.) The defaults (sigma = 0.1 in the
-    [-1, 1] units of the images, beta = 0.25, so lambda = 5e-3) weigh the KL about as much as
-    the remaining reconstruction error: the images stay sharp, while the latents become smoother
+    so the smaller sigma, the harder --grad-clip binds.) The defaults here (sigma = 0.1 in the
+    [-1, 1] units of the images, beta = 0.25, so lambda = 5e-3; the built-in shapes' in
+    train_vae.py, which gives a folder of images beta = 1.0) weigh the KL about as much as the
+    remaining reconstruction error: the images stay sharp, while the latents become smoother
     and easier for the flow model to learn than with a weaker KL (README, "The beta-VAE's
     constants").
 

@@ -77,6 +77,28 @@ def test_the_lock_refuses_a_live_command_and_takes_over_a_dead_ones(tmp_path, ca
     assert "removed the stale lock" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("theirs", ["pid", ""])          # "": its pid not yet written
+def test_of_two_commands_taking_over_one_stale_lock_only_the_first_runs(tmp_path, monkeypatch,
+                                                                        theirs):
+    theirs = str(os.getppid()) if theirs == "pid" else theirs              # a live process
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text("not a pid")                           # a dead command's
+    live_owner = runs_lib._live_owner
+
+    def first_takes_it_meanwhile(lock):             # this command saw the lock stale; before it
+        seen = live_owner(lock)                     # acts, the other removes it and locks anew
+        if seen is None and lock.name == ".lock":
+            lock.unlink()
+            lock.write_text(theirs)
+        return seen
+
+    monkeypatch.setattr(runs_lib, "_live_owner", first_takes_it_meanwhile)
+    with pytest.raises(common.UserError, match=f"in use by another command \\(pid {theirs or '.'}\\)"):
+        open_run(out).lock()
+    assert os.listdir(out) == [".lock"] and (out / ".lock").read_text() == theirs
+
+
 def test_a_command_that_fails_after_locking_leaves_no_empty_folder(tmp_path):
     out = tmp_path / "new" / "run"
     with pytest.raises(common.UserError):
