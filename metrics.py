@@ -33,8 +33,10 @@ import torch.nn.functional as F
 
 def psnr(x, y, data_range=1.0):
     """Peak signal-to-noise ratio per image, in dB: 10 log10(L^2 / mean (x - y)^2).
-    x, y: (B, C, H, W) in [0, data_range]. Identical images give +inf."""
-    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)  # (B,)
+    x, y: (B, C, H, W) in [0, data_range]. Identical images give +inf. In float64 on the CPU
+    (Apple's MPS has no float64); so is ssim."""
+    x, y = x.cpu().double(), y.cpu().double()
+    mse = (x - y).pow(2).flatten(1).mean(1)  # (B,)
     return 10.0 * torch.log10(data_range**2 / mse)  # mse = 0 -> inf
 
 
@@ -49,8 +51,8 @@ def ssim(x, y, data_range=1.0, window=11, sigma=1.5):
     B, C, H, W = x.shape
     size = min(window, H, W)
     size -= 1 - size % 2  # keep it odd
-    w = _gaussian_window(size, sigma).to(x.device).expand(C, 1, size, size)  # (C, 1, k, k), one per channel
-    x, y = x.double(), y.double()
+    w = _gaussian_window(size, sigma).expand(C, 1, size, size)  # (C, 1, k, k), one per channel
+    x, y = x.cpu().double(), y.cpu().double()
 
     def filt(z):  # depthwise Gaussian average, (B, C, H, W) -> (B, C, H-k+1, W-k+1)
         return F.conv2d(z, w, groups=C)

@@ -2,9 +2,9 @@
 
 Slide "Latent Diffusion Models (LDMs) - Recipe", step 1: the latent space comes first. With --vae
 a run uses that VAE. Without, it uses the *automatic VAE* of its data: train_vae.py with its
-defaults on the run's data, size and seed, one per dataset, size and step budget beside --out
-(`automatic_path`),
-trained first by the same command (`train_automatic`). `find_vae` settles the file and checks it
+defaults on the run's data and size (and seed, for the shapes: a folder's is shared by every
+--seed), one per dataset, size and step budget beside --out (`automatic_path`), trained first
+by the same command (`train_automatic`). `find_vae` settles the file and checks it
 before the images load; `ensure_vae` loads it, training or finishing the automatic one first.
 
 How many steps: `settle_steps` gives a new run its default --steps by the data; `size_to_minutes`

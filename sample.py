@@ -1,4 +1,4 @@
-"""Sampling: the Euler ODE solver with classifier-free guidance (Lecture 04, bonus slides).
+"""Sampling: the Euler ODE solver with classifier-free guidance (Lectures 1-3; SD3's numbers).
 
 A trained vector field u_t(x | y) turns noise into data by integrating dX_t/dt = u_t(X_t | y)
 from t = 0 (X_0 ~ N(0, I)) to t = 1 (flow time convention). The Euler method with N equal steps,
@@ -15,7 +15,6 @@ first 3 of 4 channels, a leftover of pixel-space code; here that would be a bug)
 
 The three sampler functions need only torch (any model(x, t, cond) and condition tensors): copy
 them alone. Then `generate` (prompts -> images with our DiT and VAE) and the command line.
-
 Offers: euler_sample, cfg_velocity, guided_field, generate, to_pil, write_prompts, main,
 check_prompts, parser
 """
@@ -35,8 +34,7 @@ from embeddings import null_prompt, prompt_as_read, prompt_is_truncated, prompt_
 
 
 def euler_sample(u, x, steps):
-    """Euler integration of dx/dt = u(x, t) from t = 0 to 1 in `steps` equal steps.
-
+    """Euler integration of dx/dt = u(x, t) from t = 0 to 1 in `steps` equal steps:
     u(x (B, ...), t (B,)) -> (B, ...). Returns x at t = 1. Calls u exactly `steps` times and
     never synchronises with the host (the time grid is built on x's device up front).
     """
@@ -58,9 +56,9 @@ def cfg_velocity(u_cond, u_uncond, cfg_scale):
 def guided_field(model, cond, null_cond, cfg_scale, interval=None):
     """The guided vector field u(x, t) for the conditions `cond` (B, ...).
 
-    model(x, t, cond) -> u. null_cond: the null condition, (1, ...) or (B, ...). With
-    cfg_scale == 1 this is the conditional model alone (no wasted unconditional pass);
-    otherwise each call runs one forward on 2B samples: [x; x] with [cond; null_cond].
+    model(x, t, cond) -> u; null_cond: the null condition, (1, ...) or (B, ...). cfg_scale 1: the
+    conditional model alone (no wasted unconditional pass); otherwise one forward on 2B samples,
+    [x; x] with [cond; null_cond], mixed in float32 at least (bf16 would round the mix).
     interval (t0, t1): guide only at times t0 <= t < t1 (weight 1 elsewhere), as Kynkaanniemi
     et al. (2024) found guidance near pure noise costs variety and buys little.
     """
@@ -70,7 +68,7 @@ def guided_field(model, cond, null_cond, cfg_scale, interval=None):
 
     def u(x, t):
         out = model(torch.cat([x, x]), torch.cat([t, t]), both_cond)   # (2B, C, h, w)
-        u_cond, u_uncond = out.chunk(2)
+        u_cond, u_uncond = out.to(torch.promote_types(out.dtype, torch.float32)).chunk(2)
         w = cfg_scale
         if interval is not None:                      # a weight per sample, on the device
             w = torch.where((t >= interval[0]) & (t < interval[1]), cfg_scale, 1.0)
@@ -88,8 +86,9 @@ def generate(model, vae, prompts, sample_steps=50, cfg_scale=2.0, seed=0, batch_
     """uint8 images (N, 3, H, W) for N prompts: noise -> Euler + CFG -> denormalise -> decode.
 
     model: the DiT (EMA weights; may be compiled), vae: the VAE whose latent statistics it was
-    trained with. The noise of image i depends only on (seed, i): same seed, same image. Latents
-    or pixels that are not finite stop it with a UserError: a picture of NaNs is never returned.
+    trained with. The noise of image i depends only on (seed, i) on a CPU (on a GPU, on the
+    number of prompts too): same seed, same image. Latents or pixels that are not finite stop
+    it with a UserError: a picture of NaNs is never returned.
     """
     config = getattr(model, "_orig_mod", model).config
     device = next(vae.parameters()).device
@@ -205,7 +204,8 @@ def parser():
         metavar=("T0", "T1"), default=None,
         help="guide only for t in [T0, T1) (e.g. 0.2 1: not near pure noise). Default: always")
     add("--seed", type=seed_value, default=0, help="noise seed: same seed, same images")
-    add("--out", default="samples.png", help="the picture (and OUT.prompts.txt); both must be new")
+    add("--out", default="samples.png",
+        help="the picture (and OUT.prompts.txt); both must be new, unless --overwrite")
     add("--scale", type=positive(int, at_most=16), help="enlarge each image. Default: to ~64 px")
     add("--labels", action=argparse.BooleanOptionalAction, default=True, help="label the rows")
     add("--vae", default=None, help="VAE checkpoint. Default: the one the flow checkpoint names")

@@ -5,10 +5,10 @@
 
 Slide "Latent Diffusion Models (LDMs) - Recipe", one function per step, called in order by `main`
 (after plan.settle_steps: --steps by the data):
-  1. Data: the VAE that makes the latent space (plan.find_vae, its checks before the images load;
-     plan.ensure_vae: with no --vae, the automatic VAE of this data, trained first by
-     train_vae.py) and the images x_1..x_N (`load_data`); --minutes sizes the run in between
-     (plan.size_to_minutes, from the seconds per step `step_seconds` measures).
+  1. Data: the VAE that makes the latent space (plan.find_vae, its checks before the images
+     load), the images x_1..x_N (`load_data`), --minutes sizing the run (plan.size_to_minutes,
+     from the seconds per step `step_seconds` measures), then plan.ensure_vae: with no --vae,
+     the automatic VAE of this data, trained first by train_vae.py.
   2. Encoding: every image becomes a latent, the VAE encoder's *mean* (`encode`; train_vae.py
      stored those of its own training images in the VAE's checkpoint, with their statistics).
   3. Latent data: z_1..z_N, normalised per channel by those statistics, with their prompts
@@ -16,7 +16,7 @@ Slide "Latent Diffusion Models (LDMs) - Recipe", one function per step, called i
   4. Latent diffusion model: a DiT trained with the CondOT flow matching loss (flow.py), prompts
      dropped to the empty prompt with probability 10% so that classifier-free guidance works,
      training times t drawn logit-normal (Stable Diffusion 3; --t-dist uniform is the lecture's)
-     (`train_dit`, whose step is `train_step`).
+     (`train_dit`, whose optimizer step is `train_step`).
   5. Decoding: sample latents with the guided Euler sampler and decode them (sample.py): a grid
      of EMA samples for fixed prompts every --sample-every steps and at the end (`sample_grid`).
 
@@ -124,7 +124,7 @@ def encode(vae, vae_ckpt, train_set, args):
 class LatentData:
     """The training set in latent space: what the DiT learns from (recipe step 3)."""
     z: torch.Tensor          # (N, C, h, w) encoder means, normalised by the VAE's statistics
-    tokens: torch.Tensor     # (N, S, W) their captions as prompt tokens
+    tokens: torch.Tensor     # (N, S, W) their captions: S tokens (BOS, a word each), W bytes each
     config: object           # the DiTConfig that fits these latents and prompts
     prompts: list            # the fixed prompts of the sample grids
     words: dict              # word -> count in the captions (sample.py names unseen words)
@@ -248,7 +248,7 @@ def train_dit(run, latents, vae, vae_path, vae_ckpt):
 def sample_grid(path, model, vae, prompts, args, amp):
     """Step 5: --grid-images EMA samples of each fixed prompt, one row each under its prompt,
     decoded by the VAE; prompts.txt beside lists the rows, the PNG's text chunks the settings."""
-    rows = [p for p in prompts for _ in range(args.grid_images)]
+    rows = [p for p in prompts for _ in range(args.grid_images)]   # seed 0: every grid the same
     images = generate(model, vae, rows, args.sample_steps, args.cfg_scale, seed=0, amp=amp)
     info = {"prompts": prompts, "seed": 0, "cfg": args.cfg_scale, "steps": args.sample_steps,
             "checkpoint": str(path.parent / "ckpt.pt")}
@@ -317,7 +317,7 @@ def parser():
         help="probability of replacing a prompt by the empty prompt (for CFG)")
     add("--cooldown", type=fraction, default=DEFAULTS["cooldown"],
         help="the learning rate falls linearly to 0 over this last fraction of --steps (a run "
-             "resumed with a larger --steps goes back to --lr, then cools down again)")
+             "resumed with a larger --steps climbs back towards --lr, then cools down again)")
     add("--adam-betas", type=fraction, nargs=2, default=DEFAULTS["adam_betas"],
         help="AdamW's betas")
     add("--warmup", type=positive(int, allow_zero=True, at_most=MAX_STEPS),

@@ -19,10 +19,10 @@ One departure, train_vae.py's default: during training the decoder reads z plus 
 relative to the latents' spread (`noised_latents`), as the flow model's samples are a little
 off the encoder's latents; a decoder trained so forgives them.
 
-Slide "Latent Diffusion Models - Recipe", step 2: the dataset of latents is the encoder *mean*
-mu_phi(x). The flow model then learns those latents; it trains best on unit-scale data, so the
-VAE also carries per-channel latent statistics (buffers `latent_mean`, `latent_std`, saved in
-its state_dict) that `normalize_latents` applies before the flow model and
+Slide "Latent Diffusion Models (LDMs) - Recipe", step 2: the dataset of latents is the encoder
+*mean* mu_phi(x). The flow model then learns those latents; it trains best on unit-scale data,
+so the VAE also carries per-channel latent statistics (buffers `latent_mean`, `latent_std`,
+saved in its state_dict) that `normalize_latents` applies before the flow model and
 `denormalize_latents` undoes before decoding -- the "scale / shift" of flux's autoencoder.py
 (one number there; one per channel here). Keeping them inside the VAE checkpoint means the
 training and the sampling of the flow model cannot disagree about the scale.
@@ -383,7 +383,7 @@ def latent_stats(mu_batches):
     """
     count, total, total_sq = 0, 0.0, 0.0
     for mu in mu_batches:
-        mu = mu.detach().to(torch.float64)
+        mu = mu.detach().cpu().double()                    # (Apple's MPS has no float64)
         total = total + mu.sum(dim=(0, 2, 3))               # (C,)
         total_sq = total_sq + (mu * mu).sum(dim=(0, 2, 3))  # (C,)
         count += mu.numel() // mu.shape[1]

@@ -25,6 +25,11 @@ def test_time_embedding_has_unit_norm(dim):
     torch.testing.assert_close(e.norm(dim=1), torch.ones(52, dtype=torch.float64), rtol=0, atol=1e-6)
     e32 = time_embedding(t.float(), dim)
     torch.testing.assert_close(e32.norm(dim=1), torch.ones(52), rtol=0, atol=1e-6)
+    # Apple's MPS has no float64: its phases are float32, off by up to 1e-4 rad (of 628)
+    mps = time_embedding(t.float(), dim, phase_dtype=torch.float32)
+    exact = time_embedding(t.float().double(), dim)                  # the same t, float64 phases
+    assert mps.dtype == torch.float32 and not torch.equal(mps, e32)     # the float32 path ran
+    torch.testing.assert_close(mps.double(), exact, rtol=0, atol=1e-4 * (2 / dim) ** 0.5)
 
 
 @pytest.mark.parametrize("dim", [64, 256])

@@ -115,6 +115,17 @@ def test_guided_field_equals_cfg_of_two_separate_calls():
     assert not torch.allclose(guided_field(model, tokens, null[:1], 4.0)(x, t), model(x, t, tokens))
 
 
+def test_guidance_is_mixed_in_float32_when_the_model_answers_in_bf16():
+    tokens, null = tokenize(["red", "a blue circle"], max_len=10), tokenize(["", ""], max_len=10)
+    model = _RecordingModel()
+    bf16 = lambda x, t, cond: model(x, t, cond).bfloat16()          # as under autocast
+    x, t = torch.randn(2, 1, 4, 4), torch.full((2,), 0.3)
+    u_cond, u_uncond = bf16(x, t, tokens), bf16(x, t, null)
+    got = guided_field(bf16, tokens, null_prompt(10), 4.3)(x, t)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, cfg_velocity(u_cond.float(), u_uncond.float(), 4.3))
+    assert not torch.equal(got, cfg_velocity(u_cond, u_uncond, 4.3).float())   # bf16 would round
+
 def test_a_cfg_interval_guides_inside_it_and_uses_the_conditional_field_outside():
     tokens = tokenize(["red", "a blue circle"], max_len=10)
     model = _RecordingModel()
