@@ -143,8 +143,8 @@ def latent_data(mu, vae, train_set, args, run):
         mu, captions = mu[keep], [captions[i] for i in keep]
     config = dit_config(args, vae.config, train_set.captions)   # all captions: held-out ones fit
     longest = prompt_length(train_set.captions, config.prompt_word_bytes)[1]
-    print(f"prompts: the model reads up to {config.max_prompt_len - 1} words of a prompt (the "
-          f"longest caption has {longest - 1}); longer prompts are cut")
+    print(f"prompts: the model reads up to {config.max_prompt_len - 1} tokens of a prompt, a word "
+          f"each (the longest caption has {longest - 1}); longer prompts are cut")
     distinct = list(dict.fromkeys(captions))      # a folder is sorted by name: show its range
     stride = max(1, len(distinct) // args.grid_prompts) if args.data else 1
     prompts = distinct[::stride][:args.grid_prompts] or [""]
