@@ -404,6 +404,7 @@ def _remove_stale(lock):
         print(f"note: removed the stale lock of a process that is gone ({lock})", file=sys.stderr)
     return pid
 
+
 # ---------------------------------------------------------------------------------------------
 # log.jsonl and loss.png
 

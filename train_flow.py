@@ -248,7 +248,7 @@ def train_dit(run, latents, vae, vae_path, vae_ckpt):
 def sample_grid(path, model, vae, prompts, args, amp):
     """Step 5: --grid-images EMA samples of each fixed prompt, one row each under its prompt,
     decoded by the VAE; prompts.txt beside lists the rows, the PNG's text chunks the settings."""
-    rows = [p for p in prompts for _ in range(args.grid_images)]   # seed 0: every grid the same
+    rows = [p for p in prompts for _ in range(args.grid_images)]   # seed 0: grids compare
     images = generate(model, vae, rows, args.sample_steps, args.cfg_scale, seed=0, amp=amp)
     info = {"prompts": prompts, "seed": 0, "cfg": args.cfg_scale, "steps": args.sample_steps,
             "checkpoint": str(path.parent / "ckpt.pt")}
