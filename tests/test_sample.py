@@ -126,6 +126,7 @@ def test_guidance_is_mixed_in_float32_when_the_model_answers_in_bf16():
     torch.testing.assert_close(got, cfg_velocity(u_cond.float(), u_uncond.float(), 4.3))
     assert not torch.equal(got, cfg_velocity(u_cond, u_uncond, 4.3).float())   # bf16 would round
 
+
 def test_a_cfg_interval_guides_inside_it_and_uses_the_conditional_field_outside():
     tokens = tokenize(["red", "a blue circle"], max_len=10)
     model = _RecordingModel()
